@@ -1,0 +1,1 @@
+"""Policies: named, versioned data describing a chain of processors and one selector."""

@@ -1,0 +1,89 @@
+"""What every processor and selector is: a small object with a key, a parameter schema and
+one batched operation, plus `RowBatch`, the per-step view of the rows it works on."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from sampler_service.policy.noise import seed_to_int64
+from sampler_service.policy.params import Param
+
+
+class RowBatch:
+    """The rows of one policy group in one step.
+
+    Per-row tensors are built once per step and cached here: positions, seeds, and the
+    (row, token) index pairs the penalties need, gathered from each sequence's token counts.
+    `greedy` marks rows whose temperature asked for argmax (set by the temperature processor,
+    read by the selectors).
+    """
+
+    def __init__(self, states: Sequence[Any], device: torch.device):
+        self.states = states
+        self.device = device
+        self.rows = len(states)
+        self.positions = torch.tensor([s.position for s in states], dtype=torch.int64, device=device)
+        self.seeds = torch.tensor([seed_to_int64(s.seed) for s in states], dtype=torch.int64,
+                                  device=device)
+        self.greedy = torch.zeros(self.rows, dtype=torch.bool, device=device)
+
+    def seen_token_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row index, token id) for every distinct token of each row's prompt ∪ output."""
+        return self._pairs([s.history.seen_ids() for s in self.states])
+
+    def output_count_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row index, token id, count) for every distinct token of each row's output."""
+        per_row = [s.history.output_counts() for s in self.states]
+        rows, ids = self._pairs([ids for ids, _ in per_row])
+        counts = torch.cat([c for _, c in per_row]).to(self.device)
+        return rows, ids, counts
+
+    def stop_token_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row index, token id) for each row's EOS and stop ids."""
+        return self._pairs([torch.tensor(sorted(s.stop_ids), dtype=torch.int64)
+                            for s in self.states])
+
+    def _pairs(self, per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(t) for t in per_row], dtype=torch.int64)
+        rows = torch.repeat_interleave(torch.arange(self.rows), lengths).to(self.device)
+        ids = (torch.cat(per_row) if per_row else torch.empty(0, dtype=torch.int64)).to(self.device)
+        return rows, ids
+
+
+class Stage(ABC):
+    """Common description of processors and selectors: the spec key and the parameters."""
+
+    key: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: The flat (vLLM-named) request parameter that sets each spec parameter, if any.
+    flat_names: ClassVar[dict[str, str]] = {}
+
+
+class Processor(Stage):
+    """One logits transform. `apply` works in place on `logits` [R, V] float32.
+
+    `args` maps each parameter name to a [R] tensor on the batch's device. A row whose
+    parameters are off must come out bit-identical.
+    """
+
+    #: "filter" (masks tokens to -inf), "transform" (changes values) or "constraint".
+    role: ClassVar[str]
+
+    @abstractmethod
+    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        ...
+
+
+class Selector(Stage):
+    """Picks one token per row from processed logits [R, V]; returns int64 [R]."""
+
+    @abstractmethod
+    def select(self, logits: torch.Tensor, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> torch.Tensor:
+        ...
+
+    def distribution(self, logits: torch.Tensor, batch: RowBatch) -> torch.Tensor:
+        """Log-probabilities the selector draws from, [R, V] (−inf outside the support)."""
+        return torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,78 @@
+"""A policy resolved for one sequence: stage instances with concrete parameter values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from sampler_service.policy.params import Param
+from sampler_service.policy.processors.base import Processor, Selector, Stage
+
+#: Sequence-level settings: not logits transforms, but they decide when a sequence ends and
+#: what a choice reports. Set in a policy's `defaults:` or by request parameters.
+SETTINGS: tuple[Param, ...] = (
+    Param("max_tokens", "int", default=0, off=0, minimum=0,
+          doc="finish with LENGTH after this many tokens; 0 = no limit"),
+    Param("stop_token_ids", "int_list", default=(), off=(),
+          doc="ids that finish the sequence with STOP (besides its EOS ids)"),
+    Param("seed", "int", default=None, off=None, minimum=0, maximum=2 ** 64 - 1,
+          doc="noise seed; not set: drawn by the service and reported"),
+    Param("logprobs", "int", default=0, off=0, minimum=0, maximum=20,
+          doc="top-N raw logprobs returned with each choice"),
+)
+SETTING_NAMES = frozenset(p.name for p in SETTINGS)
+#: Settings a request may always set, whatever the policy's `overridable` list says: they
+#: change what is reported, never which token is chosen.
+ALWAYS_OVERRIDABLE = frozenset({"logprobs"})
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """`number` grows with each change of a name's spec; `hash` digests the canonical spec."""
+
+    number: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """One stage of a resolved chain and its parameter values."""
+
+    stage: Stage
+    values: Mapping[str, Any]
+
+    def spec(self) -> dict[str, Any]:
+        return {self.stage.key: {k: list(v) if isinstance(v, tuple) else v
+                                 for k, v in self.values.items()}}
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """What a sequence pinned at creation: policy name and version, chain, selector, settings.
+
+    Sequences whose `signature` is equal run as one batch through the same stages.
+    """
+
+    name: str
+    version: PolicyVersion
+    links: tuple[Link, ...]
+    selector: Link
+    settings: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        assert all(isinstance(l.stage, Processor) for l in self.links)
+        assert isinstance(self.selector.stage, Selector)
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        return tuple(l.stage.key for l in self.links) + (self.selector.stage.key,)
+
+    def spec(self) -> dict[str, Any]:
+        """The resolved values as a policy spec (reported by GetSequence)."""
+        return {
+            "chain": [l.spec() for l in self.links],
+            "select": self.selector.spec(),
+            "defaults": {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in self.settings.items() if v is not None},
+        }

@@ -1,0 +1,149 @@
+"""Parses and validates policy specs (YAML or inline dicts) and resolves them for a sequence.
+
+A spec (DESIGN.md section 4):
+
+    description: text
+    chain: [ {processor_key: {param: value}}, ... ]   # run in the order written
+    select: greedy | sample | {selector_key: {param: value}}
+    defaults: {max_tokens: 256, stop_token_ids: [...], seed: 1, logprobs: 0}
+    overridable: [flat parameter names a request may set]
+
+Without a policy, flat vLLM-named parameters build `CANONICAL_ORDER` with a sample selector.
+Every error names the field it is about.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sampler_service.errors import InvalidArgument
+from sampler_service.policy.params import validate_values
+from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
+from sampler_service.policy.resolved import (ALWAYS_OVERRIDABLE, SETTING_NAMES, SETTINGS, Link,
+                                             PolicyVersion, ResolvedPolicy)
+from sampler_service.policy.selectors import SELECTORS
+
+SPEC_KEYS = ("description", "chain", "select", "defaults", "overridable")
+
+#: Flat request parameter -> (processor key, parameter name), from the processors' schemas.
+FLAT_PROCESSOR_PARAMS: dict[str, tuple[str, str]] = {
+    flat: (cls.key, param)
+    for cls in CANONICAL_ORDER for param, flat in cls.flat_names.items()
+}
+FLAT_NAMES = frozenset(FLAT_PROCESSOR_PARAMS) | SETTING_NAMES
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A validated policy: chain and selector as (key, values) pairs, settings, overridable."""
+
+    name: str
+    description: str
+    chain: tuple[tuple[str, Mapping[str, Any]], ...]
+    select: tuple[str, Mapping[str, Any]]
+    defaults: Mapping[str, Any]
+    overridable: frozenset[str]
+    source: Mapping[str, Any]
+
+    def content_hash(self) -> str:
+        """Digest of the canonical JSON of the spec as given."""
+        canonical = json.dumps(self.source, sort_keys=True, separators=(",", ":"), default=list)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _stage_entry(entry: Any, known: Mapping[str, Any], what: str, field: str) -> tuple[str, dict]:
+    """`key`, `{key: params}` or `{key: null}` -> (key, validated params)."""
+    if isinstance(entry, str):
+        key, given = entry, {}
+    elif isinstance(entry, dict) and len(entry) == 1:
+        key, given = next(iter(entry.items()))
+    else:
+        raise InvalidArgument(f"each {what} must be a name or a one-key mapping "
+                              f"{{name: {{param: value}}}}, got {entry!r}", field)
+    if key not in known:
+        raise InvalidArgument(f"unknown {what} {key!r}; known: {', '.join(sorted(known))}", field)
+    return key, validate_values(known[key].params, given, f"{field}.{key}")
+
+
+def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
+    """Validates one policy spec; raises InvalidArgument naming the offending field."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"policy {name!r} must be a mapping, got {raw!r}", field)
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise InvalidArgument(f"unknown key {key!r}; a policy has {', '.join(SPEC_KEYS)}",
+                                  f"{field}.{key}")
+    chain_raw = raw.get("chain") or []
+    if not isinstance(chain_raw, list):
+        raise InvalidArgument("chain must be a list of processors", f"{field}.chain")
+    chain = tuple(_stage_entry(e, PROCESSORS, "processor", f"{field}.chain[{i}]")
+                  for i, e in enumerate(chain_raw))
+    keys = [k for k, _ in chain]
+    for key in set(keys):
+        if keys.count(key) > 1:
+            raise InvalidArgument(f"processor {key!r} appears {keys.count(key)} times; give it once",
+                                  f"{field}.chain")
+    if "select" not in raw:
+        raise InvalidArgument("a policy must end in exactly one selector: set `select` to one of "
+                              + ", ".join(sorted(SELECTORS)), f"{field}.select")
+    select = _stage_entry(raw["select"], SELECTORS, "selector", f"{field}.select")
+    defaults = validate_values(SETTINGS, raw.get("defaults"), f"{field}.defaults")
+    overridable_raw = raw.get("overridable") or []
+    if not isinstance(overridable_raw, list):
+        raise InvalidArgument("overridable must be a list of parameter names",
+                              f"{field}.overridable")
+    for i, flat in enumerate(overridable_raw):
+        where = f"{field}.overridable[{i}]"
+        if flat not in FLAT_NAMES:
+            raise InvalidArgument(f"{flat!r} is not a request parameter; known: "
+                                  + ", ".join(sorted(FLAT_NAMES)), where)
+        if flat in FLAT_PROCESSOR_PARAMS and FLAT_PROCESSOR_PARAMS[flat][0] not in keys:
+            raise InvalidArgument(f"{flat!r} is overridable but the chain has no "
+                                  f"{FLAT_PROCESSOR_PARAMS[flat][0]!r} processor; add it (with its "
+                                  "off value if it should start off)", where)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise InvalidArgument("description must be text", f"{field}.description")
+    return PolicySpec(name=name, description=description, chain=chain, select=select,
+                      defaults=defaults, overridable=frozenset(overridable_raw), source=raw)
+
+
+def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, Any],
+            field: str = "params") -> ResolvedPolicy:
+    """Applies request overrides to a policy, checking each is allowed and in range."""
+    chain = {key: dict(values) for key, values in spec.chain}
+    settings = dict(spec.defaults)
+    for flat, value in overrides.items():
+        where = f"{field}.{flat}"
+        if flat not in FLAT_NAMES:
+            raise InvalidArgument(f"unknown parameter {flat!r}", where)
+        if flat not in spec.overridable and flat not in ALWAYS_OVERRIDABLE:
+            allowed = ", ".join(sorted(spec.overridable | ALWAYS_OVERRIDABLE))
+            raise InvalidArgument(f"policy {spec.name!r} does not let a request set {flat!r}; "
+                                  f"overridable: {allowed}", where)
+        if flat in SETTING_NAMES:
+            settings[flat] = next(p for p in SETTINGS if p.name == flat).validate(value, where)
+        else:
+            key, param = FLAT_PROCESSOR_PARAMS[flat]
+            schema = next(p for p in PROCESSORS[key].params if p.name == param)
+            chain[key][param] = schema.validate(value, where)
+    links = tuple(Link(PROCESSORS[key](), chain[key]) for key, _ in spec.chain)
+    selector = Link(SELECTORS[spec.select[0]](), dict(spec.select[1]))
+    return ResolvedPolicy(spec.name, version, links, selector, settings)
+
+
+#: Flat parameters build this spec: every canonical processor at its off value, all overridable.
+FLAT_SPEC = parse_policy("", {
+    "description": "Flat vLLM-named parameters in vLLM v1's order.",
+    "chain": [{cls.key: {}} for cls in CANONICAL_ORDER],
+    "select": "sample",
+    "overridable": sorted(FLAT_NAMES),
+})
+FLAT_VERSION = PolicyVersion(0, FLAT_SPEC.content_hash())
+
+
+def resolve_flat(params: Mapping[str, Any], field: str = "params") -> ResolvedPolicy:
+    """A sequence given flat parameters and no policy."""
+    return resolve(FLAT_SPEC, FLAT_VERSION, params, field)

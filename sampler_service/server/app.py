@@ -1,0 +1,96 @@
+"""Builds and runs the gRPC server: Sampler, grpc.health.v1, reflection, graceful stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sampler_proto.sampler.v1 import sampler_pb2, sampler_pb2_grpc
+from sampler_service.device import resolve_device
+from sampler_service.engine import Engine
+from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.server.servicer import SamplerServicer
+from sampler_service.service import SamplerCore
+from sampler_service.state import SequenceStore
+
+log = logging.getLogger(__name__)
+
+SAMPLER_SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["Sampler"].full_name
+#: Room for 64 rows of a 128256-token vocabulary in fp32 (32.8 MB) with headroom.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051                 # 0 picks a free port
+    policies: Path | None = None      # user policy file, added to the shipped ones
+    default_policies: bool = True
+    device: str = "auto"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_sequences: int = 100_000
+    idle_ttl_s: float = 3600.0
+    workers: int = 8
+    grace_s: float = 10.0
+
+
+class SamplerServer:
+    """A started server. `port` is the bound port; `stop()` drains in-flight calls."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        registry = PolicyRegistry.from_files(config.policies, config.default_policies)
+        self.core = SamplerCore(registry, SequenceStore(config.max_sequences, config.idle_ttl_s),
+                                Engine(resolve_device(config.device)))
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
+                                   options=options)
+        sampler_pb2_grpc.add_SamplerServicer_to_server(SamplerServicer(self.core), self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        self._server.start()
+        for service in ("", SAMPLER_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d (device %s)", config.host, self.port, self.core.device)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s`."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+
+def serve_forever(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully."""
+    server = SamplerServer(config)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: draining for up to %.1fs", signum, config.grace_s)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"sampler-service listening on {server.address} (device {server.core.device})", flush=True)
+    stopping.wait()
+    server.stop()

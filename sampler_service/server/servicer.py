@@ -1,0 +1,102 @@
+"""The `sampler.v1.Sampler` servicer: decode, call the core, encode; map errors to statuses."""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Iterator
+
+import grpc
+
+from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_proto.sampler.v1 import sampler_pb2_grpc
+from sampler_service.errors import SamplerServiceError
+from sampler_service.server import convert
+from sampler_service.server.status import abort, to_rpc_status
+from sampler_service.service import SamplerCore
+from sampler_service.transport.codec import decode_tensor
+
+log = logging.getLogger(__name__)
+
+
+class InternalError(SamplerServiceError):
+    code = "INTERNAL"
+
+
+def _unexpected(exc: Exception) -> InternalError:
+    log.exception("unexpected error")
+    return InternalError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _statuses(method):
+    """Turns domain errors into gRPC statuses; any other exception becomes INTERNAL, logged."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except SamplerServiceError as exc:
+            abort(context, exc)
+        except Exception as exc:  # the server must survive any request
+            abort(context, _unexpected(exc))
+    return wrapper
+
+
+class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
+    def __init__(self, core: SamplerCore):
+        self.core = core
+
+    @_statuses
+    def CreateSequences(self, request, context):
+        states = self.core.create_sequences(
+            [convert.sequence_request_from_pb(c) for c in request.sequences])
+        return pb.CreateSequencesResponse(sequences=[convert.created_pb(s) for s in states])
+
+    @_statuses
+    def ReleaseSequences(self, request, context):
+        released, missing = self.core.release(list(request.sequence_ids))
+        return pb.ReleaseSequencesResponse(released=released, not_found=missing)
+
+    @_statuses
+    def GetSequence(self, request, context):
+        return convert.sequence_info_pb(self.core.get(request.sequence_id))
+
+    def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        started = time.perf_counter()
+        logits = decode_tensor(request.logits, "logits", self.core.device)
+        rows = convert.step_rows_from_pb(request.rows)
+        records = self.core.step(rows, logits, request.processed_logprobs)
+        response = pb.StepResponse(
+            choices=[convert.choice_pb(r.sequence_id, i, rec)
+                     for i, (r, rec) in enumerate(zip(rows, records))],
+            request_id=request.request_id)
+        response.service_micros = int((time.perf_counter() - started) * 1e6)
+        return response
+
+    @_statuses
+    def Step(self, request, context):
+        return self._step(request)
+
+    def StepStream(self, request_iterator, context) -> Iterator[pb.StepResponse]:
+        for request in request_iterator:
+            try:
+                yield self._step(request)
+            except SamplerServiceError as exc:
+                yield pb.StepResponse(error=to_rpc_status(exc), request_id=request.request_id)
+            except Exception as exc:  # answered in-band; the stream goes on
+                yield pb.StepResponse(error=to_rpc_status(_unexpected(exc)),
+                                      request_id=request.request_id)
+
+    @_statuses
+    def Preview(self, request, context):
+        which = request.WhichOneof("policy_source")
+        ids, probs = self.core.preview(
+            policy=request.policy if which == "policy" else "",
+            policy_spec=convert.struct_to_dict(request.policy_spec) if which == "policy_spec" else None,
+            params=convert.params_from_pb(request.params),
+            logits=decode_tensor(request.logits, "logits", self.core.device),
+            history=list(request.history), prompt_ids=list(request.prompt_ids),
+            eos_token_ids=list(request.eos_token_ids))
+        limit = request.max_candidates or len(ids)
+        return pb.PreviewResponse(
+            candidates=[pb.Candidate(token_id=t, probability=p) for t, p in zip(ids[:limit], probs[:limit])],
+            survivors=len(ids))

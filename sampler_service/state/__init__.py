@@ -1,0 +1,7 @@
+"""Per-sequence state (`SequenceState`) and the map of live sequences (`SequenceStore`)."""
+
+from sampler_service.state.history import TokenHistory
+from sampler_service.state.sequence import FinishReason, SequenceState, StepRecord
+from sampler_service.state.store import SequenceStore
+
+__all__ = ["FinishReason", "SequenceState", "SequenceStore", "StepRecord", "TokenHistory"]

@@ -1,0 +1,75 @@
+"""The map of live sequences: atomic creation, release, a cap and idle eviction."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterable
+
+from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from sampler_service.state.sequence import SequenceState
+
+
+class SequenceStore:
+    """Thread-safe map from sequence id to `SequenceState`.
+
+    `max_sequences` caps live sequences (RESOURCE_EXHAUSTED beyond it); sequences idle for more
+    than `idle_ttl_s` seconds are evicted when new ones are created (0 disables eviction).
+    """
+
+    def __init__(self, max_sequences: int = 100_000, idle_ttl_s: float = 3600.0,
+                 clock=time.monotonic):
+        self._sequences: dict[str, SequenceState] = {}
+        self._lock = threading.Lock()
+        self._max = max_sequences
+        self._ttl = idle_ttl_s
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def add_all(self, states: list[SequenceState]) -> None:
+        """Adds every state or none (ALREADY_EXISTS / INVALID_ARGUMENT / RESOURCE_EXHAUSTED)."""
+        with self._lock:
+            self._evict_idle()
+            seen: set[str] = set()
+            for index, state in enumerate(states):
+                field = f"sequences[{index}].sequence_id"
+                if state.sequence_id in self._sequences:
+                    raise AlreadyExists(f"sequence {state.sequence_id!r} already exists; release it "
+                                        "first or choose another id", field)
+                if state.sequence_id in seen:
+                    raise InvalidArgument(f"sequence {state.sequence_id!r} appears twice in this "
+                                          "request", field)
+                seen.add(state.sequence_id)
+            if len(self._sequences) + len(states) > self._max:
+                raise ResourceExhausted(
+                    f"{len(self._sequences)} sequences are live and the cap is {self._max}: "
+                    "release finished sequences or raise --max-sequences")
+            now = self._clock()
+            for state in states:
+                state.last_used = now
+                self._sequences[state.sequence_id] = state
+
+    def release(self, sequence_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Removes sequences; returns (released, not_found)."""
+        released, missing = [], []
+        with self._lock:
+            for sid in sequence_ids:
+                (released if self._sequences.pop(sid, None) is not None else missing).append(sid)
+        return released, missing
+
+    def get(self, sequence_id: str, field: str = "sequence_id") -> SequenceState:
+        """The live state, or NOT_FOUND naming `field`."""
+        state = self._sequences.get(sequence_id)
+        if state is None:
+            raise NotFound(f"sequence {sequence_id!r} does not exist (never created, released, "
+                           "or evicted after being idle)", field)
+        state.last_used = self._clock()
+        return state
+
+    def _evict_idle(self) -> None:
+        if self._ttl <= 0:
+            return
+        deadline = self._clock() - self._ttl
+        for sid in [sid for sid, s in self._sequences.items() if s.last_used < deadline]:
+            del self._sequences[sid]
