@@ -115,9 +115,9 @@ class SamplerCore:
                 s.last_record if retry else None for s, retry in zip(states, retried)]
             if fresh:
                 fresh_states = [states[i] for i in fresh]
-                index = torch.tensor(fresh, device=logits.device)
-                outcomes = self.engine.step(fresh_states, logits.index_select(0, index),
-                                            processed_logprobs)
+                if len(fresh) < len(rows):
+                    logits = logits.index_select(0, torch.tensor(fresh, device=logits.device))
+                outcomes = self.engine.step(fresh_states, logits, processed_logprobs)
                 for i, state, outcome in zip(fresh, fresh_states, outcomes):
                     records[i] = self._accept(state, outcome, logits.shape[1])
             return records  # type: ignore[return-value]
@@ -167,18 +167,16 @@ class SamplerCore:
 
     @staticmethod
     def _validate_values(rows: Sequence[StepRow], logits: torch.Tensor) -> None:
-        """No NaN or +inf anywhere, and no row without a finite logit."""
-        bad = torch.isnan(logits) | torch.isposinf(logits)
-        bad_rows = bad.any(dim=1)
-        empty_rows = torch.isneginf(logits).all(dim=1)
-        if bool(bad_rows.any()):
-            row = int(bad_rows.nonzero()[0])
-            raise InvalidArgument(f"logits row {row} (sequence {rows[row].sequence_id!r}) contains "
-                                  "NaN or +inf", "logits")
-        if bool(empty_rows.any()):
-            row = int(empty_rows.nonzero()[0])
-            raise InvalidArgument(f"logits row {row} (sequence {rows[row].sequence_id!r}) is all "
-                                  "-inf: no token can be chosen", "logits")
+        """No NaN or +inf anywhere, and no row without a finite logit: one max per row tells
+        (a row's max is NaN if it holds a NaN, +inf with a +inf, −inf if all are −inf)."""
+        best = logits.amax(dim=1)
+        bad = ~torch.isfinite(best)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            problem = ("is all -inf: no token can be chosen" if float(best[row]) == float("-inf")
+                       else "contains NaN or +inf")
+            raise InvalidArgument(f"logits row {row} (sequence {rows[row].sequence_id!r}) {problem}",
+                                  "logits")
 
     @staticmethod
     def _accept(state: SequenceState, outcome, vocab: int) -> StepRecord:

@@ -45,9 +45,3 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor,
     row_key = _splitmix(_splitmix(seeds) ^ positions)
     bits = _splitmix(row_key.unsqueeze(1) ^ (token_ids * _GOLDEN))
     return (_shift_right(bits, 11).to(torch.float64) + 0.5) / _U53
-
-
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor,
-                 token_ids: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise −log(−log U), float64, shape of `token_ids`."""
-    return -torch.log(-torch.log(uniform_noise(seeds, positions, token_ids)))

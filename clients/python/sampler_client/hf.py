@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence as SequenceT
 
@@ -55,6 +57,25 @@ def eos_token_ids(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+@dataclass
+class GenerationStats:
+    """Where a `generate` call spent its time; pass one in to have it filled."""
+
+    steps: int = 0             # sidecar round trips
+    tokens: int = 0            # tokens generated over all prompts
+    model_s: float = 0.0       # model forward passes
+    sidecar_s: float = 0.0     # StepStream round trips, as the worker sees them
+    service_s: float = 0.0     # time the service reported spending on those steps
+
+    @property
+    def sidecar_ms_per_step(self) -> float:
+        return 1e3 * self.sidecar_s / max(self.steps, 1)
+
+    @property
+    def service_ms_per_step(self) -> float:
+        return 1e3 * self.service_s / max(self.steps, 1)
+
+
 def _as_batch(input_ids: Any) -> list[list[int]]:
     if torch.is_tensor(input_ids):
         return [input_ids.tolist()] if input_ids.dim() == 1 else input_ids.tolist()
@@ -85,14 +106,18 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None, max_new_tokens: int, seed: int | None = None,
-             eos_token_id: int | SequenceT[int] | None = None) -> list[list[int]]:
+             eos_token_id: int | SequenceT[int] | None = None,
+             stats: GenerationStats | None = None) -> list[list[int]]:
     """Generates through the service; returns the new token ids of each prompt, in order.
 
     `input_ids`: a [batch, length] or [length] tensor, or lists of ids (prompts of different
     lengths are left-padded). Each prompt becomes one sequence with `policy` / `params` / `seed`
     (a seeded batch gives prompt i the seed `seed + i`). Generation stops at EOS (kept in the
-    output), at the policy's stop ids or max_tokens, or after `max_new_tokens`.
+    output), at the policy's stop ids or max_tokens, or after `max_new_tokens`. `stats`, if
+    given, is filled with the time spent in the model and in the sidecar.
     """
+    stats = stats if stats is not None else GenerationStats()
+    clock = time.perf_counter
     prompts = _as_batch(input_ids)
     eos = eos_token_ids(model) if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -104,23 +129,32 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     outputs: list[list[int]] = [[] for _ in prompts]
     try:
         ids, mask = _left_padded(prompts, pad_id)
+        started = clock()
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        stats.model_s += clock() - started
         live = list(range(len(prompts)))
         with client.stream() as stream:
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 logits = out.logits[:, -1, :].float()
+                started = clock()
                 choices = stream.step([sequences[i] for i in live], logits[live])
+                stats.sidecar_s += clock() - started
+                stats.service_s += stream.last_service_micros / 1e6
+                stats.steps += 1
+                stats.tokens += len(choices)
                 next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
                 for i, choice in zip(live, choices):
                     outputs[i].append(choice.token_id)
                     next_ids[i, 0] = choice.token_id
                 live = [i for i, c in zip(live, choices) if not c.finished]
-                if not live or len(outputs[live[0]]) >= max_new_tokens:
-                    break
+                if not live or step == max_new_tokens - 1:
+                    break  # no forward pass for a token nobody will ask for
                 mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+                started = clock()
                 out = model(input_ids=next_ids, attention_mask=mask,
                             position_ids=_positions(mask)[:, -1:],
                             use_cache=True, **_cache_of(model, out))
+                stats.model_s += clock() - started
     finally:
         client.release(sequences)
     return outputs

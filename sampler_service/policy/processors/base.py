@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
 
@@ -62,7 +63,7 @@ class Stage(ABC):
 
 
 class Processor(Stage):
-    """One logits transform. `apply` works in place on `logits` [R, V] float32.
+    """One logits transform. `apply` works in place on `candidates` (dense or truncated).
 
     `args` maps each parameter name to a [R] tensor on the batch's device. A row whose
     parameters are off must come out bit-identical.
@@ -72,18 +73,18 @@ class Processor(Stage):
     role: ClassVar[str]
 
     @abstractmethod
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         ...
 
 
 class Selector(Stage):
-    """Picks one token per row from processed logits [R, V]; returns int64 [R]."""
+    """Picks one token per row from processed candidates; returns int64 token ids [R]."""
 
     @abstractmethod
-    def select(self, logits: torch.Tensor, args: dict[str, torch.Tensor],
+    def select(self, candidates: Candidates, args: dict[str, torch.Tensor],
                batch: RowBatch) -> torch.Tensor:
         ...
 
-    def distribution(self, logits: torch.Tensor, batch: RowBatch) -> torch.Tensor:
-        """Log-probabilities the selector draws from, [R, V] (−inf outside the support)."""
-        return torch.log_softmax(logits, dim=-1)
+    def distribution(self, candidates: Candidates, batch: RowBatch) -> Candidates:
+        """Log-probabilities the selector draws from (−inf outside the support)."""
+        return candidates.log_softmax()

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
 
@@ -23,10 +24,13 @@ class MinTokens(Processor):
                     doc="tokens generated before EOS / stop ids are allowed"),)
     flat_names = {"min_tokens": "min_tokens"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         active = batch.positions < args["min_tokens"]
         if not bool(active.any()):
             return
-        rows, ids = batch.stop_token_pairs()
+        rows, tokens = batch.stop_token_pairs()
         on = active[rows]
-        logits[rows[on], ids[on]] = -math.inf
+        rows, tokens = rows[on], tokens[on]
+        present, columns = candidates.locate(rows, tokens)
+        candidates.update(rows[present], columns, torch.full_like(columns, -math.inf,
+                                                                  dtype=candidates.values.dtype))

@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
+
+
+def _penalise(candidates: Candidates, active: torch.Tensor, rows: torch.Tensor,
+              tokens: torch.Tensor, extra: torch.Tensor | None, rule) -> None:
+    """Applies `rule(values, rows, extra)` at the (row, token) pairs of active rows."""
+    on = active[rows]
+    rows, tokens = rows[on], tokens[on]
+    present, columns = candidates.locate(rows, tokens)
+    rows = rows[present]
+    extra = None if extra is None else extra[on][present]
+    values = candidates.values[rows, columns]
+    candidates.update(rows, columns, rule(values, rows, extra))
 
 
 class RepetitionPenalty(Processor):
@@ -26,17 +39,13 @@ class RepetitionPenalty(Processor):
                     doc="θ; > 1 discourages repeats"),)
     flat_names = {"penalty": "repetition_penalty"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         theta = args["penalty"]
         active = theta != 1.0
-        if not bool(active.any()):
-            return
-        rows, ids = batch.seen_token_pairs()
-        on = active[rows]
-        rows, ids = rows[on], ids[on]
-        values = logits[rows, ids]
-        factor = theta[rows]
-        logits[rows, ids] = torch.where(values > 0, values / factor, values * factor)
+        if bool(active.any()):
+            rows, tokens = batch.seen_token_pairs()
+            _penalise(candidates, active, rows, tokens, None,
+                      lambda v, r, _: torch.where(v > 0, v / theta[r], v * theta[r]))
 
 
 class FrequencyPenalty(Processor):
@@ -52,15 +61,12 @@ class FrequencyPenalty(Processor):
                     doc="f, subtracted once per occurrence"),)
     flat_names = {"penalty": "frequency_penalty"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         f = args["penalty"]
         active = f != 0.0
-        if not bool(active.any()):
-            return
-        rows, ids, counts = batch.output_count_pairs()
-        on = active[rows]
-        rows, ids, counts = rows[on], ids[on], counts[on]
-        logits[rows, ids] = logits[rows, ids] - counts * f[rows]
+        if bool(active.any()):
+            rows, tokens, counts = batch.output_count_pairs()
+            _penalise(candidates, active, rows, tokens, counts, lambda v, r, c: v - c * f[r])
 
 
 class PresencePenalty(Processor):
@@ -76,12 +82,9 @@ class PresencePenalty(Processor):
                     doc="r, subtracted once if the token occurred"),)
     flat_names = {"penalty": "presence_penalty"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         r = args["penalty"]
         active = r != 0.0
-        if not bool(active.any()):
-            return
-        rows, ids, _ = batch.output_count_pairs()
-        on = active[rows]
-        rows, ids = rows[on], ids[on]
-        logits[rows, ids] = logits[rows, ids] - r[rows]
+        if bool(active.any()):
+            rows, tokens, _ = batch.output_count_pairs()
+            _penalise(candidates, active, rows, tokens, None, lambda v, rr, _: v - r[rr])

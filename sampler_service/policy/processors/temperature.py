@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
 
@@ -25,10 +26,10 @@ class Temperature(Processor):
                     doc="T; 0 (or < 1e-5) means greedy"),)
     flat_names = {"temperature": "temperature"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         temperature = args["temperature"]
         greedy = temperature < GREEDY_TEMPERATURE
         batch.greedy |= greedy
         if bool(((temperature != 1.0) & ~greedy).any()):
             divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
-            logits.div_(divisor.unsqueeze(1))
+            candidates.values.div_(divisor.unsqueeze(1))  # T > 0 keeps a sparse batch's order

@@ -1,8 +1,8 @@
 """Truncation processors: they keep a subset of tokens and mask the rest to −inf.
 
-Each works only on the rows whose parameter is on; the other rows are not touched. None of
-them sorts the whole vocabulary: top-k uses `torch.topk`, min-p one max, and top-p grows a
-best-first prefix until it holds the requested mass.
+None of them sorts the whole vocabulary. When a truncation is on for every row of a batch, it
+turns the batch sparse (`Candidates.restrict`): later stages then work on the survivors only.
+A row whose parameter is off is not touched.
 """
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ import math
 
 import torch
 
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
 
-#: Top-p's first best-first prefix when it knows no smaller bound; grown 4x until it suffices.
+#: Top-p's first best-first prefix on a dense batch; grown 4x until it holds the mass.
 TOP_P_FIRST_PREFIX = 1024
 
 
-def mask_below(logits: torch.Tensor, rows: torch.Tensor, threshold: torch.Tensor) -> None:
-    """Sets logits[r, i] = −inf where logits[r, i] < threshold[r], for the given rows."""
-    part = logits.index_select(0, rows)
-    logits.index_copy_(0, rows, part.masked_fill(part < threshold.unsqueeze(1), -math.inf))
+def _truncate(candidates: Candidates, on: torch.Tensor, threshold: torch.Tensor,
+              best: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Keeps values ≥ threshold in the rows that are `on`; `best` is the best-first prefix the
+    threshold came from. All rows on: the batch may turn sparse. Otherwise masks in place."""
+    if bool(on.all()):
+        candidates.restrict(threshold, best)
+    else:
+        candidates.mask_below(torch.where(on, threshold, torch.full_like(threshold, -math.inf)))
 
 
 class TopK(Processor):
@@ -35,14 +40,17 @@ class TopK(Processor):
     params = (Param("k", "int", default=0, off=0, minimum=0, doc="number of best tokens kept"),)
     flat_names = {"k": "top_k"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         k = args["k"]
-        rows = ((k > 0) & (k < logits.shape[1])).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        on = (k > 0) & (k < candidates.vocab)
+        if not bool(on.any()):
             return
-        k_rows = k.index_select(0, rows)
-        best = torch.topk(logits.index_select(0, rows), int(k_rows.max())).values
-        mask_below(logits, rows, best.gather(1, (k_rows - 1).unsqueeze(1)).squeeze(1))
+        # One column past the largest k shows whether ties spill over the k-th value.
+        best = candidates.best_first(int(k[on].max()) + 1)
+        width = best[0].shape[1]
+        kth = best[0].gather(1, (k.clamp(min=1, max=width) - 1).unsqueeze(1)).squeeze(1)
+        # A sparse row with fewer than k candidates keeps them all.
+        _truncate(candidates, on & (k <= width), kth, best)
 
 
 class MinP(Processor):
@@ -59,13 +67,10 @@ class MinP(Processor):
                     doc="fraction of the best token's probability a token needs"),)
     flat_names = {"p": "min_p"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         p = args["p"]
-        rows = (p > 0).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        best = logits.index_select(0, rows).amax(dim=1)
-        mask_below(logits, rows, best + torch.log(p.index_select(0, rows)))
+        if bool((p > 0).any()):
+            candidates.mask_below(candidates.max_values() + torch.log(p))  # log 0 = −inf: off
 
 
 class TopP(Processor):
@@ -85,32 +90,30 @@ class TopP(Processor):
                     exclusive_minimum=True, doc="probability mass kept"),)
     flat_names = {"p": "top_p"}
 
-    def apply(self, logits: torch.Tensor, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         p = args["p"]
-        rows = (p < 1.0).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        on = p < 1.0
+        if not bool(on.any()):
             return
-        part = logits.index_select(0, rows)
-        mass = p.index_select(0, rows).unsqueeze(1)
-        best, probs = best_first_prefix(part, mass)
-        kept = ((probs.cumsum(dim=1) - probs) < mass).sum(dim=1, keepdim=True)
-        mask_below(logits, rows, best.gather(1, kept - 1).squeeze(1))
+        mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
+        values, ids, probs = best_first_holding(candidates, mass)
+        kept = ((probs.cumsum(dim=1) - probs) < mass).sum(dim=1, keepdim=True).clamp(min=1)
+        _truncate(candidates, on, values.gather(1, kept - 1).squeeze(1), (values, ids))
 
 
-def best_first_prefix(logits: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shortest best-first prefix of each row holding at least `mass` probability.
+def best_first_holding(candidates: Candidates, mass: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shortest best-first prefix of each row holding at least `mass` [R, 1] probability.
 
-    Returns (logits, probabilities) of the prefix, [R, K], sorted descending. The prefix starts
-    at the number of finite logits when that is small (a truncation ran before) and otherwise
-    at `TOP_P_FIRST_PREFIX`, growing 4x until every row's prefix holds its mass.
+    Returns (logits, ids, probabilities) of the prefix, [R, W], best first. A sparse batch
+    gives all its candidates; a dense one starts at `TOP_P_FIRST_PREFIX` and grows 4x.
     """
-    vocab = logits.shape[1]
-    log_total = torch.logsumexp(logits, dim=1, keepdim=True)
-    finite = int(torch.isfinite(logits).sum(dim=1).max())
-    width = min(vocab, finite if finite <= 4 * TOP_P_FIRST_PREFIX else TOP_P_FIRST_PREFIX)
+    log_total = torch.logsumexp(candidates.values, dim=1, keepdim=True)
+    width = candidates.values.shape[1] if not candidates.dense else TOP_P_FIRST_PREFIX
     while True:
-        best = torch.topk(logits, width).values
-        probs = torch.exp(best - log_total)
-        if width == vocab or bool((probs.sum(dim=1, keepdim=True) >= mass).all()):
-            return best, probs
-        width = min(vocab, width * 4)
+        values, ids = candidates.best_first(width)
+        probs = torch.exp(values - log_total)
+        if width >= candidates.vocab or not candidates.dense or bool(
+                (probs.sum(dim=1, keepdim=True) >= mass).all()):
+            return values, ids, probs
+        width *= 4

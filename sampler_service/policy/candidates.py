@@ -1,0 +1,130 @@
+"""`Candidates`: a batch of rows' logits as they pass through a chain, dense or truncated.
+
+A chain starts dense: `values` is [R, V] and column j is token j. Once a truncation bounds
+every row of the batch (top-k, top-p), the batch turns sparse: `values` [R, K] holds each
+row's surviving logits sorted best first and `ids` [R, K] their token ids; every token not
+listed is −inf. Later stages then cost O(R·K) instead of O(R·V) — the "top-k first" path — and
+need no full-vocabulary sort or mask. Processors use the methods here and never care which
+form they got; the results are the same either way.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Candidates:
+    """Logits of R rows over a vocabulary of `vocab` tokens (see the module docstring)."""
+
+    def __init__(self, values: torch.Tensor, ids: torch.Tensor | None = None,
+                 vocab: int | None = None):
+        self.values = values
+        self.ids = ids
+        self.vocab = values.shape[1] if vocab is None else vocab
+        self._sorted = ids is not None
+
+    @property
+    def dense(self) -> bool:
+        return self.ids is None
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
+    def token_ids(self) -> torch.Tensor:
+        """[R, K] token id of every column."""
+        if self.ids is not None:
+            return self.ids
+        return torch.arange(self.vocab, device=self.values.device).expand_as(self.values)
+
+    # -- token-addressed updates (penalties, constraints) ---------------------------------------
+    def locate(self, rows: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(present, columns) of (row, token) pairs: `present` [P] bool says which pairs exist
+        (a sparse batch lacks tokens that are −inf already), `columns` locates those."""
+        if self.ids is None:
+            return torch.ones_like(rows, dtype=torch.bool), tokens
+        match = self.ids.index_select(0, rows) == tokens.unsqueeze(1)
+        present = match.any(dim=1)
+        return present, match[present].to(torch.int8).argmax(dim=1)
+
+    def update(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes values at (rows, columns) from `locate`; a sparse batch is re-sorted lazily."""
+        self.values[rows, columns] = values
+        if self.ids is not None:
+            self._sorted = False
+
+    # -- truncation -----------------------------------------------------------------------------
+    def mask_below(self, threshold: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """values < threshold[r] become −inf, for `rows` (all rows when None). Keeps the order."""
+        if rows is None:
+            self.values.masked_fill_(self.values < threshold.unsqueeze(1), -math.inf)
+            return
+        part = self.values.index_select(0, rows)
+        self.values.index_copy_(0, rows, part.masked_fill(part < threshold.unsqueeze(1), -math.inf))
+
+    def best_first(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, ids) of each row's `width` best tokens, sorted best first."""
+        if self.ids is not None:
+            self._sort()
+            return self.values[:, :width], self.ids[:, :width]
+        return torch.topk(self.values, min(width, self.vocab), dim=1)
+
+    def restrict(self, threshold: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keeps values ≥ threshold[r] in every row, given `best` = `best_first(W)` for a W that
+        holds them all unless ties at the W-th value spill over (then W grows to fit)."""
+        values, ids = best
+        width = values.shape[1]
+        if self.ids is None and width < self.vocab and bool((values[:, -1] >= threshold).any()):
+            needed = int((self.values >= threshold.unsqueeze(1)).sum(dim=1).max())
+            values, ids = torch.topk(self.values, needed, dim=1)
+        if self.ids is None:
+            self.values, self.ids, self._sorted = values, ids, True
+        self.mask_below(threshold)
+
+    def max_values(self) -> torch.Tensor:
+        """[R] best logit of each row."""
+        if self.ids is not None and self._sorted:
+            return self.values[:, 0]
+        return self.values.amax(dim=1)
+
+    def _sort(self) -> None:
+        if not self._sorted:
+            self.values, order = torch.sort(self.values, dim=1, descending=True)
+            self.ids = self.ids.gather(1, order)
+            self._sorted = True
+
+    # -- selection helpers ----------------------------------------------------------------------
+    def argmax(self) -> torch.Tensor:
+        """[R] token id of each row's best logit; ties go to the lowest token id."""
+        if self.ids is None:
+            return torch.argmax(self.values, dim=1)  # torch returns the first maximum
+        best = self.values == self.values.amax(dim=1, keepdim=True)
+        return self.ids.masked_fill(~best, self.vocab).amin(dim=1)
+
+    def one_hot(self, tokens: torch.Tensor) -> "Candidates":
+        """Log-probabilities of a point mass on one token per row (0 there, −inf elsewhere)."""
+        hit = self.token_ids() == tokens.unsqueeze(1)
+        values = torch.zeros_like(self.values).masked_fill_(~hit, -math.inf)
+        return Candidates(values, self.ids, self.vocab)
+
+    def log_softmax(self) -> "Candidates":
+        """The same candidates with values replaced by log-probabilities."""
+        out = Candidates(torch.log_softmax(self.values, dim=1), self.ids, self.vocab)
+        out._sorted = self._sorted
+        return out
+
+    def at(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[R] value at one token per row (−inf where a sparse row lacks it)."""
+        if self.ids is None:
+            return self.values.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        match = self.ids == tokens.unsqueeze(1)
+        picked = torch.where(match, self.values, torch.full_like(self.values, -math.inf))
+        return picked.amax(dim=1)
+
+    def to_dense(self) -> torch.Tensor:
+        """[R, V] logits with −inf for every token not listed."""
+        if self.ids is None:
+            return self.values
+        dense = torch.full((self.rows, self.vocab), -math.inf, device=self.values.device)
+        return dense.scatter_(1, self.ids, self.values)
