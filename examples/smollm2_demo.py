@@ -31,8 +31,11 @@ SEED = 42
 
 
 def start_service() -> tuple[subprocess.Popen, str]:
+    # Model and sidecar share this machine's CPU cores here (in a pod the model has a GPU):
+    # OpenMP threads that spin after their work would steal the cores the other one needs.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     process = subprocess.Popen([sys.executable, "-m", "sampler_service", "serve", "--port", "0",
-                                "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+                                "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, env=env)
     line = process.stdout.readline()
     match = re.search(r"listening on (\S+) \(device (\S+)\)", line)
     if not match:
