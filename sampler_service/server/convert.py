@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from google.protobuf import json_format, struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
@@ -10,9 +11,17 @@ from sampler_service.service import SequenceRequest, StepRow
 from sampler_service.state import SequenceState, StepRecord
 
 
+def _field_value(field, value) -> Any:
+    if field.is_repeated:
+        return list(value)
+    if field.type == field.TYPE_FLOAT:  # 0.7 arrives as 0.699999988; keep the value the caller wrote
+        return float(str(np.float32(value)))
+    return value
+
+
 def params_from_pb(params: pb.SamplingParams) -> dict[str, Any]:
     """The fields that are set, by their flat names (repeated fields count when non-empty)."""
-    return {f.name: list(v) if f.is_repeated else v for f, v in params.ListFields()}
+    return {f.name: _field_value(f, v) for f, v in params.ListFields()}
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any] | None:
