@@ -8,21 +8,14 @@ import grpc
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
-from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, _advance, channel_options,
-                                   choices_from)
+from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, _advance,
+                                   channel_options, choices_from)
 from sampler_client.errors import from_rpc_error
 from sampler_client.types import Choice, SequenceInfo
 
 
-class AsyncSequence:
+class AsyncSequence(SequenceHandle):
     """A live sequence of an `AsyncSamplerClient`."""
-
-    def __init__(self, client: "AsyncSamplerClient", created: pb.CreatedSequence):
-        self.client = client
-        self.sequence_id = created.sequence_id
-        self.policy = created.policy
-        self.seed = created.seed
-        self.next_step = 0
 
     async def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
         return (await self.client.step([self], logits, processed_logprobs=processed_logprobs))[0]

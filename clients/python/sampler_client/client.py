@@ -29,15 +29,25 @@ def choices_from(response: pb.StepResponse) -> list[Choice]:
     return [Choice.from_pb(c) for c in response.choices]
 
 
-class Sequence:
-    """A live sequence. `next_step` is the step number the next `step` call sends."""
+class SequenceHandle:
+    """What a client knows of a live sequence: its id, policy and seed as created, and
+    `next_step`, the step number its next step sends (a resend of the same number returns the
+    recorded answer instead of advancing)."""
 
-    def __init__(self, client: "SamplerClient", created: pb.CreatedSequence):
+    def __init__(self, client: Any, created: pb.CreatedSequence):
         self.client = client
         self.sequence_id = created.sequence_id
         self.policy = created.policy
         self.seed = created.seed
         self.next_step = 0
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.sequence_id!r}, policy={self.policy!r}, "
+                f"next_step={self.next_step})")
+
+
+class Sequence(SequenceHandle):
+    """A live sequence of a `SamplerClient`."""
 
     def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
         """Chooses the next token from a 1-D (or [1, vocab]) logits row."""
@@ -49,11 +59,8 @@ class Sequence:
     def release(self) -> None:
         self.client.release([self])
 
-    def __repr__(self) -> str:
-        return f"Sequence({self.sequence_id!r}, policy={self.policy!r}, next_step={self.next_step})"
 
-
-def _advance(sequences: SequenceT[Sequence], choices: list[Choice]) -> list[Choice]:
+def _advance(sequences: SequenceT[SequenceHandle], choices: list[Choice]) -> list[Choice]:
     for sequence, choice in zip(sequences, choices):
         sequence.next_step = choice.step + 1
     return choices
