@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.processors.base import RowBatch, Stage
 from sampler_service.policy.resolved import Link
@@ -110,6 +111,13 @@ class Engine:
         for position, link in enumerate(states[0].policy.links):
             args = self._stage_args(link.stage, [s.policy.links[position] for s in states])
             link.stage.apply(candidates, args, batch)
+        emptied = torch.isneginf(candidates.max_values())
+        if bool(emptied.any()):
+            state = states[int(emptied.nonzero()[0])]
+            raise FailedPrecondition(
+                f"policy {state.policy.name or '(flat parameters)'} masked every token of sequence "
+                f"{state.sequence_id!r} at step {state.position} (e.g. min_tokens masked the only "
+                "finite logits): no token can be chosen", "logits")
         return candidates, batch
 
     @staticmethod

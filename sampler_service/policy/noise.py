@@ -12,7 +12,8 @@ import torch
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 _MIX1 = -4658895280553007687    # 0xBF58476D1CE4E5B9 as int64
 _MIX2 = -7723592293110705685    # 0x94D049BB133111EB as int64
-_U53 = float(2 ** 53)
+#: Uniforms use the top 52 bits: (x + 0.5) / 2**52 is exact in float64 and always < 1.
+_GRID = float(2 ** 52)
 
 
 def seed_to_int64(seed: int) -> int:
@@ -44,4 +45,4 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor,
     """
     row_key = _splitmix(_splitmix(seeds) ^ positions)
     bits = _splitmix(row_key.unsqueeze(1) ^ (token_ids * _GOLDEN))
-    return (_shift_right(bits, 11).to(torch.float64) + 0.5) / _U53
+    return (_shift_right(bits, 12).to(torch.float64) + 0.5) / _GRID

@@ -155,6 +155,19 @@ def test_invalid_inline_policy_names_the_field(client, bystander):
     assert err.value.fields == ["sequences[0].policy_spec.select"]
 
 
+@pytest.mark.parametrize("params", [{"min_tokens": 1}, {"min_tokens": 1, "temperature": 0}])
+def test_a_chain_that_masks_every_token(client, bystander, params):
+    seq = client.create_sequence(params=params, eos_token_ids=[4])
+    logits = torch.full((VOCAB,), float("-inf"))
+    logits[4] = 0.0  # only EOS is possible, and min_tokens forbids it
+    with pytest.raises(FailedPreconditionError) as err:
+        seq.step(logits)
+    assert "masked every token" in err.value.message
+    assert seq.info().output_ids == []
+    logits[7] = -1.0
+    assert seq.step(logits).token_id == 7
+
+
 def test_token_id_outside_the_vocabulary(client, bystander):
     seq = client.create_sequence(policy="greedy", prompt_ids=[VOCAB + 5])
     with pytest.raises(InvalidArgumentError) as err:
