@@ -9,17 +9,18 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from sampler_service.engine import Engine
 from sampler_service.errors import FailedPrecondition, InvalidArgument
 from sampler_service.policy.registry import PolicyRegistry
-from sampler_service.policy.resolved import ResolvedPolicy
+from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
-from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ class SamplerCore:
         with self._lock:
             return self.store.release(sequence_ids)
 
-    def get(self, sequence_id: str) -> SequenceState:
-        return self.store.get(sequence_id)
+    def read(self, sequence_id: str, view: Callable[[SequenceState], T]) -> T:
+        """`view(state)` of one sequence, taken while no step can change it halfway."""
+        with self._lock:
+            return view(self.store.get(sequence_id))
 
     # -- steps --------------------------------------------------------------------------------
     def step(self, rows: Sequence[StepRow], logits: torch.Tensor,

@@ -58,7 +58,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
 
     @_statuses
     def GetSequence(self, request, context):
-        return convert.sequence_info_pb(self.core.get(request.sequence_id))
+        return self.core.read(request.sequence_id, convert.sequence_info_pb)
 
     def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         started = time.perf_counter()

@@ -121,3 +121,15 @@ def test_async_client_twin(server):
             await seq.release()
             return choice.token_id, streamed[0].token_id, preview, info.output_ids
     assert asyncio.run(run()) == (2, 0, [(2, 1.0)], [2, 0])
+
+
+def test_the_client_imports_without_torch():
+    """A client-only install has no torch: importing the SDK and encoding NumPy must not need it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, sampler_client\n"
+            "from sampler_client.tensors import encode_tensor\n"
+            "assert encode_tensor(np.zeros(3, np.float16)).shape == [3]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
