@@ -13,8 +13,8 @@ The engine reads sequence state but never changes it: the caller accepts the tok
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from sampler_service.policy.processors.base import RowBatch, Stage
 from sampler_service.policy.resolved import Link
 from sampler_service.state import SequenceState
 
-_TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64}
+_TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
 TopList = tuple[tuple[int, float], ...]
 
 
@@ -39,6 +39,9 @@ class RowOutcome:
     varentropy: float
     processed_logprob: float | None = None
     processed_top_logprobs: TopList = ()
+    processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
+    #: Per-sequence state the stages asked to keep (e.g. mirostat's mu), by stage key.
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,13 @@ class Engine:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def _stage_args(self, stage: Stage, links: Sequence[Link]) -> dict[str, torch.Tensor]:
-        """Each tensor-valued parameter of `stage` across the group's rows, as a [rows] tensor."""
+    def _stage_args(self, stage: Stage, links: Sequence[Link]) -> dict[str, Any]:
+        """Each parameter of `stage` across the group's rows: scalars as one [rows] tensor on
+        the device, the other kinds as a list with one value per row."""
         return {p.name: torch.tensor([l.values[p.name] for l in links], dtype=_TENSOR_DTYPES[p.kind],
                                      device=self.device)
-                for p in stage.params if p.kind in _TENSOR_DTYPES}
+                if p.kind in _TENSOR_DTYPES else [l.values[p.name] for l in links]
+                for p in stage.params}
 
     def _process(self, states: Sequence[SequenceState],
                  logits: torch.Tensor) -> tuple[Candidates, RowBatch]:
@@ -135,6 +140,8 @@ class Engine:
         tokens = torch.empty(rows, dtype=torch.int64, device=self.device)
         processed_chosen = torch.zeros(rows, device=self.device)
         processed_top: list[TopList] = [()] * rows
+        processed_stats: list[tuple[float, float] | None] = [None] * rows
+        memory: list[dict[str, Any]] = [{} for _ in range(rows)]
         top_n = [s.policy.settings["logprobs"] for s in states]
         groups = self._groups(states)
         for row_list in groups:
@@ -147,12 +154,17 @@ class Engine:
             args = self._stage_args(selector.stage, [s.policy.selector for s in group])
             chosen = selector.stage.select(candidates, args, batch)
             tokens.index_copy_(0, index, chosen)
+            for j, i in enumerate(row_list):
+                memory[i] = batch.pending_for(j)
             if processed_logprobs:
                 dist = selector.stage.distribution(candidates, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
                 ids, values = _top(dist, max(top_n[i] for i in row_list))
-                for j, i in enumerate(row_list):
+                dist_stats = raw_statistics(dist.values)
+                for j, (i, h, v) in enumerate(zip(row_list, dist_stats.entropy.tolist(),
+                                                  dist_stats.varentropy.tolist())):
                     processed_top[i] = tuple(zip(ids[j][:top_n[i]], values[j][:top_n[i]]))
+                    processed_stats[i] = (h, v)
 
         stats = raw_statistics(logits)
         chosen_logprob = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - stats.log_normalizer
@@ -166,7 +178,8 @@ class Engine:
             top_logprobs=tuple((t, v - norm) for t, v in zip(top_ids[i][:top_n[i]], top_values[i])),
             entropy=h, varentropy=v,
             processed_logprob=p_logprob if processed_logprobs else None,
-            processed_top_logprobs=processed_top[i])
+            processed_top_logprobs=processed_top[i], processed_stats=processed_stats[i],
+            memory=memory[i])
             for i, (token, logprob, h, v, p_logprob, norm) in enumerate(columns)]
 
     @torch.inference_mode()

@@ -185,6 +185,7 @@ class SamplerCore:
     def _accept(state: SequenceState, outcome, vocab: int) -> StepRecord:
         step = state.position
         state.vocab_size = vocab
+        state.processor_state.update(outcome.memory)
         state.accept(outcome.token_id, outcome.entropy, outcome.varentropy)
         state.last_record = StepRecord(
             step=step, token_id=outcome.token_id, logprob=outcome.logprob,
@@ -192,7 +193,8 @@ class SamplerCore:
             varentropy=outcome.varentropy, finished=state.finished,
             finish_reason=state.finish_reason, stop_token_id=state.stop_token_id,
             processed_logprob=outcome.processed_logprob,
-            processed_top_logprobs=outcome.processed_top_logprobs)
+            processed_top_logprobs=outcome.processed_top_logprobs,
+            processed_stats=outcome.processed_stats)
         return state.last_record
 
     # -- preview ------------------------------------------------------------------------------

@@ -42,8 +42,7 @@ class Link:
     values: Mapping[str, Any]
 
     def spec(self) -> dict[str, Any]:
-        return {self.stage.key: {k: list(v) if isinstance(v, tuple) else v
-                                 for k, v in self.values.items()}}
+        return {self.stage.key: {p.name: p.plain(self.values[p.name]) for p in self.stage.params}}
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,6 @@ class ResolvedPolicy:
         return {
             "chain": [l.spec() for l in self.links],
             "select": self.selector.spec(),
-            "defaults": {k: list(v) if isinstance(v, tuple) else v
-                         for k, v in self.settings.items() if v is not None},
+            "defaults": {p.name: p.plain(self.settings[p.name]) for p in SETTINGS
+                         if self.settings[p.name] is not None},
         }

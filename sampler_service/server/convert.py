@@ -12,6 +12,10 @@ from sampler_service.state import SequenceState, StepRecord
 
 
 def _field_value(field, value) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return dict(value)
+    if field.message_type is not None:  # repeated TokenIds
+        return [list(item.ids) for item in value]
     if field.is_repeated:
         return list(value)
     if field.type == field.TYPE_FLOAT:  # 0.7 arrives as 0.699999988; keep the value the caller wrote
@@ -66,6 +70,8 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord) -> pb.Choic
         stats=pb.StepStats(entropy=record.entropy, varentropy=record.varentropy),
         finished=record.finished, finish_reason=int(record.finish_reason),
         processed_top_logprobs=_logprobs_pb(record.processed_top_logprobs))
+    if record.processed_stats is not None:
+        choice.processed_stats.entropy, choice.processed_stats.varentropy = record.processed_stats
     if record.stop_token_id is not None:
         choice.stop_token_id = record.stop_token_id
     if record.processed_logprob is not None:

@@ -34,6 +34,7 @@ class StepRecord:
     stop_token_id: int | None
     processed_logprob: float | None = None
     processed_top_logprobs: tuple[tuple[int, float], ...] = ()
+    processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
 
 
 @dataclass

@@ -62,6 +62,7 @@ def test_logprobs_entropy_and_top_n(client):
     v = sum(p * (math.log(p) + h) ** 2 for p in (0.5, 0.25, 0.125, 0.125))
     assert choice.varentropy == pytest.approx(v, abs=1e-5)
     assert choice.processed_logprob == 0.0  # greedy draws from a point mass
+    assert (choice.processed_entropy, choice.processed_varentropy) == (0.0, 0.0)
     info = seq.info()
     assert info.entropies == pytest.approx([h], abs=1e-6)
     assert info.output_ids == [0] and info.vocab_size == 4

@@ -19,6 +19,8 @@ def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -
     unknown = sorted(set(given) - known)
     if unknown:
         raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    if "bad_words" in given:
+        given["bad_words"] = [pb.TokenIds(ids=list(words)) for words in given["bad_words"]]
     return pb.SamplingParams(**given)
 
 

@@ -32,6 +32,8 @@ class Choice:
     stop_token_id: int | None
     processed_logprob: float | None
     processed_top_logprobs: list[tuple[int, float]]
+    processed_entropy: float | None
+    processed_varentropy: float | None
 
     @classmethod
     def from_pb(cls, c: pb.Choice) -> "Choice":
@@ -41,7 +43,10 @@ class Choice:
                    finish_reason=_FINISH[c.finish_reason],
                    stop_token_id=c.stop_token_id if c.HasField("stop_token_id") else None,
                    processed_logprob=c.processed_logprob if c.HasField("processed_logprob") else None,
-                   processed_top_logprobs=_pairs(c.processed_top_logprobs))
+                   processed_top_logprobs=_pairs(c.processed_top_logprobs),
+                   processed_entropy=c.processed_stats.entropy if c.HasField("processed_stats") else None,
+                   processed_varentropy=(c.processed_stats.varentropy
+                                         if c.HasField("processed_stats") else None))
 
 
 @dataclass(frozen=True)

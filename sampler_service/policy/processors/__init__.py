@@ -1,6 +1,12 @@
-"""Built-in processors, by spec key. `CANONICAL_ORDER` is vLLM v1's order for flat parameters."""
+"""Built-in processors, found by spec key in the family modules below (a file per family).
+
+`CANONICAL_ORDER` is the chain flat (vLLM-named) request parameters build, in vLLM v1's order.
+"""
 from __future__ import annotations
 
+import inspect
+
+from sampler_service.policy.processors import constraints, penalties, temperature, truncation
 from sampler_service.policy.processors.base import Processor, RowBatch, Selector, Stage
 from sampler_service.policy.processors.constraints import MinTokens
 from sampler_service.policy.processors.penalties import (FrequencyPenalty, PresencePenalty,
@@ -8,11 +14,22 @@ from sampler_service.policy.processors.penalties import (FrequencyPenalty, Prese
 from sampler_service.policy.processors.temperature import Temperature
 from sampler_service.policy.processors.truncation import MinP, TopK, TopP
 
+FAMILIES = (constraints, penalties, temperature, truncation)
+
+
+def defined_stages(modules, base: type) -> dict[str, type]:
+    """Concrete subclasses of `base` defined in `modules`, by spec key."""
+    return {cls.key: cls for module in modules for cls in vars(module).values()
+            if isinstance(cls, type) and issubclass(cls, base) and not inspect.isabstract(cls)
+            and cls.__module__ == module.__name__}
+
+
 #: The chain that flat (vLLM-named) parameters build, in vLLM v1's order of operations.
 CANONICAL_ORDER: tuple[type[Processor], ...] = (
     MinTokens, RepetitionPenalty, FrequencyPenalty, PresencePenalty, Temperature, MinP, TopK, TopP,
 )
 
-PROCESSORS: dict[str, type[Processor]] = {cls.key: cls for cls in CANONICAL_ORDER}
+PROCESSORS: dict[str, type[Processor]] = defined_stages(FAMILIES, Processor)
 
-__all__ = ["CANONICAL_ORDER", "PROCESSORS", "Processor", "RowBatch", "Selector", "Stage"]
+__all__ = ["CANONICAL_ORDER", "PROCESSORS", "Processor", "RowBatch", "Selector", "Stage",
+           "defined_stages"]

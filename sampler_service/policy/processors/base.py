@@ -29,6 +29,22 @@ class RowBatch:
         self.seeds = torch.tensor([seed_to_int64(s.seed) for s in states], dtype=torch.int64,
                                   device=device)
         self.greedy = torch.zeros(self.rows, dtype=torch.bool, device=device)
+        #: Per-sequence state to store once the step's tokens are accepted: key -> row values.
+        self.pending: dict[str, list[Any]] = {}
+
+    def memory(self, key: str, default: Any) -> list[Any]:
+        """Each row's per-sequence state under `key` (`default` for a sequence without it).
+        Stages read their state here and never write a SequenceState themselves."""
+        return [s.processor_state.get(key, default) for s in self.states]
+
+    def remember(self, key: str, values: Sequence[Any]) -> None:
+        """Per-row new state under `key`, stored when the step is accepted (not on retries,
+        not when the step fails), so the engine stays free of side effects."""
+        self.pending[key] = list(values)
+
+    def pending_for(self, row: int) -> dict[str, Any]:
+        """The state updates of one row."""
+        return {key: values[row] for key, values in self.pending.items()}
 
     def seen_token_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index, token id) for every distinct token of each row's prompt ∪ output."""

@@ -1,10 +1,10 @@
-"""Built-in selectors, by spec key."""
+"""Built-in selectors, found by spec key in the modules below."""
 from __future__ import annotations
 
+from sampler_service.policy.processors import defined_stages
 from sampler_service.policy.processors.base import Selector
-from sampler_service.policy.selectors.greedy import Greedy
-from sampler_service.policy.selectors.sample import Sample
+from sampler_service.policy.selectors import greedy, sample
 
-SELECTORS: dict[str, type[Selector]] = {cls.key: cls for cls in (Greedy, Sample)}
+SELECTORS: dict[str, type[Selector]] = defined_stages((greedy, sample), Selector)
 
 __all__ = ["SELECTORS", "Selector"]

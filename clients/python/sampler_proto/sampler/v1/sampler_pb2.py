@@ -26,57 +26,63 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&sampler_proto/sampler/v1/sampler.proto\x12\nsampler.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\"\\\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.sampler.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x03raw\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61taJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xde\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\n\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xba\x01\n\x0eSequenceConfig\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12,\n\x0bpolicy_spec\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.sampler.v1.SamplingParams\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\"G\n\x16\x43reateSequencesRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.sampler.v1.SequenceConfig\"w\n\x0f\x43reatedSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.sampler.v1.PolicyVersion\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"I\n\x17\x43reateSequencesResponse\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.sampler.v1.CreatedSequence\"/\n\x17ReleaseSequencesRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"?\n\x18ReleaseSequencesResponse\x12\x10\n\x08released\x18\x01 \x03(\t\x12\x11\n\tnot_found\x18\x02 \x03(\t\")\n\x12GetSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"-\n\rPolicyVersion\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"0\n\tStepStats\x12\x0f\n\x07\x65ntropy\x18\x01 \x01(\x02\x12\x12\n\nvarentropy\x18\x02 \x01(\x02\"\xf7\x02\n\x0cSequenceInfo\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.sampler.v1.PolicyVersion\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x12\n\noutput_ids\x18\x05 \x03(\x05\x12$\n\x05stats\x18\x06 \x03(\x0b\x32\x15.sampler.v1.StepStats\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12/\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x18.sampler.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12.\n\rresolved_spec\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nvocab_size\x18\x0c \x01(\x03\x42\x10\n\x0e_stop_token_id\":\n\x07StepRow\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\x84\x01\n\x0bStepRequest\x12!\n\x04rows\x18\x01 \x03(\x0b\x32\x13.sampler.v1.StepRow\x12\"\n\x06logits\x18\x02 \x01(\x0b\x32\x12.sampler.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x12processed_logprobs\x18\x04 \x01(\x08\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x99\x03\n\x06\x43hoice\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x12\n\nparent_row\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x10\n\x08token_id\x18\x04 \x01(\x05\x12\x0f\n\x07logprob\x18\x05 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x18.sampler.v1.TokenLogprob\x12$\n\x05stats\x18\x07 \x01(\x0b\x32\x15.sampler.v1.StepStats\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12/\n\rfinish_reason\x18\t \x01(\x0e\x32\x18.sampler.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11processed_logprob\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x38\n\x16processed_top_logprobs\x18\x0c \x03(\x0b\x32\x18.sampler.v1.TokenLogprobB\x10\n\x0e_stop_token_idB\x14\n\x12_processed_logprob\"\x82\x01\n\x0cStepResponse\x12#\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x12.sampler.v1.Choice\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x16\n\x0eservice_micros\x18\x04 \x01(\x04\"\x87\x02\n\x0ePreviewRequest\x12\x10\n\x06policy\x18\x01 \x01(\tH\x00\x12.\n\x0bpolicy_spec\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.sampler.v1.SamplingParams\x12\"\n\x06logits\x18\x04 \x01(\x0b\x32\x12.sampler.v1.Tensor\x12\x0f\n\x07history\x18\x05 \x03(\x05\x12\x12\n\nprompt_ids\x18\x06 \x03(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x16\n\x0emax_candidates\x18\x08 \x01(\rB\x0f\n\rpolicy_source\"2\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"O\n\x0fPreviewResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.sampler.v1.Candidate\x12\x11\n\tsurvivors\x18\x02 \x01(\x03*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03*C\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x32\xd1\x03\n\x07Sampler\x12Z\n\x0f\x43reateSequences\x12\".sampler.v1.CreateSequencesRequest\x1a#.sampler.v1.CreateSequencesResponse\x12]\n\x10ReleaseSequences\x12#.sampler.v1.ReleaseSequencesRequest\x1a$.sampler.v1.ReleaseSequencesResponse\x12G\n\x0bGetSequence\x12\x1e.sampler.v1.GetSequenceRequest\x1a\x18.sampler.v1.SequenceInfo\x12\x39\n\x04Step\x12\x17.sampler.v1.StepRequest\x1a\x18.sampler.v1.StepResponse\x12\x43\n\nStepStream\x12\x17.sampler.v1.StepRequest\x1a\x18.sampler.v1.StepResponse(\x01\x30\x01\x12\x42\n\x07Preview\x12\x1a.sampler.v1.PreviewRequest\x1a\x1b.sampler.v1.PreviewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&sampler_proto/sampler/v1/sampler.proto\x12\nsampler.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\"\\\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.sampler.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x03raw\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61taJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\x93\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\n\x88\x01\x01\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).sampler.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0e \x03(\x05\x12\'\n\tbad_words\x18\x0f \x03(\x0b\x32\x14.sampler.v1.TokenIds\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xba\x01\n\x0eSequenceConfig\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12,\n\x0bpolicy_spec\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.sampler.v1.SamplingParams\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\"G\n\x16\x43reateSequencesRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.sampler.v1.SequenceConfig\"w\n\x0f\x43reatedSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.sampler.v1.PolicyVersion\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"I\n\x17\x43reateSequencesResponse\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.sampler.v1.CreatedSequence\"/\n\x17ReleaseSequencesRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"?\n\x18ReleaseSequencesResponse\x12\x10\n\x08released\x18\x01 \x03(\t\x12\x11\n\tnot_found\x18\x02 \x03(\t\")\n\x12GetSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"-\n\rPolicyVersion\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"0\n\tStepStats\x12\x0f\n\x07\x65ntropy\x18\x01 \x01(\x02\x12\x12\n\nvarentropy\x18\x02 \x01(\x02\"\xf7\x02\n\x0cSequenceInfo\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.sampler.v1.PolicyVersion\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x12\n\noutput_ids\x18\x05 \x03(\x05\x12$\n\x05stats\x18\x06 \x03(\x0b\x32\x15.sampler.v1.StepStats\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12/\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x18.sampler.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12.\n\rresolved_spec\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nvocab_size\x18\x0c \x01(\x03\x42\x10\n\x0e_stop_token_id\":\n\x07StepRow\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\x84\x01\n\x0bStepRequest\x12!\n\x04rows\x18\x01 \x03(\x0b\x32\x13.sampler.v1.StepRow\x12\"\n\x06logits\x18\x02 \x01(\x0b\x32\x12.sampler.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x12processed_logprobs\x18\x04 \x01(\x08\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc9\x03\n\x06\x43hoice\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x12\n\nparent_row\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x10\n\x08token_id\x18\x04 \x01(\x05\x12\x0f\n\x07logprob\x18\x05 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x18.sampler.v1.TokenLogprob\x12$\n\x05stats\x18\x07 \x01(\x0b\x32\x15.sampler.v1.StepStats\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12/\n\rfinish_reason\x18\t \x01(\x0e\x32\x18.sampler.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11processed_logprob\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x38\n\x16processed_top_logprobs\x18\x0c \x03(\x0b\x32\x18.sampler.v1.TokenLogprob\x12.\n\x0fprocessed_stats\x18\r \x01(\x0b\x32\x15.sampler.v1.StepStatsB\x10\n\x0e_stop_token_idB\x14\n\x12_processed_logprob\"\x82\x01\n\x0cStepResponse\x12#\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x12.sampler.v1.Choice\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x16\n\x0eservice_micros\x18\x04 \x01(\x04\"\x87\x02\n\x0ePreviewRequest\x12\x10\n\x06policy\x18\x01 \x01(\tH\x00\x12.\n\x0bpolicy_spec\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.sampler.v1.SamplingParams\x12\"\n\x06logits\x18\x04 \x01(\x0b\x32\x12.sampler.v1.Tensor\x12\x0f\n\x07history\x18\x05 \x03(\x05\x12\x12\n\nprompt_ids\x18\x06 \x03(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x16\n\x0emax_candidates\x18\x08 \x01(\rB\x0f\n\rpolicy_source\"2\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"O\n\x0fPreviewResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.sampler.v1.Candidate\x12\x11\n\tsurvivors\x18\x02 \x01(\x03*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03*C\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x32\xd1\x03\n\x07Sampler\x12Z\n\x0f\x43reateSequences\x12\".sampler.v1.CreateSequencesRequest\x1a#.sampler.v1.CreateSequencesResponse\x12]\n\x10ReleaseSequences\x12#.sampler.v1.ReleaseSequencesRequest\x1a$.sampler.v1.ReleaseSequencesResponse\x12G\n\x0bGetSequence\x12\x1e.sampler.v1.GetSequenceRequest\x1a\x18.sampler.v1.SequenceInfo\x12\x39\n\x04Step\x12\x17.sampler.v1.StepRequest\x1a\x18.sampler.v1.StepResponse\x12\x43\n\nStepStream\x12\x17.sampler.v1.StepRequest\x1a\x18.sampler.v1.StepResponse(\x01\x30\x01\x12\x42\n\x07Preview\x12\x1a.sampler.v1.PreviewRequest\x1a\x1b.sampler.v1.PreviewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sampler_proto.sampler.v1.sampler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2964
-  _globals['_DTYPE']._serialized_end=3024
-  _globals['_FINISHREASON']._serialized_start=3026
-  _globals['_FINISHREASON']._serialized_end=3093
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=3218
+  _globals['_DTYPE']._serialized_end=3278
+  _globals['_FINISHREASON']._serialized_start=3280
+  _globals['_FINISHREASON']._serialized_end=3347
   _globals['_TENSOR']._serialized_start=109
   _globals['_TENSOR']._serialized_end=201
   _globals['_SAMPLINGPARAMS']._serialized_start=204
-  _globals['_SAMPLINGPARAMS']._serialized_end=682
-  _globals['_SEQUENCECONFIG']._serialized_start=685
-  _globals['_SEQUENCECONFIG']._serialized_end=871
-  _globals['_CREATESEQUENCESREQUEST']._serialized_start=873
-  _globals['_CREATESEQUENCESREQUEST']._serialized_end=944
-  _globals['_CREATEDSEQUENCE']._serialized_start=946
-  _globals['_CREATEDSEQUENCE']._serialized_end=1065
-  _globals['_CREATESEQUENCESRESPONSE']._serialized_start=1067
-  _globals['_CREATESEQUENCESRESPONSE']._serialized_end=1140
-  _globals['_RELEASESEQUENCESREQUEST']._serialized_start=1142
-  _globals['_RELEASESEQUENCESREQUEST']._serialized_end=1189
-  _globals['_RELEASESEQUENCESRESPONSE']._serialized_start=1191
-  _globals['_RELEASESEQUENCESRESPONSE']._serialized_end=1254
-  _globals['_GETSEQUENCEREQUEST']._serialized_start=1256
-  _globals['_GETSEQUENCEREQUEST']._serialized_end=1297
-  _globals['_POLICYVERSION']._serialized_start=1299
-  _globals['_POLICYVERSION']._serialized_end=1344
-  _globals['_STEPSTATS']._serialized_start=1346
-  _globals['_STEPSTATS']._serialized_end=1394
-  _globals['_SEQUENCEINFO']._serialized_start=1397
-  _globals['_SEQUENCEINFO']._serialized_end=1772
-  _globals['_STEPROW']._serialized_start=1774
-  _globals['_STEPROW']._serialized_end=1832
-  _globals['_STEPREQUEST']._serialized_start=1835
-  _globals['_STEPREQUEST']._serialized_end=1967
-  _globals['_TOKENLOGPROB']._serialized_start=1969
-  _globals['_TOKENLOGPROB']._serialized_end=2018
-  _globals['_CHOICE']._serialized_start=2021
-  _globals['_CHOICE']._serialized_end=2430
-  _globals['_STEPRESPONSE']._serialized_start=2433
-  _globals['_STEPRESPONSE']._serialized_end=2563
-  _globals['_PREVIEWREQUEST']._serialized_start=2566
-  _globals['_PREVIEWREQUEST']._serialized_end=2829
-  _globals['_CANDIDATE']._serialized_start=2831
-  _globals['_CANDIDATE']._serialized_end=2881
-  _globals['_PREVIEWRESPONSE']._serialized_start=2883
-  _globals['_PREVIEWRESPONSE']._serialized_end=2962
-  _globals['_SAMPLER']._serialized_start=3096
-  _globals['_SAMPLER']._serialized_end=3561
+  _globals['_SAMPLINGPARAMS']._serialized_end=863
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=651
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=699
+  _globals['_TOKENIDS']._serialized_start=865
+  _globals['_TOKENIDS']._serialized_end=888
+  _globals['_SEQUENCECONFIG']._serialized_start=891
+  _globals['_SEQUENCECONFIG']._serialized_end=1077
+  _globals['_CREATESEQUENCESREQUEST']._serialized_start=1079
+  _globals['_CREATESEQUENCESREQUEST']._serialized_end=1150
+  _globals['_CREATEDSEQUENCE']._serialized_start=1152
+  _globals['_CREATEDSEQUENCE']._serialized_end=1271
+  _globals['_CREATESEQUENCESRESPONSE']._serialized_start=1273
+  _globals['_CREATESEQUENCESRESPONSE']._serialized_end=1346
+  _globals['_RELEASESEQUENCESREQUEST']._serialized_start=1348
+  _globals['_RELEASESEQUENCESREQUEST']._serialized_end=1395
+  _globals['_RELEASESEQUENCESRESPONSE']._serialized_start=1397
+  _globals['_RELEASESEQUENCESRESPONSE']._serialized_end=1460
+  _globals['_GETSEQUENCEREQUEST']._serialized_start=1462
+  _globals['_GETSEQUENCEREQUEST']._serialized_end=1503
+  _globals['_POLICYVERSION']._serialized_start=1505
+  _globals['_POLICYVERSION']._serialized_end=1550
+  _globals['_STEPSTATS']._serialized_start=1552
+  _globals['_STEPSTATS']._serialized_end=1600
+  _globals['_SEQUENCEINFO']._serialized_start=1603
+  _globals['_SEQUENCEINFO']._serialized_end=1978
+  _globals['_STEPROW']._serialized_start=1980
+  _globals['_STEPROW']._serialized_end=2038
+  _globals['_STEPREQUEST']._serialized_start=2041
+  _globals['_STEPREQUEST']._serialized_end=2173
+  _globals['_TOKENLOGPROB']._serialized_start=2175
+  _globals['_TOKENLOGPROB']._serialized_end=2224
+  _globals['_CHOICE']._serialized_start=2227
+  _globals['_CHOICE']._serialized_end=2684
+  _globals['_STEPRESPONSE']._serialized_start=2687
+  _globals['_STEPRESPONSE']._serialized_end=2817
+  _globals['_PREVIEWREQUEST']._serialized_start=2820
+  _globals['_PREVIEWREQUEST']._serialized_end=3083
+  _globals['_CANDIDATE']._serialized_start=3085
+  _globals['_CANDIDATE']._serialized_end=3135
+  _globals['_PREVIEWRESPONSE']._serialized_start=3137
+  _globals['_PREVIEWRESPONSE']._serialized_end=3216
+  _globals['_SAMPLER']._serialized_start=3350
+  _globals['_SAMPLER']._serialized_end=3815
 # @@protoc_insertion_point(module_scope)
