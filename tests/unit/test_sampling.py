@@ -12,7 +12,8 @@ from sampler_service.engine import Engine
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import seed_to_int64, uniform_noise
 from sampler_service.policy.processors import RowBatch, Temperature, TopK
-from sampler_service.policy.selectors import Greedy, Sample
+from sampler_service.policy.selectors.greedy import Greedy
+from sampler_service.policy.selectors.sample import Sample
 from sampler_service.policy.spec import resolve_flat
 from sampler_service.state import SequenceState
 
