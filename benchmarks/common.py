@@ -6,16 +6,27 @@ import time
 from typing import Callable
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of `fn` in milliseconds."""
-    for _ in range(warmup):
-        fn()
+def median_ms(fn: Callable[..., object], repeats: int = 7, warmup: int = 2,
+              setup: Callable[[], tuple] = tuple) -> float:
+    """Median wall time of `fn(*setup())` in milliseconds; `setup` runs outside the timing."""
     samples = []
-    for _ in range(repeats):
+    for run in range(warmup + repeats):
+        arguments = setup()
         started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1e3)
+        fn(*arguments)
+        if run >= warmup:
+            samples.append((time.perf_counter() - started) * 1e3)
     return statistics.median(samples)
+
+
+def zipf_logits(rows: int, vocab: int, exponent: float = 1.1, seed: int = 0):
+    """Logits shaped like an LLM's next-token distribution: p ∝ rank^-exponent (Zipf), the
+    ranks randomly assigned to token ids per row, plus a little noise. Random normal logits
+    are far flatter than any model's and make mass-based cut-offs (top-p) look worse."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.argsort(torch.rand(rows, vocab, generator=generator), dim=1).float() + 1.0
+    return -exponent * torch.log(ranks) + 0.1 * torch.randn(rows, vocab, generator=generator)
 
 
 def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:

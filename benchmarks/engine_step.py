@@ -2,7 +2,7 @@
 
 Prints, per shipped policy, the in-process engine step (SamplerCore.step: validation, raw
 entropy/varentropy and logprobs, the chain, the selector) and its ratio to one `torch.amax`
-pass over the same tensor; for `creative`, also Hugging Face's processors with the same
+pass over the same tensor (Zipf-shaped logits, see common.zipf_logits); for `creative`, also Hugging Face's processors with the same
 settings on the same tensors (LogitsProcessorList + softmax + multinomial).
 
     python benchmarks/engine_step.py [--rows 64] [--vocab 128256] [--threads 2]
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import median_ms, print_table
+from common import median_ms, print_table, zipf_logits
 from sampler_service.engine import Engine
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.service import SamplerCore, SequenceRequest, StepRow
@@ -38,9 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    generator = torch.Generator().manual_seed(0)
-    logits = (torch.randn(args.rows, args.vocab, generator=generator) * 3).to(device)
-    history = torch.randint(0, args.vocab, (args.rows, 64), generator=generator)
+    logits = zipf_logits(args.rows, args.vocab).to(device)
+    history = torch.randint(0, args.vocab, (args.rows, 64), generator=torch.Generator().manual_seed(0))
     core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(device))
 
     amax = median_ms(lambda: logits.amax(dim=1))

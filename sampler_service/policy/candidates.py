@@ -68,7 +68,9 @@ class Candidates:
         if self.ids is not None:
             self._sort()
             return self.values[:, :width], self.ids[:, :width]
-        return torch.topk(self.values, min(width, self.vocab), dim=1)
+        if width >= self.vocab:
+            return torch.sort(self.values, dim=1, descending=True)
+        return torch.topk(self.values, width, dim=1)
 
     def restrict(self, threshold: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Keeps values ≥ threshold[r] in every row, given `best` = `best_first(W)` for a W that

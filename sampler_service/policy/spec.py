@@ -63,7 +63,12 @@ def _stage_entry(entry: Any, known: Mapping[str, Any], what: str, field: str) ->
         raise InvalidArgument(f"each {what} must be a name or a one-key mapping "
                               f"{{name: {{param: value}}}}, got {entry!r}", field)
     if key not in known:
-        raise InvalidArgument(f"unknown {what} {key!r}; known: {', '.join(sorted(known))}", field)
+        hint = ""
+        if what == "processor" and key in SELECTORS:
+            hint = f"; {key!r} is a selector: a chain ends in exactly one, given by `select`"
+        elif what == "selector" and key in PROCESSORS:
+            hint = f"; {key!r} is a processor: put it in `chain`"
+        raise InvalidArgument(f"unknown {what} {key!r}{hint}; known: {', '.join(sorted(known))}", field)
     return key, validate_values(known[key].params, given, f"{field}.{key}")
 
 

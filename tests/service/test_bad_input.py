@@ -153,6 +153,10 @@ def test_invalid_inline_policy_names_the_field(client, bystander):
     with pytest.raises(InvalidArgumentError) as err:
         client.create_sequence(policy={"chain": []})
     assert err.value.fields == ["sequences[0].policy_spec.select"]
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_sequence(policy={"chain": [{"top_k": {"k": 3}}, "sample"], "select": "greedy"})
+    assert err.value.fields == ["sequences[0].policy_spec.chain[1]"]
+    assert "exactly one" in err.value.message
 
 
 @pytest.mark.parametrize("params", [{"min_tokens": 1}, {"min_tokens": 1, "temperature": 0}])
