@@ -157,7 +157,7 @@ class Engine:
             for j, i in enumerate(row_list):
                 memory[i] = batch.pending_for(j)
             if processed_logprobs:
-                dist = selector.stage.distribution(candidates, batch)
+                dist = selector.stage.distribution(candidates, args, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
                 ids, values = _top(dist, max(top_n[i] for i in row_list))
                 dist_stats = raw_statistics(dist.values)
@@ -186,4 +186,6 @@ class Engine:
     def distribution(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         """log p [vocab] of the distribution `state`'s policy would draw from (−inf = masked)."""
         candidates, batch = self._process([state], logits.unsqueeze(0).clone())
-        return state.policy.selector.stage.distribution(candidates, batch).to_dense().squeeze(0)
+        selector = state.policy.selector
+        args = self._stage_args(selector.stage, [selector])
+        return selector.stage.distribution(candidates, args, batch).to_dense().squeeze(0)

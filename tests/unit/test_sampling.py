@@ -107,7 +107,7 @@ def test_sample_respects_greedy_rows():
     batch.greedy = torch.tensor([True, False, True, False])
     tokens = Sample().select(Candidates(logits.clone()), {}, batch)
     assert tokens[0].item() == 1 and tokens[2].item() == 1
-    dist = Sample().distribution(Candidates(logits.clone()), batch)
+    dist = Sample().distribution(Candidates(logits.clone()), {}, batch)
     assert torch.equal(dist.values[0], torch.tensor([-INF, 0.0, -INF, -INF]))
     assert torch.allclose(dist.values[1], torch.log_softmax(logits[1], dim=0))
 
@@ -188,7 +188,7 @@ def test_greedy_ties_go_to_lowest_id_dense_and_sparse():
 
 def test_greedy_distribution_is_a_point_mass():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
-    dist = Greedy().distribution(Candidates(logits), fake_rows([0], [0]))
+    dist = Greedy().distribution(Candidates(logits), {}, fake_rows([0], [0]))
     assert torch.equal(dist.values[0], torch.tensor([-INF, 0.0, -INF, -INF]))
 
 

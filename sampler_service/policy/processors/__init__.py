@@ -8,7 +8,8 @@ import inspect
 
 from sampler_service.policy.processors import constraints, penalties, temperature, truncation
 from sampler_service.policy.processors.base import Processor, RowBatch, Selector, Stage
-from sampler_service.policy.processors.constraints import MinTokens
+from sampler_service.policy.processors.constraints import (AllowedTokenIds, BadWords, LogitBias,
+                                                           MinTokens)
 from sampler_service.policy.processors.penalties import (FrequencyPenalty, PresencePenalty,
                                                          RepetitionPenalty)
 from sampler_service.policy.processors.temperature import Temperature
@@ -26,7 +27,8 @@ def defined_stages(modules, base: type) -> dict[str, type]:
 
 #: The chain that flat (vLLM-named) parameters build, in vLLM v1's order of operations.
 CANONICAL_ORDER: tuple[type[Processor], ...] = (
-    MinTokens, RepetitionPenalty, FrequencyPenalty, PresencePenalty, Temperature, MinP, TopK, TopP,
+    AllowedTokenIds, BadWords, MinTokens, LogitBias, RepetitionPenalty, FrequencyPenalty,
+    PresencePenalty, Temperature, MinP, TopK, TopP,
 )
 
 PROCESSORS: dict[str, type[Processor]] = defined_stages(FAMILIES, Processor)

@@ -101,6 +101,7 @@ class Selector(Stage):
                batch: RowBatch) -> torch.Tensor:
         ...
 
-    def distribution(self, candidates: Candidates, batch: RowBatch) -> Candidates:
+    def distribution(self, candidates: Candidates, args: dict[str, Any],
+                     batch: RowBatch) -> Candidates:
         """Log-probabilities the selector draws from (−inf outside the support)."""
         return candidates.log_softmax()

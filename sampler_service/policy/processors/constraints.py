@@ -1,13 +1,87 @@
-"""Constraints on which tokens may be produced at a step."""
+"""Constraints on which tokens may be produced at a step, and token-addressed biases.
+
+Every processor here touches only the (row, token) pairs its parameters name (or, for
+`allowed_token_ids` and `forced_tokens`, the rows that are on), through `Candidates.locate` /
+`update`, so it works the same on a dense batch and on a sparse one (after a truncation, where a
+token that is not listed is −inf already). Per-row parameter values (token lists, maps) are turned
+into tensors once per distinct value and cached.
+
+Token ids a parameter names must lie inside the vocabulary of the step's logits: a step whose
+vocabulary is smaller fails with INVALID_ARGUMENT on `logits.shape`, as for history ids.
+"""
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
+from sampler_service.errors import InvalidArgument
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
+
+if TYPE_CHECKING:
+    from sampler_service.state import SequenceState
+
+#: Distinct parameter values whose tensors are kept (per value kind).
+_CACHE_SIZE = 4096
+_EMPTY_IDS = torch.empty(0, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _ids(ids: tuple[int, ...]) -> torch.Tensor:
+    """A token-id tuple as an int64 CPU tensor (cached; callers never modify it)."""
+    return torch.tensor(ids, dtype=torch.int64) if ids else _EMPTY_IDS
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _bias(pairs: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int64, biases float32) of a validated token -> bias map."""
+    return (torch.tensor([t for t, _ in pairs], dtype=torch.int64),
+            torch.tensor([b for _, b in pairs], dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _step_map(pairs: tuple[tuple[int, int], ...]) -> dict[int, int]:
+    return dict(pairs)
+
+
+def _pairs(per_row: Sequence[torch.Tensor],
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, value) for every element of each row's CPU tensor, on `device`."""
+    lengths = torch.tensor([len(t) for t in per_row], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(per_row)), lengths).to(device)
+    values = torch.cat(list(per_row)) if per_row else _EMPTY_IDS
+    return rows, values.to(device)
+
+
+def _check_vocab(key: str, ids: torch.Tensor | int, vocab: int) -> None:
+    """Token ids named by a parameter (or the largest of them) must be < vocab."""
+    largest = ids if isinstance(ids, int) else int(ids.max()) if ids.numel() else -1
+    if largest >= vocab:
+        raise InvalidArgument(f"{key} refers to token id {largest} but the vocabulary has "
+                              f"{vocab} ids", "logits.shape")
+
+
+def _set(candidates: Candidates, rows: torch.Tensor, tokens: torch.Tensor, value: float) -> None:
+    """Sets the (row, token) pairs to `value` where the batch lists them."""
+    present, columns = candidates.locate(rows, tokens)
+    candidates.update(rows[present], columns,
+                      torch.full(columns.shape, value, dtype=candidates.values.dtype,
+                                 device=candidates.values.device))
+
+
+def _tail(state: "SequenceState", k: int) -> tuple[int, ...] | None:
+    """The last k ids of prompt + output (None when it holds fewer), without copying the rest."""
+    output = state.output_ids
+    if k <= len(output):
+        return tuple(output[len(output) - k:])
+    prompt, need = state.prompt_ids, k - len(output)
+    if need > len(prompt):
+        return None
+    return tuple(prompt[len(prompt) - need:]) + tuple(output)
 
 
 class MinTokens(Processor):
@@ -34,3 +108,297 @@ class MinTokens(Processor):
         present, columns = candidates.locate(rows, tokens)
         candidates.update(rows[present], columns, torch.full_like(columns, -math.inf,
                                                                   dtype=candidates.values.dtype))
+
+
+class LogitBias(Processor):
+    """Adds a bias to the logits of given token ids: l'_t = l_t + bias[t].
+
+    Peer: vLLM / OpenAI `logit_bias` (vLLM v1 `LogitBiasLogitsProcessor`). Biases lie in
+    [−100, 100] as in the OpenAI API (vLLM's OpenAI server clamps to that range; here a value
+    outside it is rejected). −100 in practice bans a token, +100 in practice forces it; a token
+    already at −inf stays there. Transform; keeps no per-sequence state.
+    Off: an empty map.
+    """
+
+    key = "logit_bias"
+    role = "transform"
+    params = (Param("bias", "token_bias", default=(), off=(), minimum=-100.0, maximum=100.0,
+                    doc="token id -> value added to its logit"),)
+    flat_names = {"bias": "logit_bias"}
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        biases = args["bias"]
+        if not any(biases):
+            return
+        per_row = [_bias(b) if b else (_EMPTY_IDS, torch.empty(0)) for b in biases]
+        rows, tokens = _pairs([ids for ids, _ in per_row], batch.device)
+        _check_vocab(self.key, tokens, candidates.vocab)
+        values = torch.cat([b for _, b in per_row]).to(batch.device)
+        present, columns = candidates.locate(rows, tokens)
+        rows = rows[present]
+        candidates.update(rows, columns, candidates.values[rows, columns] + values[present])
+
+
+class AllowedTokenIds(Processor):
+    """Only the listed token ids may be produced: every other token's logit becomes −inf.
+
+    Peer: vLLM `allowed_token_ids` (a mask applied before everything else in vLLM v1). Listed ids
+    keep their logits; a listed id that an earlier stage masked stays masked. Constraint; keeps
+    no per-sequence state. Off: an empty list (every token allowed).
+    """
+
+    key = "allowed_token_ids"
+    role = "constraint"
+    params = (Param("ids", "int_list", default=(), off=(),
+                    doc="the only token ids that may be produced; empty = all"),)
+    flat_names = {"ids": "allowed_token_ids"}
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        allowed = args["ids"]
+        if not any(allowed):
+            return
+        rows, tokens = _pairs([_ids(ids) for ids in allowed], batch.device)
+        _check_vocab(self.key, tokens, candidates.vocab)
+        active = torch.tensor([r for r, ids in enumerate(allowed) if ids], device=batch.device)
+        present, columns = candidates.locate(rows, tokens)
+        rows = rows[present]
+        values = candidates.values[rows, columns]
+        # The active rows go to −inf (a row all −inf is in best-first order still), then the
+        # allowed entries get their values back through `update`.
+        candidates.values.index_fill_(0, active, -math.inf)
+        candidates.update(rows, columns, values)
+
+
+class BadWords(Processor):
+    """Bans token-id sequences: a sequence's last id gets −inf when the text would complete it.
+
+    Peer: Hugging Face `NoBadWordsLogitsProcessor`, exactly: a one-token sequence is always
+    banned, except one that is an EOS id of the sequence (HF drops those so that generation can
+    end); for a longer sequence, its last id is banned when prompt + output ends with the rest
+    of it. Like HF (whose `input_ids` include the prompt) the match may reach into the prompt;
+    vLLM v1 matches against the generated tokens only, which differs only while the output is
+    shorter than the sequence. Constraint; reads the last len(sequence) − 1 ids of the history,
+    no per-sequence state. Off: an empty list.
+    """
+
+    key = "bad_words"
+    role = "constraint"
+    params = (Param("sequences", "int_lists", default=(), off=(),
+                    doc="token-id sequences that must not be produced"),)
+    flat_names = {"sequences": "bad_words"}
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        sequences = args["sequences"]
+        if not any(sequences):
+            return
+        per_row = []
+        largest = -1
+        for state, words in zip(batch.states, sequences):
+            banned: list[int] = []
+            if words:
+                singles, longer, top = _bad_words_plan(words)
+                largest = max(largest, top)
+                banned.extend(t for t in singles if t not in state.eos_token_ids)
+                for prefix, last in longer:
+                    if _tail(state, len(prefix)) == prefix:
+                        banned.append(last)
+            per_row.append(torch.tensor(banned, dtype=torch.int64) if banned else _EMPTY_IDS)
+        _check_vocab(self.key, largest, candidates.vocab)
+        if not any(len(ids) for ids in per_row):
+            return
+        rows, tokens = _pairs(per_row, batch.device)
+        _set(candidates, rows, tokens, -math.inf)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _bad_words_plan(words: tuple[tuple[int, ...], ...]
+                    ) -> tuple[tuple[int, ...], tuple[tuple[tuple[int, ...], int], ...], int]:
+    """(one-token sequences, (prefix, last id) of the longer ones, the largest id)."""
+    return (tuple(w[0] for w in words if len(w) == 1),
+            tuple((w[:-1], w[-1]) for w in words if len(w) > 1),
+            max(t for w in words for t in w))
+
+
+class _NGramIndex(NamedTuple):
+    """Per-sequence state of `no_repeat_ngram`: every (n−1)-gram of the first `length` ids of
+    prompt + output -> the ids that followed it. `owner` and `size` tell whether it is this
+    sequence's index (a copy carried into another sequence is rebuilt)."""
+
+    owner: str
+    size: int
+    length: int
+    table: dict[tuple[int, ...], set[int]]
+
+
+class NoRepeatNGram(Processor):
+    """Bans every token that would complete an n-gram already present in prompt + output.
+
+    With n = `size` and h = prompt + output, token t gets −inf when (h[−n+1:], t) occurs in h.
+    size 1 bans every id seen so far. Peer: Hugging Face `NoRepeatNGramLogitsProcessor`
+    (`no_repeat_ngram_size`), whose `input_ids` include the prompt for decoder-only models.
+    Constraint. Per-sequence state: an index (n−1)-gram -> following ids, extended by the new
+    ids at each step (O(n) per step), stored only when the step is accepted; a missing or stale
+    index (a new, previewed or copied sequence) is rebuilt from the history. Off: size = 0.
+    """
+
+    key = "no_repeat_ngram"
+    role = "constraint"
+    params = (Param("size", "int", default=0, off=0, minimum=0,
+                    doc="n: an n-gram of prompt + output may occur only once; 0 = off"),)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        size = args["size"]
+        if not bool((size > 0).any()):
+            return
+        memory = batch.memory(self.key, None)
+        rows: list[int] = []
+        tokens: list[int] = []
+        for row, (state, n) in enumerate(zip(batch.states, size.tolist())):
+            if n == 0:
+                continue
+            index = memory[row] = _extend(memory[row], state, n)
+            banned = index.table.get(_tail(state, n - 1), ())
+            rows.extend([row] * len(banned))
+            tokens.extend(banned)
+        batch.remember(self.key, memory)
+        if rows:
+            _set(candidates, torch.tensor(rows, dtype=torch.int64, device=batch.device),
+                 torch.tensor(tokens, dtype=torch.int64, device=batch.device), -math.inf)
+
+
+def _extend(index: _NGramIndex | None, state: "SequenceState", n: int) -> _NGramIndex:
+    """`index` brought up to the whole history of `state` (rebuilt when it is not its own).
+
+    The table grows in place: it only ever gains n-grams of the true history, so a step that is
+    computed but never accepted (a retry, a failed step, a preview) leaves it correct."""
+    prompt, output = state.prompt_ids, state.output_ids
+    total = len(prompt) + len(output)
+    if (not isinstance(index, _NGramIndex) or index.owner != state.sequence_id
+            or index.size != n or index.length > total):
+        index = _NGramIndex(state.sequence_id, n, 0, {})
+    if index.length == total:
+        return index
+    begin = max(0, index.length - n + 1)  # the n-grams ending at a new id start here or later
+    recent = (tuple(prompt[begin:]) + tuple(output) if begin < len(prompt)
+              else tuple(output[begin - len(prompt):]))
+    table = index.table
+    for gram in zip(*(recent[i:] for i in range(n))):
+        table.setdefault(gram[:-1], set()).add(gram[-1])
+    return index._replace(length=total)
+
+
+class ExponentialDecayLengthPenalty(Processor):
+    """Raises the EOS logits exponentially once `start` tokens were generated.
+
+    At output position n > start, for each EOS id e with a finite logit:
+    l'_e = l_e + |l_e| · (factor^(n − start) − 1). Peer: Hugging Face
+    `ExponentialDecayLengthPenalty` as installed (transformers 5.x), which uses |l_e| so that a
+    negative EOS logit grows too (older versions multiplied l_e itself). EOS = the sequence's
+    `eos_token_ids` (not its stop ids); a −inf EOS logit stays −inf. factor < 1 lowers the EOS
+    logits instead. factor is float32 like every float parameter. Where HF overflows
+    (factor^(n − start) beyond float32) the boost and the logit saturate at the largest float32:
+    the EOS becomes certain where HF's row turns +inf or NaN (an EOS logit of 0 stays 0).
+    Transform; reads the output length, keeps no per-sequence state.
+    Off: factor = 1.0 (start then does nothing).
+    """
+
+    key = "exponential_decay_length_penalty"
+    role = "transform"
+    params = (Param("start", "int", default=0, off=0, minimum=0,
+                    doc="output tokens generated before the EOS boost starts"),
+              Param("factor", "float", default=1.0, off=1.0, minimum=0.0, exclusive_minimum=True,
+                    doc="growth per token after start; 1 = off, > 1 favours ending"))
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        factor, start = args["factor"], args["start"]
+        exponent = batch.positions - start
+        active = (factor != 1.0) & (exponent > 0)
+        if not bool(active.any()):
+            return
+        # factor^k − 1 in float64, then float32 (HF: Python float pow, then a float32 product);
+        # capped at the largest float32 so that an EOS logit of 0 stays 0 instead of NaN.
+        largest = torch.finfo(candidates.values.dtype).max
+        growth = (factor.double().pow(exponent.clamp(min=0).double()) - 1.0).float().clamp(
+            max=largest)
+        rows, tokens = _pairs([_ids(tuple(sorted(s.eos_token_ids))) for s in batch.states],
+                              batch.device)
+        on = active[rows]
+        rows, tokens = rows[on], tokens[on]
+        _check_vocab(self.key, tokens, candidates.vocab)
+        present, columns = candidates.locate(rows, tokens)
+        rows = rows[present]
+        values = candidates.values[rows, columns]
+        finite = torch.isfinite(values)
+        rows, columns, values = rows[finite], columns[finite], values[finite]
+        boosted = values + values.abs() * growth[rows]
+        candidates.update(rows, columns, boosted.clamp(max=largest))
+
+
+class SuppressTokens(Processor):
+    """Masks the listed ids to −inf at the listed output positions.
+
+    Peer: Hugging Face `SuppressTokensAtBeginLogitsProcessor` (`begin_suppress_tokens`, which
+    acts at the first generated position only), generalised to any set of positions: the
+    default steps = [0] is HF's behaviour. Constraint; reads the output position, keeps no
+    per-sequence state. Off: ids = [] (or steps = []).
+    """
+
+    key = "suppress_tokens"
+    role = "constraint"
+    params = (Param("ids", "int_list", default=(), off=(), doc="token ids to mask"),
+              Param("steps", "int_list", default=(0,), off=(),
+                    doc="output positions (0 = the first generated token) where they are masked"))
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        per_row = [_ids(ids) if ids and state.position in steps else _EMPTY_IDS
+                   for state, ids, steps in zip(batch.states, args["ids"], args["steps"])]
+        if not any(len(ids) for ids in per_row):
+            return
+        rows, tokens = _pairs(per_row, batch.device)
+        _check_vocab(self.key, tokens, candidates.vocab)
+        _set(candidates, rows, tokens, -math.inf)
+
+
+class ForcedTokens(Processor):
+    """Forces a token at given output positions: every other logit becomes −inf, and the forced
+    token's logit becomes 0 (probability 1).
+
+    Peer: Hugging Face `ForceTokensLogitsProcessor` (`forced_decoder_ids`, since removed from
+    transformers), keyed by output position rather than by the length of `input_ids`. As in
+    HF the forced token is set to 0 even where an earlier stage masked it (a sparse batch gets
+    it back). A later stage may still mask it. Constraint; reads the output position, keeps no
+    per-sequence state. Off: an empty map.
+    """
+
+    key = "forced_tokens"
+    role = "constraint"
+    params = (Param("tokens", "int_map", default=(), off=(), minimum=0,
+                    doc="output position -> the token id forced there"),)
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        forced_rows: list[int] = []
+        forced: list[int] = []
+        for row, (state, pairs) in enumerate(zip(batch.states, args["tokens"])):
+            token = _step_map(pairs).get(state.position) if pairs else None
+            if token is not None:
+                forced_rows.append(row)
+                forced.append(token)
+        if not forced_rows:
+            return
+        rows = torch.tensor(forced_rows, dtype=torch.int64, device=batch.device)
+        tokens = torch.tensor(forced, dtype=torch.int64, device=batch.device)
+        _check_vocab(self.key, tokens, candidates.vocab)
+        # A whole row at −inf is in best-first order still; `update` below re-marks the order.
+        candidates.values.index_fill_(0, rows, -math.inf)
+        present, columns = candidates.locate(rows, tokens)
+        if not bool(present.all()):
+            # A sparse row lacks the token: it takes the place of the row's first (now −inf) id.
+            missing = rows[~present]
+            candidates.ids[missing, 0] = tokens[~present]
+            present_rows = torch.cat([rows[present], missing])
+            columns = torch.cat([columns, torch.zeros_like(missing)])
+        else:
+            present_rows = rows
+        candidates.update(present_rows, columns, torch.zeros(columns.shape,
+                                                             dtype=candidates.values.dtype,
+                                                             device=candidates.values.device))

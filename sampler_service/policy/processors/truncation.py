@@ -1,8 +1,15 @@
 """Truncation processors: they keep a subset of tokens and mask the rest to −inf.
 
-None of them sorts the whole vocabulary. When a truncation is on for every row of a batch, it
-turns the batch sparse (`Candidates.restrict`): later stages then work on the survivors only.
-A row whose parameter is off is not touched.
+None of them sorts the whole vocabulary. When a truncation that keeps a best-first prefix is
+on for every row of a batch, it turns the batch sparse (`Candidates.restrict`): later stages
+then work on the survivors only. A row whose parameter is off is not touched.
+
+Every truncation takes `min_keep` (Hugging Face's `min_tokens_to_keep`, llama.cpp's
+`min_keep`; default 1): it never leaves fewer than `min_keep` of the row's finite tokens.
+Processors that keep the tokens above a threshold get it from one helper (`_at_least`), which
+lowers a row's threshold to the value of its `min_keep`-th best token; tokens tied with that
+token stay too, as top-k keeps ties. Typical sampling ranks by typicality and XTC removes the
+best tokens, so those two apply `min_keep` the way their peers do (see their docstrings).
 """
 from __future__ import annotations
 
@@ -11,11 +18,27 @@ import math
 import torch
 
 from sampler_service.policy.candidates import Candidates
+from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
 
-#: Top-p's first best-first prefix on a dense batch; grown 4x until it holds the mass.
+#: Top-p's (and typical's) first best-first prefix on a dense batch; grown 4x until it holds
+#: the mass.
 TOP_P_FIRST_PREFIX = 1024
+#: Top-H looks at this many best tokens (Hugging Face's `TopHLogitsWarper.top_n`).
+TOP_H_CANDIDATES = 100
+#: Token coordinate of XTC's one uniform per row and step (the sample selector uses −1).
+XTC_NOISE_TOKEN = -0x787463
+
+#: Hugging Face's `min_tokens_to_keep` / llama.cpp's `min_keep`, shared by every truncation.
+MIN_KEEP = Param("min_keep", "int", default=1, off=1, minimum=1,
+                 doc="fewest finite tokens the truncation leaves (HF min_tokens_to_keep)")
+
+
+def _min_keep(args: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The rows' `min_keep` [R]; 1 for every row when the caller gave none (direct calls)."""
+    given = args.get("min_keep")
+    return torch.ones_like(like, dtype=torch.int64) if given is None else given
 
 
 def _truncate(candidates: Candidates, on: torch.Tensor, threshold: torch.Tensor,
@@ -25,23 +48,66 @@ def _truncate(candidates: Candidates, on: torch.Tensor, threshold: torch.Tensor,
     if bool(on.all()):
         candidates.restrict(threshold, best)
     else:
-        candidates.mask_below(torch.where(on, threshold, torch.full_like(threshold, -math.inf)))
+        _mask_rows(candidates, on, threshold)
+
+
+def _mask_rows(candidates: Candidates, on: torch.Tensor, threshold: torch.Tensor) -> None:
+    """Keeps values ≥ threshold in the rows that are `on`, in place (the batch stays as it is)."""
+    candidates.mask_below(torch.where(on, threshold, torch.full_like(threshold, -math.inf)))
+
+
+def _at_least(candidates: Candidates, threshold: torch.Tensor, min_keep: torch.Tensor,
+              best: tuple[torch.Tensor, torch.Tensor] | None = None, bounded: bool = False
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`threshold` [R] lowered so that values ≥ it keep at least `min_keep` [R] finite tokens.
+
+    Each row's threshold becomes min(threshold, value of its min_keep-th best token); a row
+    with fewer finite tokens keeps them all. `best` is a best-first prefix to reuse, if any;
+    `bounded` says the threshold never exceeds the row's best value, so min_keep = 1 needs no
+    work. Returns (threshold, the best-first prefix, widened when it had to be)."""
+    most = int(min_keep.max())
+    if most <= 1:
+        if bounded:
+            return threshold, best
+        top = best[0][:, 0] if best is not None and best[0].shape[1] else candidates.max_values()
+        return torch.minimum(threshold, top), best
+    if best is None or best[0].shape[1] < min(most, candidates.values.shape[1]):
+        best = candidates.best_first(most)
+    values = best[0]
+    nth = values.gather(1, (min_keep.clamp(max=values.shape[1]) - 1).unsqueeze(1)).squeeze(1)
+    return torch.minimum(threshold, nth), best
+
+
+def _mask_tokens(candidates: Candidates, remove: torch.Tensor) -> None:
+    """Sets the entries where `remove` [R, K] is true to −inf (any entries, not only a tail)."""
+    if candidates.dense:
+        candidates.values.masked_fill_(remove, -math.inf)
+        return
+    rows, columns = remove.nonzero(as_tuple=True)
+    if rows.numel():
+        candidates.update(rows, columns, torch.full(rows.shape, -math.inf,
+                                                    dtype=candidates.values.dtype,
+                                                    device=candidates.values.device))
 
 
 class TopK(Processor):
-    """Keeps the tokens whose logit is ≥ the k-th largest logit of the row (ties kept).
+    """Keeps the tokens whose logit is ≥ the k'-th largest logit of the row (ties kept), with
+    k' = max(k, min_keep).
 
-    Peer: vLLM / Hugging Face `top_k`. Filter; no per-sequence state.
-    Off: k = 0, or k ≥ vocabulary size.
+    Peer: vLLM / Hugging Face `top_k` (`TopKLogitsWarper` keeps max(top_k,
+    min_tokens_to_keep) the same way). Filter; no per-sequence state.
+    Off: k = 0, or k' ≥ vocabulary size; `min_keep` alone never turns it on.
     """
 
     key = "top_k"
     role = "filter"
-    params = (Param("k", "int", default=0, off=0, minimum=0, doc="number of best tokens kept"),)
+    params = (Param("k", "int", default=0, off=0, minimum=0, doc="number of best tokens kept"),
+              MIN_KEEP)
     flat_names = {"k": "top_k"}
 
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         k = args["k"]
+        k = torch.where(k > 0, torch.maximum(k, _min_keep(args, k)), k)
         on = (k > 0) & (k < candidates.vocab)
         if not bool(on.any()):
             return
@@ -54,27 +120,31 @@ class TopK(Processor):
 
 
 class MinP(Processor):
-    """Keeps tokens with p_i ≥ p · p_max, p the distribution at this point of the chain.
+    """Keeps tokens with p_i ≥ p · p_max, p the distribution at this point of the chain, and
+    at least the `min_keep` best.
 
     Computed in logit space, l_i ≥ max(l) + ln(p), which needs no softmax.
-    Peer: vLLM `min_p` (Hugging Face `MinPLogitsWarper`). Filter; no per-sequence state.
-    Off: p = 0.
+    Peer: vLLM `min_p` (Hugging Face `MinPLogitsWarper`, llama.cpp `llama_sampler_min_p`).
+    Filter; no per-sequence state. Off: p = 0.
     """
 
     key = "min_p"
     role = "filter"
     params = (Param("p", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
-                    doc="fraction of the best token's probability a token needs"),)
+                    doc="fraction of the best token's probability a token needs"), MIN_KEEP)
     flat_names = {"p": "min_p"}
 
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         p = args["p"]
         if bool((p > 0).any()):
-            candidates.mask_below(candidates.max_values() + torch.log(p))  # log 0 = −inf: off
+            threshold = candidates.max_values() + torch.log(p)  # log 0 = −inf: off
+            threshold, _ = _at_least(candidates, threshold, _min_keep(args, p), bounded=True)
+            candidates.mask_below(threshold)
 
 
 class TopP(Processor):
-    """Nucleus sampling: keeps the best-first tokens whose preceding mass is < p.
+    """Nucleus sampling: keeps the best-first tokens whose preceding mass is < p, and at least
+    the `min_keep` best.
 
     With tokens sorted by probability, best first, token i is kept iff
     Σ_{j<i} p_j < p; the best token always stays. This is Hugging Face's / vLLM's rule (sort
@@ -87,7 +157,7 @@ class TopP(Processor):
     key = "top_p"
     role = "filter"
     params = (Param("p", "float", default=1.0, off=1.0, minimum=0.0, maximum=1.0,
-                    exclusive_minimum=True, doc="probability mass kept"),)
+                    exclusive_minimum=True, doc="probability mass kept"), MIN_KEEP)
     flat_names = {"p": "top_p"}
 
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
@@ -98,7 +168,9 @@ class TopP(Processor):
         mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
         values, ids, probs = best_first_holding(candidates, mass)
         kept = ((probs.cumsum(dim=1) - probs) < mass).sum(dim=1, keepdim=True).clamp(min=1)
-        _truncate(candidates, on, values.gather(1, kept - 1).squeeze(1), (values, ids))
+        threshold, best = _at_least(candidates, values.gather(1, kept - 1).squeeze(1),
+                                    _min_keep(args, p), (values, ids), bounded=True)
+        _truncate(candidates, on, threshold, best)
 
 
 def best_first_holding(candidates: Candidates, mass: torch.Tensor
@@ -117,3 +189,244 @@ def best_first_holding(candidates: Candidates, mass: torch.Tensor
                 (probs.sum(dim=1, keepdim=True) >= mass).all()):
             return values, ids, probs
         width *= 4
+
+
+class TypicalP(Processor):
+    """Locally typical sampling (Meister et al. 2022): keeps the most typical tokens, those
+    whose surprise −log p_i is closest to the entropy H = −Σ p log p, until their mass reaches p.
+
+    With s_i = |−log p_i − H| sorted ascending and C_j the mass of the first j+1 tokens in that
+    order, j* is the first j with C_j ≥ p, and the tokens with s_i ≤ s_(j*) stay (ties kept).
+    The kept set can exclude the most likely token. `min_keep` counts in typicality order, as
+    both peers do: the min_keep most typical tokens stay (s_i ≤ s_(min_keep−1)).
+    Peer: Hugging Face `TypicalLogitsWarper` (llama.cpp's `llama_sampler_typical` stops at
+    C_j > p instead and keeps no ties). Only the most typical tokens are ranked (a top-k over
+    s, grown 4x from 1024 until it holds mass p), never the whole vocabulary. Filter; no
+    per-sequence state. Off: p = 1.0.
+    """
+
+    key = "typical_p"
+    role = "filter"
+    params = (Param("p", "float", default=1.0, off=1.0, minimum=0.0, maximum=1.0,
+                    exclusive_minimum=True, doc="probability mass of the most typical tokens kept"),
+              MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        p = args["p"]
+        min_keep = _min_keep(args, p)
+        on = p < 1.0
+        if not bool(on.any()):
+            return
+        values = candidates.values
+        log_probs = torch.log_softmax(values, dim=1)
+        entropy = -(log_probs * log_probs.exp()).nansum(dim=1, keepdim=True)  # 0·(−inf) skipped
+        surprise_gap = (-log_probs - entropy).abs()  # +inf for masked tokens
+        probs = torch.softmax(values, dim=1)
+        mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
+        total = values.shape[1]
+        width = total if not candidates.dense else min(
+            total, max(TOP_P_FIRST_PREFIX, int(min_keep.max())))
+        while True:
+            neg_gap, order = torch.topk(-surprise_gap, width, dim=1)  # most typical first
+            cumulative = probs.gather(1, order).cumsum(dim=1)
+            if width >= total or bool((cumulative[:, -1:] >= mass).all()):
+                break
+            width = min(total, width * 4)
+        gaps = -neg_gap
+        last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=width - 1)
+        floor = (min_keep.clamp(max=width) - 1).unsqueeze(1)
+        cut = torch.maximum(gaps.gather(1, last), gaps.gather(1, floor))
+        _mask_tokens(candidates, (surprise_gap > cut) & on.unsqueeze(1))
+
+
+class EpsilonCutoff(Processor):
+    """Epsilon sampling (Hewitt et al. 2022): keeps tokens with p_i ≥ ε, and at least the
+    `min_keep` best.
+
+    p = softmax of the row at this point of the chain. Peer: Hugging Face
+    `EpsilonLogitsWarper` (which keeps the min_tokens_to_keep best and their ties the same
+    way). Filter; no per-sequence state. Off: ε = 0.
+    """
+
+    key = "epsilon_cutoff"
+    role = "filter"
+    params = (Param("epsilon", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
+                    doc="probability a token needs (paper: 3e-4 to 9e-4)"), MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        epsilon = args["epsilon"]
+        on = epsilon > 0
+        if bool(on.any()):
+            probs = torch.softmax(candidates.values, dim=1)
+            _keep_probable(candidates, on, probs >= epsilon.unsqueeze(1),
+                           _min_keep(args, epsilon))
+
+
+class EtaCutoff(Processor):
+    """Eta sampling (Hewitt et al. 2022): keeps tokens with p_i ≥ η, η = min(ε, √ε · e^(−H)),
+    H = −Σ p log p in nats, and at least the `min_keep` best.
+
+    p and H are of the row at this point of the chain. Peer: Hugging Face `EtaLogitsWarper`
+    (its code's formula; its docstring's √(ε·e^(−H)) differs from it). Filter; no per-sequence
+    state. Off: ε = 0.
+    """
+
+    key = "eta_cutoff"
+    role = "filter"
+    params = (Param("epsilon", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
+                    doc="ε (paper: 3e-4 to 2e-3)"), MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        epsilon = args["epsilon"]
+        on = epsilon > 0
+        if not bool(on.any()):
+            return
+        values = candidates.values
+        probs = torch.softmax(values, dim=1)
+        log_probs = torch.log_softmax(values, dim=1).clamp(min=torch.finfo(values.dtype).min)
+        entropy = -(log_probs * probs).sum(dim=1)
+        eta = torch.minimum(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))
+        _keep_probable(candidates, on, probs >= eta.unsqueeze(1), _min_keep(args, epsilon))
+
+
+def _keep_probable(candidates: Candidates, on: torch.Tensor, probable: torch.Tensor,
+                   min_keep: torch.Tensor) -> None:
+    """Keeps, in the rows that are `on`, the tokens marked `probable` [R, K] (a set closed
+    upwards in value, as p ≥ cut is) and at least the `min_keep` best."""
+    values = candidates.values
+    lowest = values.masked_fill(~probable, math.inf).amin(dim=1)  # +inf: none probable
+    threshold, _ = _at_least(candidates, lowest, min_keep)
+    _mask_rows(candidates, on, threshold)
+
+
+class TopNSigma(Processor):
+    """Top-nσ (Tang et al. 2024): keeps l_i ≥ max(l) − n·σ, σ the population standard
+    deviation of the row's finite logits at this point of the chain, and at least the
+    `min_keep` best.
+
+    Works on logits (before or after temperature gives the same set when T > 0 scales both
+    sides). After a truncation σ is over the surviving tokens only, as llama.cpp computes it
+    over its current candidates. Peer: llama.cpp `llama_sampler_top_n_sigma` (no `min_keep`
+    there; 1 matches it). Filter; no per-sequence state. Off: n ≤ 0 (llama.cpp's default −1).
+    """
+
+    key = "top_n_sigma"
+    role = "filter"
+    params = (Param("n", "float", default=0.0, off=0.0,
+                    doc="how many standard deviations below the best logit a token may be"),
+              MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        n = args["n"]
+        on = n > 0
+        if not bool(on.any()):
+            return
+        values = candidates.values
+        finite = torch.isfinite(values)
+        count = finite.sum(dim=1).clamp(min=1)
+        mean = torch.where(finite, values, torch.zeros_like(values)).sum(dim=1) / count
+        deviation = torch.where(finite, values - mean.unsqueeze(1), torch.zeros_like(values))
+        sigma = torch.sqrt(deviation.square().sum(dim=1) / count)
+        threshold = candidates.max_values() - n * sigma
+        threshold, _ = _at_least(candidates, threshold, _min_keep(args, n), bounded=True)
+        _mask_rows(candidates, on, threshold)
+
+
+class Xtc(Processor):
+    """XTC, "exclude top choices": with probability `probability` per step, removes every
+    token with p_i ≥ `threshold` except the least likely of them.
+
+    p = softmax of the row at this point of the chain. Nothing happens when fewer than two
+    tokens reach the threshold, or when the removal would leave fewer than `min_keep` finite
+    tokens (then the row is left whole, as llama.cpp does; min_keep = 1 never blocks it).
+    Tokens tied with the least likely one above the threshold all stay, so the result does not
+    depend on how a sort orders equal values (llama.cpp keeps one of them).
+    The per-step decision is a counter-based uniform U of (seed, position) (token coordinate
+    `XTC_NOISE_TOKEN`); the row is cut iff U ≤ probability, so it is deterministic and the same
+    in any batch. The seed is the sequence's unless `seed` ≥ 0 is given.
+    Peer: llama.cpp `llama_sampler_xtc` (`llama_sample_xtc_apply`). Filter; keeps no
+    per-sequence state (the draw is keyed by position, not by an RNG that advances).
+    Off: probability = 0 or threshold > 0.5 (llama.cpp's off values).
+    """
+
+    key = "xtc"
+    role = "filter"
+    params = (Param("probability", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
+                    doc="chance per step that the top choices are excluded"),
+              Param("threshold", "float", default=0.1, off=1.0, minimum=0.0, maximum=1.0,
+                    doc="probability that makes a token a top choice; > 0.5 turns XTC off"),
+              Param("seed", "int", default=-1, off=-1, minimum=-1, maximum=2 ** 63 - 1,
+                    doc="seed of the per-step decision; -1 uses the sequence's seed"),
+              MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        probability, threshold = args["probability"], args["threshold"]
+        on = (probability > 0) & (threshold <= 0.5)
+        if not bool(on.any()):
+            return
+        seeds = torch.where(args["seed"] >= 0, args["seed"], batch.seeds)
+        coordinate = torch.full((batch.rows, 1), XTC_NOISE_TOKEN, dtype=torch.int64,
+                                device=seeds.device)
+        chance = uniform_noise(seeds, batch.positions, coordinate).squeeze(1)
+        on &= chance <= probability.to(torch.float64)
+        if not bool(on.any()):
+            return
+        # At most 1/threshold tokens reach the threshold: a short best-first prefix holds them
+        # all and one more, so everything outside it is below the threshold.
+        lowest = float(threshold[on].min())
+        width = candidates.values.shape[1] if lowest <= 0 else min(
+            candidates.values.shape[1], math.floor(1 / lowest) + 2)
+        values, ids = candidates.best_first(width)
+        log_total = torch.logsumexp(candidates.values, dim=1, keepdim=True)
+        top = (torch.exp(values - log_total) >= threshold.unsqueeze(1)) & (values > -math.inf)
+        least = values.masked_fill(~top, math.inf).amin(dim=1, keepdim=True)
+        # The top choices but the least likely one and its ties: none when fewer than two.
+        remove = values > least
+        cut = on
+        min_keep = _min_keep(args, probability)
+        if int(min_keep.max()) > 1:
+            left = (candidates.values > -math.inf).sum(dim=1) - remove.sum(dim=1)
+            cut &= left >= min_keep
+        rows, columns = (remove & cut.unsqueeze(1)).nonzero(as_tuple=True)
+        present, located = candidates.locate(rows, ids[rows, columns])
+        rows = rows[present]
+        candidates.update(rows, located, torch.full(rows.shape, -math.inf,
+                                                    dtype=candidates.values.dtype,
+                                                    device=rows.device))
+
+
+class TopH(Processor):
+    """Top-H (Potraghloo et al. 2025): keeps the shortest best-first prefix whose entropy stays
+    within a budget, among the row's 100 best tokens.
+
+    With q the softmax of the 100 best logits (renormalised over them), best first, and
+    τ = top_h · H(q), token i is kept iff Σ_{j≤i} −q_j log q_j ≤ τ; the best token always
+    stays, and tokens tied with the last kept token stay too. Every token outside the 100 best
+    is removed. Peer: Hugging Face `TopHLogitsWarper` (which has no `min_tokens_to_keep`;
+    min_keep = 1 matches it). Filter; no per-sequence state.
+    Off: top_h = 0 (Hugging Face accepts (0, 1] and has no off value but leaving it unset; 1.0
+    still keeps only the 100 best).
+    """
+
+    key = "top_h"
+    role = "filter"
+    params = (Param("top_h", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
+                    doc="fraction of the entropy of the 100 best tokens the kept ones may use"),
+              MIN_KEEP)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        top_h = args["top_h"]
+        on = top_h > 0
+        if not bool(on.any()):
+            return
+        values, ids = candidates.best_first(TOP_H_CANDIDATES)
+        log_q = values - torch.logsumexp(values, dim=1, keepdim=True)
+        q = torch.softmax(log_q, dim=1)
+        entropy = -(log_q.clamp(min=torch.finfo(values.dtype).min) * q).sum(dim=1)
+        spent = torch.cumsum(-q * torch.log(q), dim=1)  # NaN past the finite tokens: not kept
+        kept = (spent <= (entropy * top_h).unsqueeze(1)).sum(dim=1, keepdim=True).clamp(min=1)
+        threshold = values.gather(1, kept - 1).squeeze(1)
+        # The 100 best are all a row may keep, so min_keep above 100 reaches past the prefix.
+        threshold, best = _at_least(candidates, threshold, _min_keep(args, top_h),
+                                    (values, ids), bounded=True)
+        _truncate(candidates, on, threshold, best)

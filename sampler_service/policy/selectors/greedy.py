@@ -19,5 +19,6 @@ class Greedy(Selector):
                batch: RowBatch) -> torch.Tensor:
         return candidates.argmax()
 
-    def distribution(self, candidates: Candidates, batch: RowBatch) -> Candidates:
+    def distribution(self, candidates: Candidates, args: dict[str, torch.Tensor],
+                     batch: RowBatch) -> Candidates:
         return candidates.one_hot(candidates.argmax())

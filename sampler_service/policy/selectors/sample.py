@@ -11,6 +11,38 @@ from sampler_service.policy.processors.base import RowBatch, Selector
 ROW_UNIFORM_TOKEN = -1
 
 
+def token_id_order(candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values [R, C], ids [R, C] or None) of `candidates` in ascending token-id order: a dense
+    batch as it is (ids None: column = token), a sparse one sorted by id. A copy is made for a
+    sparse batch only; callers must not write into the values of a dense one."""
+    if candidates.ids is None:
+        return candidates.values, None
+    ids, order = torch.sort(candidates.ids, dim=1)
+    return candidates.values.gather(1, order), ids
+
+
+def draw_inverse_cdf(values: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column [R], its log-probability [R]) drawn from softmax(values), one uniform per row.
+
+    `values` [R, C] must be in token-id order (see `token_id_order`). With w_i = exp(l_i − max l)
+    and U the counter-based uniform of (seed, position) at token coordinate `ROW_UNIFORM_TOKEN`,
+    the column is the first i with Σ_{j≤i} w_j > U · Σ_j w_j: the `sample` selector's draw, so
+    both give the same token for the same row and distribution. −inf entries add exact zeros:
+    they are never drawn and change neither the draw nor the log-probability, whatever the
+    width of the batch. The log-probability is log(w_i / Σ_j w_j), from the same sum.
+    """
+    shifted = values.clone().sub_(values.amax(dim=1, keepdim=True))  # faster than a broadcast −
+    cumulative = shifted.exp().cumsum(dim=1)
+    total = cumulative[:, -1:]
+    u = uniform_noise(batch.seeds, batch.positions,
+                      torch.full_like(total, ROW_UNIFORM_TOKEN, dtype=torch.int64))
+    target = torch.minimum((u * total).to(cumulative.dtype),
+                           torch.nextafter(total, torch.zeros_like(total)))
+    column = torch.searchsorted(cumulative, target, right=True)
+    log_prob = shifted.gather(1, column) - torch.log(total)
+    return column.squeeze(1), log_prob.squeeze(1)
+
+
 class Sample(Selector):
     """Draws a token from softmax(l) by inverting its CDF with one uniform per row.
 
@@ -30,22 +62,13 @@ class Sample(Selector):
         greedy = batch.greedy
         if bool(greedy.all()):
             return candidates.argmax()
-        values, ids = candidates.values, candidates.ids
-        if ids is not None:  # token-id order, as in the dense batch
-            ids, order = torch.sort(ids, dim=1)
-            values = values.gather(1, order)
-        weights = values.clone().sub_(values.amax(dim=1, keepdim=True)).exp_()
-        cumulative = weights.cumsum(dim=1)
-        total = cumulative[:, -1:]
-        u = uniform_noise(batch.seeds, batch.positions,
-                          torch.full_like(total, ROW_UNIFORM_TOKEN, dtype=torch.int64))
-        target = torch.minimum((u * total).to(cumulative.dtype),
-                               torch.nextafter(total, torch.zeros_like(total)))
-        column = torch.searchsorted(cumulative, target, right=True)
-        drawn = (column if ids is None else ids.gather(1, column)).squeeze(1)
+        values, ids = token_id_order(candidates)
+        column, _ = draw_inverse_cdf(values, batch)
+        drawn = column if ids is None else ids.gather(1, column.unsqueeze(1)).squeeze(1)
         return torch.where(greedy, candidates.argmax(), drawn) if bool(greedy.any()) else drawn
 
-    def distribution(self, candidates: Candidates, batch: RowBatch) -> Candidates:
+    def distribution(self, candidates: Candidates, args: dict[str, torch.Tensor],
+                     batch: RowBatch) -> Candidates:
         dist = candidates.log_softmax()
         if bool(batch.greedy.any()):
             point = candidates.one_hot(candidates.argmax())
