@@ -1,7 +1,7 @@
 """Cost of each processor and selector on 64 x 128256 fp32 logits, relative to one torch.amax.
 
 Every stage runs alone on a dense batch (the worst case: a stage after a top-k runs on the
-survivors only) with representative parameters, over Zipf-shaped logits (see
+survivors only) with its parameters from sampler_service/policy/examples.py, over Zipf-shaped logits (see
 common.zipf_logits) and sequences with a 256-token history (128 prompt + 128 output ids), so
 that history-reading stages have work. Printed: median time of the stage alone (each run gets
 a fresh copy of the logits, made outside the timing) and the ratio to amax.
@@ -17,42 +17,13 @@ import torch
 from common import median_ms, print_table, zipf_logits
 from sampler_service.engine import Engine, raw_statistics
 from sampler_service.policy.candidates import Candidates
+from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.processors import PROCESSORS
 from sampler_service.policy.processors.base import RowBatch
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.selectors import SELECTORS
 from sampler_service.policy.spec import parse_policy, resolve
 from sampler_service.state import SequenceState
-
-#: Representative "on" parameters per stage key (anything not listed runs with its defaults).
-EXAMPLES = {
-    "temperature": {"temperature": 0.8},
-    "top_k": {"k": 40},
-    "top_p": {"p": 0.95},
-    "min_p": {"p": 0.05},
-    "typical_p": {"p": 0.9},
-    "epsilon_cutoff": {"epsilon": 3e-4},
-    "eta_cutoff": {"epsilon": 3e-4},
-    "top_n_sigma": {"n": 1.0},
-    "xtc": {"probability": 1.0, "threshold": 0.001},
-    "top_h": {"top_h": 0.4},
-    "repetition_penalty": {"penalty": 1.1},
-    "frequency_penalty": {"penalty": 0.5},
-    "presence_penalty": {"penalty": 0.5},
-    "penalties": {"last_n": 64, "repeat": 1.1, "frequency": 0.1, "presence": 0.1},
-    "dry": {"multiplier": 0.8, "base": 1.75, "allowed_length": 2, "last_n": -1,
-            "breakers": [[198], [25]]},
-    "min_tokens": {"min_tokens": 1000},
-    "logit_bias": {"bias": {str(i): -1.0 for i in range(0, 1000, 10)}},
-    "allowed_token_ids": {"ids": list(range(0, 20000, 2))},
-    "bad_words": {"sequences": [[5, 6, 7], [11], [300, 301]]},
-    "no_repeat_ngram": {"size": 3},
-    "exponential_decay_length_penalty": {"start": 10, "factor": 1.05},
-    "suppress_tokens": {"ids": [1, 2, 3], "steps": [128]},
-    "forced_tokens": {"tokens": {"128": 7}},
-    "mirostat": {"version": 2, "tau": 5.0, "eta": 0.1},
-}
-
 
 def states_for(spec: dict, rows: int, vocab: int) -> list[SequenceState]:
     policy = resolve(parse_policy("bench", spec), PolicyVersion(1, "bench"), {})
@@ -77,7 +48,7 @@ def main() -> None:
             ("raw entropy + varentropy (every step)", median_ms(lambda: raw_statistics(logits)), "")]
     rows[1] = (rows[1][0], rows[1][1], f"{rows[1][1] / amax:.1f}x")
     for key in sorted(PROCESSORS):
-        states = states_for({"chain": [{key: EXAMPLES.get(key, {})}], "select": "greedy"},
+        states = states_for({"chain": [{key: STAGE_EXAMPLES[key]}], "select": "greedy"},
                             args.rows, args.vocab)
         link = states[0].policy.links[0]
         stage_args = engine._stage_args(link.stage, [s.policy.links[0] for s in states])
@@ -85,7 +56,7 @@ def main() -> None:
                        setup=lambda: (Candidates(logits.clone()), RowBatch(states, device)))
         rows.append((f"processor {key}", ms, f"{ms / amax:.1f}x"))
     for key in sorted(SELECTORS):
-        states = states_for({"select": {key: EXAMPLES.get(key, {})}}, args.rows, args.vocab)
+        states = states_for({"select": {key: STAGE_EXAMPLES[key]}}, args.rows, args.vocab)
         link = states[0].policy.selector
         stage_args = engine._stage_args(link.stage, [s.policy.selector for s in states])
         ms = median_ms(lambda c, b: link.stage.select(c, stage_args, b),

@@ -4,8 +4,10 @@ fails when the committed file differs (`make check-docs`)."""
 from __future__ import annotations
 
 import inspect
+import json
 from importlib import resources
 
+from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.processors.base import Stage
@@ -53,9 +55,9 @@ policies:
 """
 
 
-def _value(value) -> str:
+def _value(value, unset: str = "not set") -> str:
     if value is None:
-        return "not set"
+        return unset
     if isinstance(value, tuple):
         return "[]" if not value else str(list(value))
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -69,14 +71,18 @@ def _param_table(params: tuple[Param, ...], flat_names: dict[str, str]) -> list[
     for p in params:
         flat = flat_names.get(p.name, "")
         lines.append(f"| `{p.name}` | {f'`{flat}`' if flat else '—'} | {p.kind} | {_value(p.default)} "
-                     f"| {_value(p.off)} | {p.range_text()} | {p.doc} |")
+                     f"| {_value(p.off, unset='—')} | {p.range_text()} | {p.doc} |")
     return lines + [""]
 
 
 def _stage_section(stage: type[Stage]) -> list[str]:
     role = getattr(stage, "role", "selector")
+    example = json.dumps({stage.key: STAGE_EXAMPLES[stage.key]} if STAGE_EXAMPLES[stage.key]
+                         else stage.key)
+    where = "chain:\n  - " if role != "selector" else "select: "
     return [f"### `{stage.key}` ({role})", "", inspect.cleandoc(stage.__doc__ or ""), "",
-            *_param_table(stage.params, stage.flat_names)]
+            *_param_table(stage.params, stage.flat_names),
+            "Example:", "", "```yaml", where + example, "```", ""]
 
 
 def render() -> str:

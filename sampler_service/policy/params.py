@@ -43,9 +43,13 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    #: Overrides the generated range text (e.g. for ids that are positions, not tokens).
+    range_doc: str | None = None
 
     def range_text(self) -> str:
         """Human-readable valid range, e.g. `(0, 1]`."""
+        if self.range_doc is not None:
+            return self.range_doc
         if self.kind == "bool":
             return "true / false"
         if self.kind in ("int_list", "int_lists"):
@@ -104,9 +108,10 @@ class Param:
             number <= self.minimum if self.exclusive_minimum else number < self.minimum)
         too_high = self.maximum is not None and number > self.maximum
         if too_low or too_high:
+            off = "" if self.off is None else f" (off: {self.off})"
             raise InvalidArgument(
-                f"{_label(field)} = {number:g} is out of range: must be in {self.range_text()}"
-                f" (off: {self.off})", field)
+                f"{_label(field)} = {number:g} is out of range: must be in {self.range_text()}{off}",
+                field)
         return number
 
     def _key(self, key: Any, field: str) -> int:

@@ -187,3 +187,34 @@ def test_oversize_message(start_server):
             seq.step(torch.randn(64 * 1024))
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert seq.step(torch.randn(100)).step == 0  # the server is still up
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"logit_bias": {5: 500.0}}, "sequences[0].params.logit_bias[5]"),
+    ({"bad_words": [[]]}, "sequences[0].params.bad_words"),
+])
+def test_out_of_range_library_parameters(client, bystander, params, field):
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_sequence(params=params)
+    assert err.value.fields == [field]
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"chain": [{"typical_p": {"p": 0}}], "select": "sample"}, "chain[0].typical_p.p"),
+    ({"chain": [{"top_p": {"p": 0.9, "min_keep": 0}}], "select": "sample"}, "chain[0].top_p.min_keep"),
+    ({"chain": [{"dry": {"breakers": [[1], "x"]}}], "select": "sample"}, "chain[0].dry.breakers[1]"),
+    ({"chain": [{"forced_tokens": {"tokens": {"a": 1}}}], "select": "sample"},
+     "chain[0].forced_tokens.tokens[a]"),
+    ({"chain": [], "select": {"mirostat": {"version": 3}}}, "select.mirostat.version"),
+])
+def test_invalid_library_specs_name_the_field(client, bystander, spec, field):
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_sequence(policy=spec)
+    assert err.value.fields == [f"sequences[0].policy_spec.{field}"]
+
+
+def test_flat_library_parameters_take_effect(client, bystander):
+    logits = torch.zeros(VOCAB)
+    seq = client.create_sequence(params={"temperature": 0, "logit_bias": {9: 3.0},
+                                         "allowed_token_ids": [4, 9, 12], "bad_words": [[9]]})
+    assert seq.step(logits).token_id == 4  # 9 is biased up but banned; 4 is the lowest allowed id

@@ -649,3 +649,23 @@ def test_engine_runs_xtc_top_n_sigma_and_top_h_in_a_policy():
     assert int(torch.argmax(logits)) not in kept(dist)  # XTC removed the best token
     outcome = Engine(CPU).step([state], logits.unsqueeze(0).clone())[0]
     assert outcome.token_id in kept(dist)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
+def test_top_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(p):
+    """Flat rows need the histogram path (`nucleus_threshold`); a peaked row beside them keeps
+    the prefix path. Each row's result equals Hugging Face's and its own result alone."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    generator = torch.Generator().manual_seed(7)
+    flat = torch.randn(3, 20000, generator=generator) * 0.5
+    peaked = torch.randn(1, 20000, generator=generator) * 6
+    logits = torch.cat([flat, peaked])
+    batch = Candidates(logits.clone())
+    TopP().apply(batch, {"p": torch.full((4,), p)}, None)
+    expected = TopPLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(torch.isfinite(batch.to_dense()), torch.isfinite(expected))
+    assert int(torch.isfinite(batch.to_dense()[0]).sum()) > 1024  # the histogram path ran
+    for row in range(4):
+        alone = Candidates(logits[row:row + 1].clone())
+        TopP().apply(alone, {"p": torch.full((1,), p)}, None)
+        assert torch.equal(alone.to_dense()[0], batch.to_dense()[row])

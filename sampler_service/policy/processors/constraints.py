@@ -346,7 +346,7 @@ class SuppressTokens(Processor):
     key = "suppress_tokens"
     role = "constraint"
     params = (Param("ids", "int_list", default=(), off=(), doc="token ids to mask"),
-              Param("steps", "int_list", default=(0,), off=(),
+              Param("steps", "int_list", default=(0,), off=(), range_doc="output positions >= 0",
                     doc="output positions (0 = the first generated token) where they are masked"))
 
     def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:

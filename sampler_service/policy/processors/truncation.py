@@ -1,8 +1,9 @@
 """Truncation processors: they keep a subset of tokens and mask the rest to −inf.
 
-None of them sorts the whole vocabulary. When a truncation that keeps a best-first prefix is
-on for every row of a batch, it turns the batch sparse (`Candidates.restrict`): later stages
-then work on the survivors only. A row whose parameter is off is not touched.
+None of them sorts the whole vocabulary unless the mass it must hold lies beyond an eighth of
+it (typical-p on very flat rows; see `grow_prefix`). When a truncation that keeps
+a best-first prefix is on for every row of a batch, it turns the batch sparse
+(`Candidates.restrict`): later stages then work on the survivors only. A row whose parameter is off is not touched.
 
 Every truncation takes `min_keep` (Hugging Face's `min_tokens_to_keep`, llama.cpp's
 `min_keep`; default 1): it never leaves fewer than `min_keep` of the row's finite tokens.
@@ -150,7 +151,9 @@ class TopP(Processor):
     Σ_{j<i} p_j < p; the best token always stays. This is Hugging Face's / vLLM's rule (sort
     ascending, drop tokens whose ascending cumulative probability is ≤ 1 − p) written from the
     other end. Tokens tied with the last kept token are kept too, so the result never depends
-    on how a sort orders equal values. Peer: vLLM / Hugging Face `top_p`. Filter; no state.
+    on how a sort orders equal values. The nucleus comes from the best 1024 tokens when they
+    hold the mass (or from the survivors of an earlier truncation), else from
+    `nucleus_threshold` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
     Off: p = 1.0.
     """
 
@@ -166,29 +169,65 @@ class TopP(Processor):
         if not bool(on.any()):
             return
         mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
-        values, ids, probs = best_first_holding(candidates, mass)
+        log_total = torch.logsumexp(candidates.values, dim=1, keepdim=True)
+        values, ids = candidates.best_first(
+            TOP_P_FIRST_PREFIX if candidates.dense else candidates.values.shape[1])
+        probs = torch.exp(values - log_total)
         kept = ((probs.cumsum(dim=1) - probs) < mass).sum(dim=1, keepdim=True).clamp(min=1)
-        threshold, best = _at_least(candidates, values.gather(1, kept - 1).squeeze(1),
-                                    _min_keep(args, p), (values, ids), bounded=True)
+        threshold = values.gather(1, kept - 1).squeeze(1)
+        # A dense row whose mass lies beyond the prefix: its nucleus from a histogram instead.
+        short = (probs.sum(dim=1, keepdim=True) < mass).squeeze(1)
+        if bool(short.any()) and values.shape[1] < candidates.vocab:
+            rows = short.nonzero().squeeze(1)
+            threshold = threshold.index_copy(0, rows, nucleus_threshold(
+                candidates.values.index_select(0, rows), mass.index_select(0, rows),
+                log_total.index_select(0, rows)))
+            threshold, _ = _at_least(candidates, threshold, _min_keep(args, p), bounded=True)
+            _mask_rows(candidates, on, threshold)
+            return
+        threshold, best = _at_least(candidates, threshold, _min_keep(args, p), (values, ids),
+                                    bounded=True)
         _truncate(candidates, on, threshold, best)
 
 
-def best_first_holding(candidates: Candidates, mass: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shortest best-first prefix of each row holding at least `mass` [R, 1] probability.
+#: Bins per nat, and nats covered, of the histogram over −log p that `nucleus_threshold` uses;
+#: tokens less likely than e^−48 share the last bin.
+NUCLEUS_BINS_PER_NAT = 32
+NUCLEUS_NATS = 48
 
-    Returns (logits, ids, probabilities) of the prefix, [R, W], best first. A sparse batch
-    gives all its candidates; a dense one starts at `TOP_P_FIRST_PREFIX` and grows 4x.
+
+def nucleus_threshold(logits: torch.Tensor, mass: torch.Tensor,
+                      log_total: torch.Tensor) -> torch.Tensor:
+    """Top-p's threshold [R] for rows whose nucleus is too large for a best-first prefix.
+
+    Exact and sort-free: the tokens are binned by surprise −log p (1/32 nat per bin) and the
+    bins' masses summed (one scatter); the bin where the mass p is reached is the only one whose
+    tokens need ordering, so only it is ranked (a top-k over that bin), and the threshold is
+    its last token whose preceding mass (better bins + better tokens of the bin) is < p.
     """
-    log_total = torch.logsumexp(candidates.values, dim=1, keepdim=True)
-    width = candidates.values.shape[1] if not candidates.dense else TOP_P_FIRST_PREFIX
-    while True:
-        values, ids = candidates.best_first(width)
-        probs = torch.exp(values - log_total)
-        if width >= candidates.vocab or not candidates.dense or bool(
-                (probs.sum(dim=1, keepdim=True) >= mass).all()):
-            return values, ids, probs
-        width *= 4
+    rows, bins_total = logits.shape[0], NUCLEUS_BINS_PER_NAT * NUCLEUS_NATS
+    surprise = log_total - logits  # −log p: ≥ 0, +inf where masked
+    bins = (surprise * NUCLEUS_BINS_PER_NAT).clamp_(min=0, max=bins_total - 1).long()
+    bin_mass = torch.zeros(rows, bins_total, device=logits.device).scatter_add_(
+        1, bins, torch.exp(-surprise))
+    bin_count = torch.zeros(rows, bins_total, dtype=torch.int64, device=logits.device).scatter_add_(
+        1, bins, torch.ones_like(bins))
+    before = bin_mass.cumsum(dim=1) - bin_mass  # mass of the better bins
+    cut = ((before < mass).sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    width = int(bin_count.gather(1, cut).max())
+    in_cut = torch.where(bins == cut, logits, torch.full_like(logits, -math.inf))
+    values = torch.topk(in_cut, width, dim=1).values
+    probs = torch.exp(values - log_total)
+    preceding = before.gather(1, cut) + probs.cumsum(dim=1) - probs
+    kept = (preceding < mass).sum(dim=1, keepdim=True).clamp(min=1)
+    return values.gather(1, kept - 1).squeeze(1)
+
+
+def grow_prefix(width: int, vocab: int) -> int:
+    """The next best-first prefix width: 4x, or the whole row once the prefix would pass an
+    eighth of it (one sort of the row is then cheaper than a large top-k: 65536 of 128256
+    costs more than sorting all of them)."""
+    return vocab if width * 4 > vocab // 8 else width * 4
 
 
 class TypicalP(Processor):
@@ -201,7 +240,7 @@ class TypicalP(Processor):
     both peers do: the min_keep most typical tokens stay (s_i ≤ s_(min_keep−1)).
     Peer: Hugging Face `TypicalLogitsWarper` (llama.cpp's `llama_sampler_typical` stops at
     C_j > p instead and keeps no ties). Only the most typical tokens are ranked (a top-k over
-    s, grown 4x from 1024 until it holds mass p), never the whole vocabulary. Filter; no
+    s, grown from 1024 until it holds mass p; a sort once that passes 1/8 of the row). Filter; no
     per-sequence state. Off: p = 1.0.
     """
 
@@ -227,11 +266,12 @@ class TypicalP(Processor):
         width = total if not candidates.dense else min(
             total, max(TOP_P_FIRST_PREFIX, int(min_keep.max())))
         while True:
-            neg_gap, order = torch.topk(-surprise_gap, width, dim=1)  # most typical first
+            neg_gap, order = (torch.sort(-surprise_gap, dim=1, descending=True) if width >= total
+                              else torch.topk(-surprise_gap, width, dim=1))  # most typical first
             cumulative = probs.gather(1, order).cumsum(dim=1)
             if width >= total or bool((cumulative[:, -1:] >= mass).all()):
                 break
-            width = min(total, width * 4)
+            width = grow_prefix(width, total)
         gaps = -neg_gap
         last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=width - 1)
         floor = (min_keep.clamp(max=width) - 1).unsqueeze(1)
