@@ -54,6 +54,28 @@ class Candidates:
         if self.ids is not None:
             self._sorted = False
 
+    def keep_only(self, active: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """In the `active` rows, every token but the listed (row, token) pairs becomes −inf."""
+        present, columns = self.locate(rows, tokens)
+        rows = rows[present]
+        kept = self.values[rows, columns]
+        self.values.index_fill_(0, active, -math.inf)  # a row all −inf is still best first
+        self.update(rows, columns, kept)
+
+    def force(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Row rows[i] keeps only tokens[i], with logit 0, even where a stage had masked it; a
+        sparse row that lacks the token takes it in its first column."""
+        self.values.index_fill_(0, rows, -math.inf)
+        present, columns = self.locate(rows, tokens)
+        missing = ~present
+        if bool(missing.any()):
+            lacking = rows[missing]
+            self.ids[lacking, 0] = tokens[missing]
+            rows = torch.cat([rows[present], lacking])
+            columns = torch.cat([columns, torch.zeros_like(lacking)])
+        self.update(rows, columns, torch.zeros(columns.shape, dtype=self.values.dtype,
+                                               device=self.values.device))
+
     # -- truncation -----------------------------------------------------------------------------
     def mask_below(self, threshold: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """values < threshold[r] become −inf, for `rows` (all rows when None). Keeps the order."""

@@ -160,13 +160,7 @@ class AllowedTokenIds(Processor):
         rows, tokens = _pairs([_ids(ids) for ids in allowed], batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         active = torch.tensor([r for r, ids in enumerate(allowed) if ids], device=batch.device)
-        present, columns = candidates.locate(rows, tokens)
-        rows = rows[present]
-        values = candidates.values[rows, columns]
-        # The active rows go to −inf (a row all −inf is in best-first order still), then the
-        # allowed entries get their values back through `update`.
-        candidates.values.index_fill_(0, active, -math.inf)
-        candidates.update(rows, columns, values)
+        candidates.keep_only(active, rows, tokens)
 
 
 class BadWords(Processor):
@@ -388,17 +382,4 @@ class ForcedTokens(Processor):
         rows = torch.tensor(forced_rows, dtype=torch.int64, device=batch.device)
         tokens = torch.tensor(forced, dtype=torch.int64, device=batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
-        # A whole row at −inf is in best-first order still; `update` below re-marks the order.
-        candidates.values.index_fill_(0, rows, -math.inf)
-        present, columns = candidates.locate(rows, tokens)
-        if not bool(present.all()):
-            # A sparse row lacks the token: it takes the place of the row's first (now −inf) id.
-            missing = rows[~present]
-            candidates.ids[missing, 0] = tokens[~present]
-            present_rows = torch.cat([rows[present], missing])
-            columns = torch.cat([columns, torch.zeros_like(missing)])
-        else:
-            present_rows = rows
-        candidates.update(present_rows, columns, torch.zeros(columns.shape,
-                                                             dtype=candidates.values.dtype,
-                                                             device=candidates.values.device))
+        candidates.force(rows, tokens)
