@@ -19,6 +19,7 @@ from sampler_service.policy.processors import (FrequencyPenalty, MinP, MinTokens
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState
+from tests.unit.helpers import random_logits
 
 CPU = torch.device("cpu")
 INF = math.inf
@@ -371,13 +372,6 @@ transformers = pytest.importorskip("transformers")
 
 SEEDS = [0, 1, 2]
 HF_VOCAB = 1000
-
-
-def random_logits(seed: int, rows: int = 4, vocab: int = HF_VOCAB, scale: float = 3.0):
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
-    for row in logits:
-        assert len(torch.unique(row)) == vocab  # no ties
-    return logits
 
 
 def assert_same(ours: torch.Tensor, theirs: torch.Tensor):

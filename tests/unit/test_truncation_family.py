@@ -23,6 +23,7 @@ from sampler_service.policy.processors.truncation import (EpsilonCutoff, EtaCuto
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState
+from tests.unit.helpers import random_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,13 +75,6 @@ def kept(row: torch.Tensor) -> set[int]:
 
 def hf(processor, logits: torch.Tensor) -> torch.Tensor:
     return processor(torch.zeros(logits.shape[0], 1, dtype=torch.int64), logits.clone())
-
-
-def random_logits(seed: int, rows: int = 4, vocab: int = 1000, scale: float = 3.0):
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
-    for row in logits:
-        assert len(torch.unique(row)) == vocab  # no ties
-    return logits
 
 
 def assert_same(ours: torch.Tensor, theirs: torch.Tensor):
