@@ -12,6 +12,15 @@ from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
 
 
+def row_pairs(per_row: Sequence[torch.Tensor],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, value) on `device` for every element of each row's 1-D CPU tensor."""
+    lengths = torch.tensor([len(t) for t in per_row], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(per_row)), lengths).to(device)
+    values = torch.cat(list(per_row)) if per_row else torch.empty(0, dtype=torch.int64)
+    return rows, values.to(device)
+
+
 class RowBatch:
     """The rows of one policy group in one step.
 
@@ -63,10 +72,7 @@ class RowBatch:
                             for s in self.states])
 
     def _pairs(self, per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(t) for t in per_row], dtype=torch.int64)
-        rows = torch.repeat_interleave(torch.arange(self.rows), lengths).to(self.device)
-        ids = (torch.cat(per_row) if per_row else torch.empty(0, dtype=torch.int64)).to(self.device)
-        return rows, ids
+        return row_pairs(per_row, self.device)
 
 
 class Stage(ABC):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from sampler_service.errors import InvalidArgument
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
-from sampler_service.policy.processors.base import Processor, RowBatch
+from sampler_service.policy.processors.base import Processor, RowBatch, row_pairs
 
 if TYPE_CHECKING:
     from sampler_service.state import SequenceState
@@ -46,15 +46,6 @@ def _bias(pairs: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Ten
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _step_map(pairs: tuple[tuple[int, int], ...]) -> dict[int, int]:
     return dict(pairs)
-
-
-def _pairs(per_row: Sequence[torch.Tensor],
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, value) for every element of each row's CPU tensor, on `device`."""
-    lengths = torch.tensor([len(t) for t in per_row], dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(per_row)), lengths).to(device)
-    values = torch.cat(list(per_row)) if per_row else _EMPTY_IDS
-    return rows, values.to(device)
 
 
 def _check_vocab(key: str, ids: torch.Tensor | int, vocab: int) -> None:
@@ -131,7 +122,7 @@ class LogitBias(Processor):
         if not any(biases):
             return
         per_row = [_bias(b) if b else (_EMPTY_IDS, torch.empty(0)) for b in biases]
-        rows, tokens = _pairs([ids for ids, _ in per_row], batch.device)
+        rows, tokens = row_pairs([ids for ids, _ in per_row], batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         values = torch.cat([b for _, b in per_row]).to(batch.device)
         present, columns = candidates.locate(rows, tokens)
@@ -157,7 +148,7 @@ class AllowedTokenIds(Processor):
         allowed = args["ids"]
         if not any(allowed):
             return
-        rows, tokens = _pairs([_ids(ids) for ids in allowed], batch.device)
+        rows, tokens = row_pairs([_ids(ids) for ids in allowed], batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         active = torch.tensor([r for r, ids in enumerate(allowed) if ids], device=batch.device)
         candidates.keep_only(active, rows, tokens)
@@ -200,7 +191,7 @@ class BadWords(Processor):
         _check_vocab(self.key, largest, candidates.vocab)
         if not any(len(ids) for ids in per_row):
             return
-        rows, tokens = _pairs(per_row, batch.device)
+        rows, tokens = row_pairs(per_row, batch.device)
         _set(candidates, rows, tokens, -math.inf)
 
 
@@ -314,7 +305,7 @@ class ExponentialDecayLengthPenalty(Processor):
         largest = torch.finfo(candidates.values.dtype).max
         growth = (factor.double().pow(exponent.clamp(min=0).double()) - 1.0).float().clamp(
             max=largest)
-        rows, tokens = _pairs([_ids(tuple(sorted(s.eos_token_ids))) for s in batch.states],
+        rows, tokens = row_pairs([_ids(tuple(sorted(s.eos_token_ids))) for s in batch.states],
                               batch.device)
         on = active[rows]
         rows, tokens = rows[on], tokens[on]
@@ -348,7 +339,7 @@ class SuppressTokens(Processor):
                    for state, ids, steps in zip(batch.states, args["ids"], args["steps"])]
         if not any(len(ids) for ids in per_row):
             return
-        rows, tokens = _pairs(per_row, batch.device)
+        rows, tokens = row_pairs(per_row, batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         _set(candidates, rows, tokens, -math.inf)
 
