@@ -663,3 +663,21 @@ def test_top_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independe
         alone = Candidates(logits[row:row + 1].clone())
         TopP().apply(alone, {"p": torch.full((1,), p)}, None)
         assert torch.equal(alone.to_dense()[0], batch.to_dense()[row])
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_typical_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(p):
+    """More than 1024 typical tokens are needed: the histogram path (`mass_cut_column`)."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.cat([torch.randn(3, 20000, generator=generator) * 0.5,
+                        torch.randn(1, 20000, generator=generator) * 6])
+    batch = Candidates(logits.clone())
+    TypicalP().apply(batch, {"p": torch.full((4,), p)}, None)
+    expected = TypicalLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(torch.isfinite(batch.to_dense()), torch.isfinite(expected))
+    assert int(torch.isfinite(batch.to_dense()[0]).sum()) > 1024
+    for row in range(4):
+        alone = Candidates(logits[row:row + 1].clone())
+        TypicalP().apply(alone, {"p": torch.full((1,), p)}, None)
+        assert torch.equal(alone.to_dense()[0], batch.to_dense()[row])

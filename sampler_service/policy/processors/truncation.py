@@ -1,7 +1,7 @@
 """Truncation processors: they keep a subset of tokens and mask the rest to −inf.
 
-None of them sorts the whole vocabulary unless the mass it must hold lies beyond an eighth of
-it (typical-p on very flat rows; see `grow_prefix`). When a truncation that keeps
+None of them sorts the whole vocabulary (a kept set too large for a best-first prefix comes
+from a histogram, `mass_cut_column`). When a truncation that keeps
 a best-first prefix is on for every row of a batch, it turns the batch sparse
 (`Candidates.restrict`): later stages then work on the survivors only. A row whose parameter is off is not touched.
 
@@ -153,7 +153,7 @@ class TopP(Processor):
     other end. Tokens tied with the last kept token are kept too, so the result never depends
     on how a sort orders equal values. The nucleus comes from the best 1024 tokens when they
     hold the mass (or from the survivors of an earlier truncation), else from
-    `nucleus_threshold` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
+    `mass_cut_column` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
     Off: p = 1.0.
     """
 
@@ -179,9 +179,10 @@ class TopP(Processor):
         short = (probs.sum(dim=1, keepdim=True) < mass).squeeze(1)
         if bool(short.any()) and values.shape[1] < candidates.vocab:
             rows = short.nonzero().squeeze(1)
-            threshold = threshold.index_copy(0, rows, nucleus_threshold(
-                candidates.values.index_select(0, rows), mass.index_select(0, rows),
-                log_total.index_select(0, rows)))
+            logits = candidates.values.index_select(0, rows)
+            surprise = log_total.index_select(0, rows) - logits
+            column = mass_cut_column(surprise, torch.exp(-surprise), mass.index_select(0, rows))
+            threshold = threshold.index_copy(0, rows, logits.gather(1, column).squeeze(1))
             threshold, _ = _at_least(candidates, threshold, _min_keep(args, p), bounded=True)
             _mask_rows(candidates, on, threshold)
             return
@@ -190,44 +191,35 @@ class TopP(Processor):
         _truncate(candidates, on, threshold, best)
 
 
-#: Bins per nat, and nats covered, of the histogram over −log p that `nucleus_threshold` uses;
-#: tokens less likely than e^−48 share the last bin.
-NUCLEUS_BINS_PER_NAT = 32
-NUCLEUS_NATS = 48
+#: Bins per nat, and nats covered, of the histogram `mass_cut_column` uses; keys beyond 48
+#: nats share the last bin.
+MASS_CUT_BINS_PER_NAT = 32
+MASS_CUT_NATS = 48
 
 
-def nucleus_threshold(logits: torch.Tensor, mass: torch.Tensor,
-                      log_total: torch.Tensor) -> torch.Tensor:
-    """Top-p's threshold [R] for rows whose nucleus is too large for a best-first prefix.
+def mass_cut_column(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """[R, 1] column of the last token kept when tokens are taken in ascending `key` order
+    (key ≥ 0 in nats, +inf for masked tokens) while the mass before them is < `mass` [R, 1].
 
-    Exact and sort-free: the tokens are binned by surprise −log p (1/32 nat per bin) and the
-    bins' masses summed (one scatter); the bin where the mass p is reached is the only one whose
-    tokens need ordering, so only it is ranked (a top-k over that bin), and the threshold is
-    its last token whose preceding mass (better bins + better tokens of the bin) is < p.
+    Exact and sort-free, for rows whose kept set is too large for a best-first prefix: the
+    tokens are binned by key (1/32 nat per bin) and the bins' masses summed (one scatter); only
+    the bin where the mass is reached needs ordering, so only it is ranked (a top-k over that
+    bin). Top-p uses key = surprise −log p, typical-p the distance |−log p − H|.
     """
-    rows, bins_total = logits.shape[0], NUCLEUS_BINS_PER_NAT * NUCLEUS_NATS
-    surprise = log_total - logits  # −log p: ≥ 0, +inf where masked
-    bins = (surprise * NUCLEUS_BINS_PER_NAT).clamp_(min=0, max=bins_total - 1).long()
-    bin_mass = torch.zeros(rows, bins_total, device=logits.device).scatter_add_(
-        1, bins, torch.exp(-surprise))
-    bin_count = torch.zeros(rows, bins_total, dtype=torch.int64, device=logits.device).scatter_add_(
+    rows, bins_total = key.shape[0], MASS_CUT_BINS_PER_NAT * MASS_CUT_NATS
+    bins = (key * MASS_CUT_BINS_PER_NAT).clamp_(min=0, max=bins_total - 1).long()
+    bin_mass = torch.zeros(rows, bins_total, device=key.device).scatter_add_(1, bins, probs)
+    bin_count = torch.zeros(rows, bins_total, dtype=torch.int64, device=key.device).scatter_add_(
         1, bins, torch.ones_like(bins))
-    before = bin_mass.cumsum(dim=1) - bin_mass  # mass of the better bins
+    before = bin_mass.cumsum(dim=1) - bin_mass  # mass of the bins with smaller keys
     cut = ((before < mass).sum(dim=1, keepdim=True) - 1).clamp(min=0)
     width = int(bin_count.gather(1, cut).max())
-    in_cut = torch.where(bins == cut, logits, torch.full_like(logits, -math.inf))
-    values = torch.topk(in_cut, width, dim=1).values
-    probs = torch.exp(values - log_total)
-    preceding = before.gather(1, cut) + probs.cumsum(dim=1) - probs
+    in_cut = torch.where(bins == cut, key, torch.full_like(key, math.inf))
+    columns = torch.topk(in_cut, width, dim=1, largest=False).indices
+    probs_in = probs.gather(1, columns)
+    preceding = before.gather(1, cut) + probs_in.cumsum(dim=1) - probs_in
     kept = (preceding < mass).sum(dim=1, keepdim=True).clamp(min=1)
-    return values.gather(1, kept - 1).squeeze(1)
-
-
-def grow_prefix(width: int, vocab: int) -> int:
-    """The next best-first prefix width: 4x, or the whole row once the prefix would pass an
-    eighth of it (one sort of the row is then cheaper than a large top-k: 65536 of 128256
-    costs more than sorting all of them)."""
-    return vocab if width * 4 > vocab // 8 else width * 4
+    return columns.gather(1, kept - 1)
 
 
 class TypicalP(Processor):
@@ -239,8 +231,8 @@ class TypicalP(Processor):
     The kept set can exclude the most likely token. `min_keep` counts in typicality order, as
     both peers do: the min_keep most typical tokens stay (s_i ≤ s_(min_keep−1)).
     Peer: Hugging Face `TypicalLogitsWarper` (llama.cpp's `llama_sampler_typical` stops at
-    C_j > p instead and keeps no ties). Only the most typical tokens are ranked (a top-k over
-    s, grown from 1024 until it holds mass p; a sort once that passes 1/8 of the row). Filter; no
+    C_j > p instead and keeps no ties). Only the 1024 most typical tokens are ranked (a top-k
+    over s), or `mass_cut_column` runs when they hold less than p; no sort. Filter; no
     per-sequence state. Off: p = 1.0.
     """
 
@@ -265,17 +257,20 @@ class TypicalP(Processor):
         total = values.shape[1]
         width = total if not candidates.dense else min(
             total, max(TOP_P_FIRST_PREFIX, int(min_keep.max())))
-        while True:
-            neg_gap, order = (torch.sort(-surprise_gap, dim=1, descending=True) if width >= total
-                              else torch.topk(-surprise_gap, width, dim=1))  # most typical first
-            cumulative = probs.gather(1, order).cumsum(dim=1)
-            if width >= total or bool((cumulative[:, -1:] >= mass).all()):
-                break
-            width = grow_prefix(width, total)
+        neg_gap, order = torch.topk(-surprise_gap, width, dim=1)  # most typical first
+        cumulative = probs.gather(1, order).cumsum(dim=1)
         gaps = -neg_gap
         last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=width - 1)
+        cut = gaps.gather(1, last)
+        # A row whose typical set is larger than the prefix: its cut from a histogram instead.
+        short = (cumulative[:, -1:] < mass).squeeze(1)
+        if width < total and bool(short.any()):
+            rows = short.nonzero().squeeze(1)
+            row_gaps = surprise_gap.index_select(0, rows)
+            column = mass_cut_column(row_gaps, probs.index_select(0, rows), mass.index_select(0, rows))
+            cut = cut.index_copy(0, rows, row_gaps.gather(1, column))
         floor = (min_keep.clamp(max=width) - 1).unsqueeze(1)
-        cut = torch.maximum(gaps.gather(1, last), gaps.gather(1, floor))
+        cut = torch.maximum(cut, gaps.gather(1, floor))
         _mask_tokens(candidates, (surprise_gap > cut) & on.unsqueeze(1))
 
 
