@@ -20,7 +20,7 @@ import torch
 
 from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.candidates import Candidates
-from sampler_service.policy.processors.base import RowBatch, Stage
+from sampler_service.policy.processors.base import RowBatch, Selector, Stage
 from sampler_service.policy.resolved import Link
 from sampler_service.state import SequenceState
 
@@ -81,6 +81,28 @@ def raw_statistics(logits: torch.Tensor) -> RawStatistics:
     return RawStatistics(log_normalizer=normalizer, entropy=entropy, varentropy=varentropy)
 
 
+@dataclass(frozen=True)
+class RawRowReport:
+    """The raw-distribution facts of one input row that every choice continuing it reports."""
+
+    log_normalizer: float
+    entropy: float
+    varentropy: float
+    top_logprobs: TopList
+
+
+def report_rows(logits: torch.Tensor, top_n: Sequence[int]) -> list[RawRowReport]:
+    """Per row of `logits`: log-normaliser, entropy, varentropy and its `top_n[row]` best raw
+    logprobs (best first)."""
+    stats = raw_statistics(logits)
+    top_ids, top_values = _top(Candidates(logits), max(top_n, default=0))
+    return [RawRowReport(norm, h, v, tuple((t, value - norm) for t, value in
+                                           zip(top_ids[row][:top_n[row]], top_values[row])))
+            for row, (norm, h, v) in enumerate(zip(stats.log_normalizer.tolist(),
+                                                   stats.entropy.tolist(),
+                                                   stats.varentropy.tolist()))]
+
+
 def _top(candidates: Candidates, n: int) -> tuple[list[list[int]], list[list[float]]]:
     """Each row's n best (token ids, values), −inf entries dropped, as Python lists."""
     rows = candidates.rows
@@ -108,7 +130,7 @@ class Engine:
                 if p.kind in _TENSOR_DTYPES else [l.values[p.name] for l in links]
                 for p in stage.params}
 
-    def _process(self, states: Sequence[SequenceState],
+    def process(self, states: Sequence[SequenceState],
                  logits: torch.Tensor) -> tuple[Candidates, RowBatch]:
         """Runs the (shared-signature) chain of `states` over `logits`, which it may modify."""
         batch = RowBatch(states, self.device)
@@ -149,7 +171,7 @@ class Engine:
             group = [states[i] for i in row_list]
             # The chain works in place on its own copy: the raw logits are needed below.
             own = logits.clone() if len(groups) == 1 else logits.index_select(0, index)
-            candidates, batch = self._process(group, own)
+            candidates, batch = self.process(group, own)
             selector = group[0].policy.selector
             args = self._stage_args(selector.stage, [s.policy.selector for s in group])
             chosen = selector.stage.select(candidates, args, batch)
@@ -166,26 +188,24 @@ class Engine:
                     processed_top[i] = tuple(zip(ids[j][:top_n[i]], values[j][:top_n[i]]))
                     processed_stats[i] = (h, v)
 
-        stats = raw_statistics(logits)
-        chosen_logprob = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - stats.log_normalizer
-        raw = Candidates(logits)
-        top_ids, top_values = _top(raw, max(top_n))
-        columns = zip(tokens.tolist(), chosen_logprob.tolist(), stats.entropy.tolist(),
-                      stats.varentropy.tolist(), processed_chosen.tolist(),
-                      stats.log_normalizer.tolist())
+        reports = report_rows(logits, top_n)
+        chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
         return [RowOutcome(
-            token_id=token, logprob=logprob,
-            top_logprobs=tuple((t, v - norm) for t, v in zip(top_ids[i][:top_n[i]], top_values[i])),
-            entropy=h, varentropy=v,
+            token_id=token, logprob=value - report.log_normalizer,
+            top_logprobs=report.top_logprobs, entropy=report.entropy,
+            varentropy=report.varentropy,
             processed_logprob=p_logprob if processed_logprobs else None,
             processed_top_logprobs=processed_top[i], processed_stats=processed_stats[i],
             memory=memory[i])
-            for i, (token, logprob, h, v, p_logprob, norm) in enumerate(columns)]
+            for i, (token, value, report, p_logprob) in enumerate(
+                zip(tokens.tolist(), chosen, reports, processed_chosen.tolist()))]
 
     @torch.inference_mode()
     def distribution(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         """log p [vocab] of the distribution `state`'s policy would draw from (−inf = masked)."""
-        candidates, batch = self._process([state], logits.unsqueeze(0).clone())
+        candidates, batch = self.process([state], logits.unsqueeze(0).clone())
         selector = state.policy.selector
+        if not isinstance(selector.stage, Selector):  # a group selector ranks the chain's output
+            return candidates.log_softmax().to_dense().squeeze(0)
         args = self._stage_args(selector.stage, [selector])
         return selector.stage.distribution(candidates, args, batch).to_dense().squeeze(0)

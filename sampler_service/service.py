@@ -15,6 +15,9 @@ import torch
 
 from sampler_service.engine import Engine
 from sampler_service.errors import FailedPrecondition, InvalidArgument
+from sampler_service.groups import Group, GroupRecord
+from sampler_service.groups.fork import ForkGroup
+from sampler_service.policy.processors.base import GroupSelector
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
@@ -39,6 +42,31 @@ class SequenceRequest:
 class StepRow:
     sequence_id: str
     step: int | None = None
+    branch: int | None = None
+
+
+#: What a step answers for one sequence or group: the index of its first row in the request,
+#: and its record (one row for a plain sequence, a `GroupRecord` for a group).
+Answer = tuple[int, "StepRecord | GroupRecord"]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """The consecutive rows of one sequence or group in a step request."""
+
+    entry: "SequenceState | Group"
+    start: int
+    count: int
+    retry: bool
+
+    @property
+    def state(self) -> SequenceState:
+        """The state that holds the prompt, policy and vocabulary (a group's root)."""
+        return self.entry.root if isinstance(self.entry, Group) else self.entry
+
+    @property
+    def position(self) -> int:
+        return self.entry.step_number if isinstance(self.entry, Group) else self.entry.position
 
 
 def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
@@ -51,10 +79,12 @@ def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
 class SamplerCore:
     """Creates, steps, inspects and releases sequences; previews policies."""
 
-    def __init__(self, registry: PolicyRegistry, store: SequenceStore, engine: Engine):
+    def __init__(self, registry: PolicyRegistry, store: SequenceStore, engine: Engine,
+                 max_group_rows: int = 64):
         self.registry = registry
         self.store = store
         self.engine = engine
+        self.max_group_rows = max_group_rows
         self._lock = threading.Lock()  # one step at a time: the engine owns the device
 
     @property
@@ -77,7 +107,8 @@ class SamplerCore:
         return resolve_flat(params, f"{prefix}params")
 
     # -- sequences ----------------------------------------------------------------------------
-    def create_sequences(self, requests: Sequence[SequenceRequest]) -> list[SequenceState]:
+    def create_sequences(self, requests: Sequence[SequenceRequest]) -> list[SequenceState | Group]:
+        """Creates plain sequences and groups (a group selector, or n / best_of > 1)."""
         if not requests:
             raise InvalidArgument("no sequences given", "sequences")
         states = []
@@ -87,86 +118,144 @@ class SamplerCore:
                 raise InvalidArgument("sequence_id is required", f"{prefix}sequence_id")
             policy = self.resolve_policy(request.policy, request.policy_spec, request.params, prefix)
             seed = policy.settings["seed"]
-            states.append(SequenceState(
+            root = SequenceState(
                 sequence_id=request.sequence_id, policy=policy,
                 prompt_ids=_check_token_ids(request.prompt_ids, f"{prefix}prompt_ids"),
                 seed=secrets.randbits(64) if seed is None else seed,
                 eos_token_ids=frozenset(_check_token_ids(request.eos_token_ids,
-                                                         f"{prefix}eos_token_ids"))))
+                                                         f"{prefix}eos_token_ids")))
+            states.append(self._group_or_sequence(root, request, prefix))
         with self._lock:
             self.store.add_all(states)
         return states
+
+    def _group_or_sequence(self, root: SequenceState, request: SequenceRequest,
+                           prefix: str) -> SequenceState | Group:
+        selector, settings = root.policy.selector, root.policy.settings
+        forks = settings["n"] > 1 or settings["best_of"] > 1
+        if isinstance(selector.stage, GroupSelector):
+            if forks:
+                raise InvalidArgument(f"n and best_of fork sampling selectors; the "
+                                      f"{selector.stage.key!r} selector makes its own rows",
+                                      f"{prefix}params.n")
+            where = f"{prefix}policy_spec.select" if request.policy_spec else f"{prefix}policy"
+            return selector.stage.new_group(root, selector.values, self.max_group_rows,
+                                            f"{where}.{selector.stage.key}")
+        if forks:
+            return ForkGroup.create(root, self.max_group_rows, f"{prefix}params.")
+        return root
 
     def release(self, sequence_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         with self._lock:
             return self.store.release(sequence_ids)
 
-    def read(self, sequence_id: str, view: Callable[[SequenceState], T]) -> T:
+    def read(self, sequence_id: str, view: Callable[[SequenceState | Group], T]) -> T:
         """`view(state)` of one sequence, taken while no step can change it halfway."""
         with self._lock:
             return view(self.store.get(sequence_id))
 
     # -- steps --------------------------------------------------------------------------------
     def step(self, rows: Sequence[StepRow], logits: torch.Tensor,
-             processed_logprobs: bool = False) -> list[StepRecord]:
-        """One StepRequest: validates all of it, then advances every non-retried row."""
+             processed_logprobs: bool = False) -> list[Answer]:
+        """One StepRequest: validates all of it, plans every sequence's and group's step, then
+        applies them all (a retried step answers its record again and does not advance)."""
         with self._lock:
-            states = self._validate_step(rows, logits)
-            retried = [self._is_retry(row, s) for row, s in zip(rows, states)]
-            fresh = [i for i, retry in enumerate(retried) if not retry]
-            records: list[StepRecord | None] = [
-                s.last_record if retry else None for s, retry in zip(states, retried)]
-            if fresh:
-                fresh_states = [states[i] for i in fresh]
-                if len(fresh) < len(rows):
-                    logits = logits.index_select(0, torch.tensor(fresh, device=logits.device))
-                outcomes = self.engine.step(fresh_states, logits, processed_logprobs)
-                for i, state, outcome in zip(fresh, fresh_states, outcomes):
-                    records[i] = self._accept(state, outcome, logits.shape[1])
-            return records  # type: ignore[return-value]
+            units = self._validate_step(rows, logits)
+            vocab = logits.shape[1]
+            answers: list[StepRecord | GroupRecord | None] = [
+                u.entry.last_record if u.retry else None for u in units]
+            plain = [k for k, u in enumerate(units) if not u.retry and not isinstance(u.entry, Group)]
+            outcomes = []
+            if plain:
+                own = logits
+                if len(plain) < len(rows):
+                    index = torch.tensor([units[k].start for k in plain], device=logits.device)
+                    own = logits.index_select(0, index)
+                outcomes = self.engine.step([units[k].entry for k in plain], own, processed_logprobs)
+            planned = [(k, units[k].entry.plan(
+                self.engine, logits[units[k].start:units[k].start + units[k].count],
+                processed_logprobs)) for k, u in enumerate(units)
+                if not u.retry and isinstance(u.entry, Group)]
+            for k, outcome in zip(plain, outcomes):
+                answers[k] = units[k].entry.record_step(outcome, vocab)
+            for k, group_step in planned:
+                answers[k] = units[k].entry.commit(group_step)
+            return [(u.start, answer) for u, answer in zip(units, answers)]  # type: ignore[misc]
 
     @staticmethod
-    def _is_retry(row: StepRow, state: SequenceState) -> bool:
-        record = state.last_record
-        return row.step is not None and record is not None and row.step == record.step
+    def _is_retry(step: int | None, entry: SequenceState | Group) -> bool:
+        record = entry.last_record
+        return step is not None and record is not None and step == record.step
 
-    def _validate_step(self, rows: Sequence[StepRow], logits: torch.Tensor) -> list[SequenceState]:
+    def _units(self, rows: Sequence[StepRow]) -> list[_Unit]:
+        """Rows split into runs of one sequence or group each (a group's rows are consecutive)."""
+        units: list[_Unit] = []
+        seen: dict[str, int] = {}
+        start = 0
+        while start < len(rows):
+            sid = rows[start].sequence_id
+            end = start
+            while end < len(rows) and rows[end].sequence_id == sid:
+                end += 1
+            where = f"rows[{start}]"
+            if sid in seen:
+                raise InvalidArgument(f"sequence {sid!r} has rows at {seen[sid]} and {start}: a "
+                                      "plain sequence sends one row, a group its rows one after "
+                                      "another", f"{where}.sequence_id")
+            seen[sid] = start
+            entry = self.store.get(sid, f"{where}.sequence_id")
+            if not isinstance(entry, Group) and end - start > 1:
+                raise InvalidArgument(f"sequence {sid!r} has {end - start} rows ({start} to "
+                                      f"{end - 1}); send one row per sequence", f"rows[{start + 1}].sequence_id")
+            units.append(_Unit(entry, start, end - start, self._is_retry(rows[start].step, entry)))
+            start = end
+        return units
+
+    def _validate_step(self, rows: Sequence[StepRow], logits: torch.Tensor) -> list[_Unit]:
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise InvalidArgument(f"logits shape {list(logits.shape)} must be [rows, vocab] with "
                                   f"rows = {len(rows)} (one per entry of `rows`)", "logits.shape")
         vocab = logits.shape[1]
-        seen: dict[str, int] = {}
-        states = []
-        for i, row in enumerate(rows):
-            where = f"rows[{i}]"
-            if row.sequence_id in seen:
-                raise InvalidArgument(f"sequence {row.sequence_id!r} has two rows ({seen[row.sequence_id]} "
-                                      f"and {i}); send one row per sequence", f"{where}.sequence_id")
-            seen[row.sequence_id] = i
-            state = self.store.get(row.sequence_id, f"{where}.sequence_id")
-            states.append(state)
-            if self._is_retry(row, state):
+        units = self._units(rows)
+        for unit in units:
+            where, sid, state = f"rows[{unit.start}]", rows[unit.start].sequence_id, unit.state
+            if unit.retry:
+                if isinstance(unit.entry, Group) and unit.count != unit.entry.last_record.rows_in:
+                    raise InvalidArgument(f"group {sid!r} retried step {unit.entry.last_record.step} "
+                                          f"with {unit.count} rows; that step had "
+                                          f"{unit.entry.last_record.rows_in}", where)
                 continue
-            if state.finished:
+            if unit.entry.finished:
+                reason = "GROUP DONE" if isinstance(unit.entry, Group) else state.finish_reason.name
                 raise FailedPrecondition(
-                    f"sequence {row.sequence_id!r} finished ({state.finish_reason.name}) after "
-                    f"{state.position} tokens; release it or create a new one", f"{where}.sequence_id")
-            if row.step is not None and row.step != state.position:
-                raise FailedPrecondition(
-                    f"sequence {row.sequence_id!r} expects step {state.position}, got {row.step}",
-                    f"{where}.step")
+                    f"sequence {sid!r} finished ({reason}) after {unit.position} steps; read its "
+                    "result with GetSequence, then release it", f"{where}.sequence_id")
+            for offset in range(unit.count):
+                row = rows[unit.start + offset]
+                if row.step is not None and row.step != unit.position:
+                    raise FailedPrecondition(f"sequence {sid!r} expects step {unit.position}, got "
+                                             f"{row.step}", f"rows[{unit.start + offset}].step")
+                if row.branch is not None and row.branch != offset:
+                    raise InvalidArgument(f"row {unit.start + offset} is branch {row.branch} of "
+                                          f"group {sid!r}, but its rows must come in the order of "
+                                          f"the last answer: branch {offset} is due here",
+                                          f"rows[{unit.start + offset}].branch")
+            if isinstance(unit.entry, Group) and unit.count != unit.entry.running_rows:
+                raise InvalidArgument(
+                    f"group {sid!r} has {unit.entry.running_rows} running rows and this request "
+                    f"sends {unit.count}: send one row per choice of its last answer with "
+                    "finished = false, in that order", where)
             if state.vocab_size and state.vocab_size != vocab:
-                raise InvalidArgument(f"sequence {row.sequence_id!r} stepped with vocab "
-                                      f"{state.vocab_size} before; this request has {vocab}",
-                                      "logits.shape")
+                raise InvalidArgument(f"sequence {sid!r} stepped with vocab {state.vocab_size} "
+                                      f"before; this request has {vocab}", "logits.shape")
             largest = max(state.history.max_token_id, max(state.stop_ids, default=-1))
             if largest >= vocab:
-                raise InvalidArgument(f"sequence {row.sequence_id!r} refers to token id {largest} "
+                raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
         self._validate_values(rows, logits)
-        return states
+        return units
 
     @staticmethod
     def _validate_values(rows: Sequence[StepRow], logits: torch.Tensor) -> None:
@@ -180,22 +269,6 @@ class SamplerCore:
                        else "contains NaN or +inf")
             raise InvalidArgument(f"logits row {row} (sequence {rows[row].sequence_id!r}) {problem}",
                                   "logits")
-
-    @staticmethod
-    def _accept(state: SequenceState, outcome, vocab: int) -> StepRecord:
-        step = state.position
-        state.vocab_size = vocab
-        state.processor_state.update(outcome.memory)
-        state.accept(outcome.token_id, outcome.entropy, outcome.varentropy)
-        state.last_record = StepRecord(
-            step=step, token_id=outcome.token_id, logprob=outcome.logprob,
-            top_logprobs=outcome.top_logprobs, entropy=outcome.entropy,
-            varentropy=outcome.varentropy, finished=state.finished,
-            finish_reason=state.finish_reason, stop_token_id=state.stop_token_id,
-            processed_logprob=outcome.processed_logprob,
-            processed_top_logprobs=outcome.processed_top_logprobs,
-            processed_stats=outcome.processed_stats)
-        return state.last_record
 
     # -- preview ------------------------------------------------------------------------------
     def preview(self, policy: str, policy_spec: Mapping[str, Any] | None,

@@ -41,4 +41,7 @@ STAGE_EXAMPLES: dict[str, dict[str, Any]] = {
     "greedy": {},
     "sample": {},
     "mirostat": {"version": 2, "tau": 5.0, "eta": 0.1},
+    "beam": {"width": 4, "length_penalty": 1.0, "early_stopping": "never",
+             "num_return_sequences": 2},
+    "cot": {"k": 5},
 }

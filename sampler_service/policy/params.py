@@ -10,6 +10,8 @@ Kinds:
 - `int_lists`: token-id sequences, e.g. `[[7, 8], [9]]` (bad words, DRY sequence breakers).
 - `token_bias`: token id -> float, e.g. `{50256: -100}` (keys may be strings, as in JSON).
 - `int_map`: int -> int, e.g. `{0: 1}` (step -> forced token).
+- `choice`: one of the words in `choices`; true / false are accepted as "true" / "false"
+  (Hugging Face's `early_stopping` is True, False or "never").
 Non-scalar kinds reach a stage as a Python list with one value per row.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Param:
     exclusive_minimum: bool = False
     #: Overrides the generated range text (e.g. for ids that are positions, not tokens).
     range_doc: str | None = None
+    #: The allowed words of a `choice` parameter.
+    choices: tuple[str, ...] = ()
 
     def range_text(self) -> str:
         """Human-readable valid range, e.g. `(0, 1]`."""
@@ -52,6 +56,8 @@ class Param:
             return self.range_doc
         if self.kind == "bool":
             return "true / false"
+        if self.kind == "choice":
+            return " / ".join(self.choices)
         if self.kind in ("int_list", "int_lists"):
             return "token ids >= 0"
         low = "-inf" if self.minimum is None else f"{self.minimum:g}"
@@ -73,6 +79,12 @@ class Param:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{_label(field)} must be true or false, got {value!r}", field)
             return value
+        if self.kind == "choice":
+            word = str(value).lower() if isinstance(value, bool) else value
+            if word not in self.choices:
+                raise InvalidArgument(f"{_label(field)} must be one of {', '.join(self.choices)}, "
+                                      f"got {value!r}", field)
+            return word
         if self.kind == "int_list":
             return self._token_ids(value, field)
         if self.kind == "int_lists":

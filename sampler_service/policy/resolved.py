@@ -6,7 +6,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from sampler_service.policy.params import Param
-from sampler_service.policy.processors.base import Processor, Selector, Stage
+from sampler_service.policy.processors.base import GroupSelector, Processor, Selector, Stage
 
 #: Sequence-level settings: not logits transforms, but they decide when a sequence ends and
 #: what a choice reports. Set in a policy's `defaults:` or by request parameters.
@@ -19,6 +19,11 @@ SETTINGS: tuple[Param, ...] = (
           doc="noise seed; not set: drawn by the service and reported"),
     Param("logprobs", "int", default=0, off=0, minimum=0, maximum=20,
           doc="top-N raw logprobs returned with each choice"),
+    Param("n", "int", default=1, off=1, minimum=1,
+          doc="forks: n samples of the prompt, fork i seeded with seed + i (vLLM n)"),
+    Param("best_of", "int", default=0, off=0, minimum=0,
+          doc="forks: sample best_of and return the n with the highest cumulative raw logprob "
+              "(vLLM best_of); 0 = n"),
 )
 SETTING_NAMES = frozenset(p.name for p in SETTINGS)
 #: Settings a request may always set, whatever the policy's `overridable` list says: they
@@ -60,7 +65,7 @@ class ResolvedPolicy:
 
     def __post_init__(self) -> None:
         assert all(isinstance(l.stage, Processor) for l in self.links)
-        assert isinstance(self.selector.stage, Selector)
+        assert isinstance(self.selector.stage, (Selector, GroupSelector))
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
 
     @property

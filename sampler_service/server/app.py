@@ -37,6 +37,7 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_sequences: int = 100_000
     idle_ttl_s: float = 3600.0
+    max_group_rows: int = 64          # widest beam group / most forks or CoT branches
     workers: int = 8
     grace_s: float = 10.0
 
@@ -48,7 +49,7 @@ class SamplerServer:
         self.config = config
         registry = PolicyRegistry.from_files(config.policies, config.default_policies)
         self.core = SamplerCore(registry, SequenceStore(config.max_sequences, config.idle_ttl_s),
-                                Engine(resolve_device(config.device)))
+                                Engine(resolve_device(config.device)), config.max_group_rows)
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]

@@ -7,7 +7,8 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.service import SequenceRequest, StepRow
+from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
+from sampler_service.service import Answer, SequenceRequest, StepRow
 from sampler_service.state import SequenceState, StepRecord
 
 
@@ -47,25 +48,31 @@ def sequence_request_from_pb(config: pb.SequenceConfig) -> SequenceRequest:
 
 
 def step_rows_from_pb(rows) -> list[StepRow]:
-    return [StepRow(r.sequence_id, r.step if r.HasField("step") else None) for r in rows]
+    return [StepRow(r.sequence_id, r.step if r.HasField("step") else None,
+                    r.branch if r.HasField("branch") else None) for r in rows]
 
 
-def version_pb(state: SequenceState) -> pb.PolicyVersion:
+def version_pb(state: SequenceState | Group) -> pb.PolicyVersion:
     return pb.PolicyVersion(number=state.policy.version.number, hash=state.policy.version.hash)
 
 
-def created_pb(state: SequenceState) -> pb.CreatedSequence:
+def created_pb(entry: SequenceState | Group) -> pb.CreatedSequence:
+    group = isinstance(entry, Group)
+    state = entry.root if group else entry
     return pb.CreatedSequence(sequence_id=state.sequence_id, policy=state.policy.name,
-                              policy_version=version_pb(state), seed=state.seed)
+                              policy_version=version_pb(state), seed=state.seed,
+                              group_kind=entry.kind if group else "",
+                              running_rows=entry.running_rows if group else 1)
 
 
 def _logprobs_pb(pairs) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in pairs]
 
 
-def choice_pb(sequence_id: str, parent_row: int, record: StepRecord) -> pb.Choice:
+def choice_pb(sequence_id: str, parent_row: int, record: StepRecord, branch: int = 0) -> pb.Choice:
     choice = pb.Choice(
-        sequence_id=sequence_id, parent_row=parent_row, step=record.step, token_id=record.token_id,
+        sequence_id=sequence_id, parent_row=parent_row, branch=branch, score=record.score,
+        step=record.step, token_id=record.token_id,
         logprob=record.logprob, top_logprobs=_logprobs_pb(record.top_logprobs),
         stats=pb.StepStats(entropy=record.entropy, varentropy=record.varentropy),
         finished=record.finished, finish_reason=int(record.finish_reason),
@@ -79,7 +86,53 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord) -> pb.Choic
     return choice
 
 
-def sequence_info_pb(state: SequenceState) -> pb.SequenceInfo:
+def hypothesis_pb(h: Hypothesis) -> pb.Hypothesis:
+    message = pb.Hypothesis(token_ids=h.token_ids, score=h.score, sum_logprobs=h.sum_logprobs,
+                            finish_reason=int(h.finish_reason), branch=h.branch,
+                            answer_ids=h.answer_ids)
+    if h.confidence is not None:
+        message.confidence = h.confidence
+    return message
+
+
+def vote_pb(vote: AnswerVote) -> pb.AnswerVote:
+    return pb.AnswerVote(answer_ids=vote.answer_ids, total_confidence=vote.total_confidence,
+                         paths=vote.paths)
+
+
+def answer_pb(response: pb.StepResponse, sequence_id: str, answer: Answer) -> None:
+    """Adds one sequence's or group's answer to `response`: its choices (parent rows are
+    request-wide row indices) and, for a group that finished, its result."""
+    start, record = answer
+    if not isinstance(record, GroupRecord):
+        response.choices.append(choice_pb(sequence_id, start, record))
+        return
+    response.choices.extend(choice_pb(sequence_id, start + row.parent, row, branch)
+                            for branch, row in enumerate(record.rows))
+    if record.result is not None:
+        response.results.append(pb.GroupResult(
+            sequence_id=sequence_id,
+            hypotheses=[hypothesis_pb(h) for h in record.result.hypotheses],
+            answers=[vote_pb(v) for v in record.result.answers]))
+
+
+def group_info_pb(group: Group) -> pb.GroupInfo:
+    return pb.GroupInfo(kind=group.kind, running_rows=0 if group.finished else group.running_rows,
+                        running=[] if group.finished else [hypothesis_pb(h) for h in group.running()],
+                        hypotheses=[hypothesis_pb(h) for h in group.hypotheses()],
+                        answers=[vote_pb(v) for v in group.answers()])
+
+
+def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
+    if isinstance(entry, Group):
+        root = entry.root
+        info = pb.SequenceInfo(
+            sequence_id=root.sequence_id, policy=root.policy.name, policy_version=version_pb(root),
+            prompt_ids=root.prompt_ids, finished=entry.finished, seed=root.seed,
+            resolved_spec=dict_to_struct(root.policy.spec()), vocab_size=root.vocab_size,
+            group=group_info_pb(entry))
+        return info
+    state = entry
     info = pb.SequenceInfo(
         sequence_id=state.sequence_id, policy=state.policy.name, policy_version=version_pb(state),
         prompt_ids=state.prompt_ids, output_ids=state.output_ids,

@@ -64,11 +64,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         started = time.perf_counter()
         logits = decode_tensor(request.logits, "logits", self.core.device)
         rows = convert.step_rows_from_pb(request.rows)
-        records = self.core.step(rows, logits, request.processed_logprobs)
-        response = pb.StepResponse(
-            choices=[convert.choice_pb(r.sequence_id, i, rec)
-                     for i, (r, rec) in enumerate(zip(rows, records))],
-            request_id=request.request_id)
+        answers = self.core.step(rows, logits, request.processed_logprobs)
+        response = pb.StepResponse(request_id=request.request_id)
+        for answer in answers:
+            convert.answer_pb(response, rows[answer[0]].sequence_id, answer)
         response.service_micros = int((time.perf_counter() - started) * 1e6)
         return response
 

@@ -1,6 +1,7 @@
 """The state the service keeps for one sequence between steps."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sampler_service.state.history import TokenHistory
 
 if TYPE_CHECKING:
+    from sampler_service.engine import RowOutcome
     from sampler_service.policy.resolved import ResolvedPolicy
 
 
@@ -35,6 +37,10 @@ class StepRecord:
     processed_logprob: float | None = None
     processed_top_logprobs: tuple[tuple[int, float], ...] = ()
     processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
+    #: Group rows: the input row (index among the group's rows) this output row continues.
+    parent: int = 0
+    #: Group rows: the running beam score, or a branch's cumulative raw logprob.
+    score: float = 0.0
 
 
 @dataclass
@@ -64,6 +70,7 @@ class SequenceState:
 
     def __post_init__(self) -> None:
         self.history = TokenHistory(self.prompt_ids, self.output_ids)
+        # `branch` (dataclasses.replace) runs this again: a branch rebuilds its history.
 
     @property
     def position(self) -> int:
@@ -78,6 +85,34 @@ class SequenceState:
     def stop_ids(self) -> frozenset[int]:
         """Ids that finish the sequence and that min_tokens masks: EOS ∪ stop_token_ids."""
         return self.eos_token_ids | frozenset(self.policy.settings["stop_token_ids"])
+
+    def branch(self, sequence_id: str, seed: int | None = None) -> "SequenceState":
+        """A copy that continues independently (a beam, fork or CoT branch): the whole state
+        is cloned here, in one place, so no field can be forgotten. Stage memory is copied
+        shallowly: stages keep immutable values or indices guarded by their owner's id."""
+        return dataclasses.replace(
+            self, sequence_id=sequence_id, seed=self.seed if seed is None else seed,
+            output_ids=list(self.output_ids), entropies=list(self.entropies),
+            varentropies=list(self.varentropies), last_record=None,
+            processor_state=dict(self.processor_state))
+
+    def record_step(self, outcome: "RowOutcome", vocab: int, parent: int = 0,
+                    score: float = 0.0) -> StepRecord:
+        """Accepts what the engine chose for this sequence (token, stage memory, statistics)
+        and returns the step's record, kept as `last_record` for retries."""
+        step = self.position
+        self.vocab_size = vocab
+        self.processor_state.update(outcome.memory)
+        self.accept(outcome.token_id, outcome.entropy, outcome.varentropy)
+        self.last_record = StepRecord(
+            step=step, token_id=outcome.token_id, logprob=outcome.logprob,
+            top_logprobs=outcome.top_logprobs, entropy=outcome.entropy,
+            varentropy=outcome.varentropy, finished=self.finished,
+            finish_reason=self.finish_reason, stop_token_id=self.stop_token_id,
+            processed_logprob=outcome.processed_logprob,
+            processed_top_logprobs=outcome.processed_top_logprobs,
+            processed_stats=outcome.processed_stats, parent=parent, score=score)
+        return self.last_record
 
     def accept(self, token_id: int, entropy: float, varentropy: float) -> None:
         """Appends a chosen token and its raw-distribution stats, then checks for a finish."""

@@ -353,16 +353,16 @@ def test_chain_gives_same_distribution_sparse_and_dense():
     states = [SequenceState("a", on, prompt, 1, frozenset({eos}), list(output)),
               SequenceState("b", off, prompt, 1, frozenset({eos}), list(output))]
     engine = Engine(CPU)
-    candidates, _ = engine._process(states[:1], logits[:1].clone())
+    candidates, _ = engine.process(states[:1], logits[:1].clone())
     assert not candidates.dense
     sparse = candidates.to_dense()[0]
-    candidates, _ = engine._process([states[0], states[1]], logits.clone())
+    candidates, _ = engine.process([states[0], states[1]], logits.clone())
     assert candidates.dense
     assert torch.equal(sparse, candidates.to_dense()[0])
     assert eos not in kept(sparse)  # min_tokens masked it inside the sparse batch
     free = SequenceState("c", resolve(_chain_policy(0), PolicyVersion(1, "x"), {}), prompt, 1,
                          frozenset({eos}), list(output))
-    candidates, _ = engine._process([free], logits[:1].clone())
+    candidates, _ = engine.process([free], logits[:1].clone())
     assert eos in kept(candidates.to_dense()[0])  # ... and only min_tokens did
     assert 0 < len(kept(sparse)) <= 5
 

@@ -9,7 +9,7 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
 from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, _advance,
-                                   channel_options, choices_from)
+                                   channel_options, make_handle, step_rows)
 from sampler_client.errors import from_rpc_error
 from sampler_client.types import Choice, SequenceInfo
 
@@ -19,6 +19,19 @@ class AsyncSequence(SequenceHandle):
 
     async def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
         return (await self.client.step([self], logits, processed_logprobs=processed_logprobs))[0]
+
+    async def info(self) -> SequenceInfo:
+        return await self.client.get_sequence(self.sequence_id)
+
+    async def release(self) -> None:
+        await self.client.release([self])
+
+
+class AsyncSequenceGroup(SequenceHandle):
+    """A live group of an `AsyncSamplerClient` (see `SequenceGroup`)."""
+
+    async def step(self, logits: Any, *, processed_logprobs: bool = False) -> list[Choice]:
+        return await self.client.step([self], logits, processed_logprobs=processed_logprobs)
 
     async def info(self) -> SequenceInfo:
         return await self.client.get_sequence(self.sequence_id)
@@ -66,7 +79,7 @@ class AsyncSamplerClient:
                                         "seed": None, "params": None, "eos_token_ids": (), **c})
             for c in configs])
         response = await self._call(self._stub.CreateSequences, request)
-        return [AsyncSequence(self, created) for created in response.sequences]
+        return [make_handle(self, c, AsyncSequence, AsyncSequenceGroup) for c in response.sequences]
 
     async def release(self, sequences: Iterable[AsyncSequence | str]) -> list[str]:
         ids = [s if isinstance(s, str) else s.sequence_id for s in sequences]
@@ -80,9 +93,9 @@ class AsyncSamplerClient:
 
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
                    processed_logprobs: bool = False) -> list[Choice]:
-        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+        request = requests.step_request(step_rows(sequences), logits,
                                         processed_logprobs=processed_logprobs)
-        return _advance(sequences, choices_from(await self._call(self._stub.Step, request)))
+        return _advance(sequences, await self._call(self._stub.Step, request))
 
     def stream(self) -> "AsyncStepStream":
         return AsyncStepStream(self)
@@ -116,7 +129,7 @@ class AsyncStepStream:
 
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
                    processed_logprobs: bool = False) -> list[Choice]:
-        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+        request = requests.step_request(step_rows(sequences), logits,
                                         processed_logprobs=processed_logprobs)
         try:
             await self._call.write(request)
@@ -124,4 +137,4 @@ class AsyncStepStream:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         self.last_service_micros = response.service_micros
-        return _advance(sequences, choices_from(response))
+        return _advance(sequences, response)

@@ -11,7 +11,8 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
 from sampler_client.errors import SamplerError, from_rpc_error, from_status
-from sampler_client.types import Choice, SequenceInfo
+from sampler_client import specs
+from sampler_client.types import Choice, GroupResult, SequenceInfo
 
 #: Matches the service's default: 64 rows of a 128256-token vocabulary in fp32, with room.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -30,20 +31,37 @@ def choices_from(response: pb.StepResponse) -> list[Choice]:
 
 
 class SequenceHandle:
-    """What a client knows of a live sequence: its id, policy and seed as created, and
+    """What a client knows of a live sequence or group: its id, policy and seed as created,
     `next_step`, the step number its next step sends (a resend of the same number returns the
-    recorded answer instead of advancing)."""
+    recorded answer instead of advancing), and for a group its kind, how many rows the next
+    step sends (`running_rows`) and, once it finished, its `result`."""
 
     def __init__(self, client: Any, created: pb.CreatedSequence):
         self.client = client
         self.sequence_id = created.sequence_id
         self.policy = created.policy
         self.seed = created.seed
+        self.group_kind = created.group_kind
+        self.running_rows = created.running_rows or 1
+        self.result: GroupResult | None = None
         self.next_step = 0
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.sequence_id!r}, policy={self.policy!r}, "
                 f"next_step={self.next_step})")
+
+    def row_keys(self) -> list[tuple[str, int, int | None]]:
+        """(id, step, branch) of each row the next step sends."""
+        if not self.group_kind:
+            return [(self.sequence_id, self.next_step, None)]
+        return [(self.sequence_id, self.next_step, b) for b in range(self.running_rows)]
+
+    def _take(self, choices: list[Choice], results: dict[str, GroupResult]) -> None:
+        """Follows this handle's choices of an answer (and its group result, if any)."""
+        self.next_step = choices[0].step + 1
+        if self.group_kind:
+            self.running_rows = sum(not c.finished for c in choices)
+            self.result = results.get(self.sequence_id, self.result)
 
 
 class Sequence(SequenceHandle):
@@ -60,10 +78,40 @@ class Sequence(SequenceHandle):
         self.client.release([self])
 
 
-def _advance(sequences: SequenceT[SequenceHandle], choices: list[Choice]) -> list[Choice]:
-    for sequence, choice in zip(sequences, choices):
-        sequence.next_step = choice.step + 1
+class SequenceGroup(SequenceHandle):
+    """A live group of a `SamplerClient` (beam search, forks, CoT decoding): each step sends
+    `running_rows` logits rows and gets one choice per output row, each naming its
+    `parent_row`; `result` holds the hypotheses once the group finished."""
+
+    def step(self, logits: Any, *, processed_logprobs: bool = False) -> list[Choice]:
+        """The group's choices from `logits` [running_rows, vocab]."""
+        return self.client.step([self], logits, processed_logprobs=processed_logprobs)
+
+    def info(self) -> SequenceInfo:
+        return self.client.get_sequence(self.sequence_id)
+
+    def release(self) -> None:
+        self.client.release([self])
+
+
+def step_rows(handles: SequenceT[SequenceHandle]) -> list[tuple[str, int, int | None]]:
+    return [key for handle in handles for key in handle.row_keys()]
+
+
+def _advance(handles: SequenceT[SequenceHandle], response: pb.StepResponse) -> list[Choice]:
+    """The choices of a response (or its error, raised), followed by every handle."""
+    choices = choices_from(response)
+    results = {r.sequence_id: GroupResult.from_pb(r) for r in response.results}
+    by_id: dict[str, list[Choice]] = {}
+    for choice in choices:
+        by_id.setdefault(choice.sequence_id, []).append(choice)
+    for handle in handles:
+        handle._take(by_id[handle.sequence_id], results)
     return choices
+
+
+def make_handle(client: Any, created: pb.CreatedSequence, plain: type, group: type) -> Any:
+    return (group if created.group_kind else plain)(client, created)
 
 
 class SamplerClient:
@@ -121,7 +169,35 @@ class SamplerClient:
                                         "seed": None, "params": None, "eos_token_ids": (), **c})
             for c in configs])
         response = self._call(self._stub.CreateSequences, request)
-        return [Sequence(self, created) for created in response.sequences]
+        return [make_handle(self, c, Sequence, SequenceGroup) for c in response.sequences]
+
+    def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *, max_new_tokens: int,
+                          eos_token_ids: Iterable[int] = (), sequence_id: str | None = None,
+                          **options: Any) -> SequenceGroup:
+        """A beam search group with Hugging Face's `generate()` options (see
+        `specs.beam_search_policy`); its first step sends `num_beams` copies of the prompt's row."""
+        return self.create_sequence(specs.beam_search_policy(num_beams, max_new_tokens=max_new_tokens,
+                                                             **options),
+                                    prompt_ids, sequence_id=sequence_id, eos_token_ids=eos_token_ids)
+
+    def create_cot_group(self, prompt_ids: Iterable[int], k: int = 10, *, max_new_tokens: int,
+                         answer_after: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
+                         sequence_id: str | None = None) -> SequenceGroup:
+        """CoT decoding: k greedy branches from the k best first tokens, ranked by confidence."""
+        return self.create_sequence(specs.cot_policy(k, max_new_tokens=max_new_tokens,
+                                                     answer_after=answer_after),
+                                    prompt_ids, sequence_id=sequence_id, eos_token_ids=eos_token_ids)
+
+    def create_forks(self, prompt_ids: Iterable[int], n: int, *, best_of: int = 0,
+                     policy: str | Mapping[str, Any] | None = None,
+                     params: Mapping[str, Any] | None = None, seed: int | None = None,
+                     eos_token_ids: Iterable[int] = (),
+                     sequence_id: str | None = None) -> SequenceGroup:
+        """n samples of one prompt (vLLM n / best_of): the first step sends one row and gets
+        best_of (or n) rows back; fork i draws with seed + i."""
+        return self.create_sequence(policy, prompt_ids, seed,
+                                    {**(params or {}), "n": n, "best_of": best_of},
+                                    sequence_id=sequence_id, eos_token_ids=eos_token_ids)
 
     def release(self, sequences: Iterable[Sequence | str]) -> list[str]:
         """Releases sequences (objects or ids); returns the ids that were not found."""
@@ -134,12 +210,13 @@ class SamplerClient:
                                                pb.GetSequenceRequest(sequence_id=sequence_id)))
 
     # -- steps --------------------------------------------------------------------------------
-    def step(self, sequences: SequenceT[Sequence], logits: Any, *,
+    def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
              processed_logprobs: bool = False) -> list[Choice]:
-        """One token per sequence from `logits` [len(sequences), vocab] (one row each)."""
-        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+        """One token per row from `logits`: one row per plain sequence, `running_rows` rows per
+        group, in the order of `sequences`."""
+        request = requests.step_request(step_rows(sequences), logits,
                                         processed_logprobs=processed_logprobs)
-        return _advance(sequences, choices_from(self._call(self._stub.Step, request)))
+        return _advance(sequences, self._call(self._stub.Step, request))
 
     def stream(self) -> "StepStream":
         """A StepStream: one long-lived bidirectional call for a generation loop."""
@@ -184,9 +261,9 @@ class StepStream:
     def close(self) -> None:
         self._requests.put(self._END)
 
-    def step(self, sequences: SequenceT[Sequence], logits: Any, *,
+    def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
              processed_logprobs: bool = False) -> list[Choice]:
-        request = requests.step_request([(s.sequence_id, s.next_step) for s in sequences], logits,
+        request = requests.step_request(step_rows(sequences), logits,
                                         processed_logprobs=processed_logprobs)
         with self._lock:
             self._requests.put(request)
@@ -195,4 +272,4 @@ class StepStream:
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from None
         self.last_service_micros = response.service_micros
-        return _advance(sequences, choices_from(response))
+        return _advance(sequences, response)

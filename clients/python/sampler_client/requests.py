@@ -44,14 +44,17 @@ def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] 
     return config
 
 
-def step_request(rows: Sequence[tuple[str, int | None]], logits: Any, *,
+def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any, *,
                  processed_logprobs: bool = False, request_id: str = "") -> pb.StepRequest:
+    """`rows`: (sequence id, step or None, branch or None) per logits row."""
     request = pb.StepRequest(logits=encode_rows(logits, len(rows)), request_id=request_id,
                              processed_logprobs=processed_logprobs)
-    for sequence_id, step in rows:
+    for sequence_id, step, branch in rows:
         row = request.rows.add(sequence_id=sequence_id)
         if step is not None:
             row.step = step
+        if branch is not None:
+            row.branch = branch
     return request
 
 

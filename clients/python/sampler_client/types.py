@@ -1,7 +1,7 @@
 """Plain result types of the SDK, converted from protos once at the edge."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
@@ -34,10 +34,15 @@ class Choice:
     processed_top_logprobs: list[tuple[int, float]]
     processed_entropy: float | None
     processed_varentropy: float | None
+    #: Index of this row among its group's rows (0 for a plain sequence).
+    branch: int = 0
+    #: Beam search: the running beam's score; forks and CoT: the cumulative raw logprob.
+    score: float = 0.0
 
     @classmethod
     def from_pb(cls, c: pb.Choice) -> "Choice":
         return cls(sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
+                   branch=c.branch, score=c.score,
                    token_id=c.token_id, logprob=c.logprob, top_logprobs=_pairs(c.top_logprobs),
                    entropy=c.stats.entropy, varentropy=c.stats.varentropy, finished=c.finished,
                    finish_reason=_FINISH[c.finish_reason],
@@ -47,6 +52,69 @@ class Choice:
                    processed_entropy=c.processed_stats.entropy if c.HasField("processed_stats") else None,
                    processed_varentropy=(c.processed_stats.varentropy
                                          if c.HasField("processed_stats") else None))
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished candidate of a group: a beam hypothesis, a fork's sample, a CoT path."""
+
+    token_ids: list[int]
+    score: float
+    sum_logprobs: float
+    finish_reason: str | None
+    branch: int
+    confidence: float | None = None
+    answer_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, h: pb.Hypothesis) -> "Hypothesis":
+        return cls(token_ids=list(h.token_ids), score=h.score, sum_logprobs=h.sum_logprobs,
+                   finish_reason=_FINISH[h.finish_reason], branch=h.branch,
+                   confidence=h.confidence if h.HasField("confidence") else None,
+                   answer_ids=list(h.answer_ids))
+
+
+@dataclass(frozen=True)
+class AnswerVote:
+    """CoT decoding: the paths that gave one answer span and their summed confidence."""
+
+    answer_ids: list[int]
+    total_confidence: float
+    paths: int
+
+    @classmethod
+    def from_pb(cls, v: pb.AnswerVote) -> "AnswerVote":
+        return cls(list(v.answer_ids), v.total_confidence, v.paths)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What a finished group returns: hypotheses best first, and CoT's aggregated answers."""
+
+    hypotheses: list[Hypothesis]
+    answers: list[AnswerVote]
+
+    @classmethod
+    def from_pb(cls, r) -> "GroupResult":
+        return cls([Hypothesis.from_pb(h) for h in r.hypotheses],
+                   [AnswerVote.from_pb(v) for v in r.answers])
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A group's state as GetSequence reports it."""
+
+    kind: str
+    running_rows: int
+    running: list[Hypothesis]
+    hypotheses: list[Hypothesis]
+    answers: list[AnswerVote]
+
+    @classmethod
+    def from_pb(cls, g: pb.GroupInfo) -> "GroupInfo":
+        result = GroupResult.from_pb(g)
+        return cls(g.kind, g.running_rows, [Hypothesis.from_pb(h) for h in g.running],
+                   result.hypotheses, result.answers)
 
 
 @dataclass(frozen=True)
@@ -66,6 +134,8 @@ class SequenceInfo:
     seed: int
     resolved_spec: dict[str, Any]
     vocab_size: int
+    #: Set for a group (beam search, forks, CoT decoding).
+    group: GroupInfo | None = None
 
     @classmethod
     def from_pb(cls, s: pb.SequenceInfo) -> "SequenceInfo":
@@ -76,4 +146,5 @@ class SequenceInfo:
                    finished=s.finished, finish_reason=_FINISH[s.finish_reason],
                    stop_token_id=s.stop_token_id if s.HasField("stop_token_id") else None,
                    seed=s.seed, resolved_spec=json_format.MessageToDict(s.resolved_spec),
-                   vocab_size=s.vocab_size)
+                   vocab_size=s.vocab_size,
+                   group=GroupInfo.from_pb(s.group) if s.HasField("group") else None)

@@ -3,13 +3,16 @@ one batched operation, plus `RowBatch`, the per-step view of the rows it works o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
+
+if TYPE_CHECKING:
+    from sampler_service.groups.base import Group
 
 
 def row_pairs(per_row: Sequence[torch.Tensor],
@@ -111,3 +114,16 @@ class Selector(Stage):
                      batch: RowBatch) -> Candidates:
         """Log-probabilities the selector draws from (−inf outside the support)."""
         return candidates.log_softmax()
+
+
+class GroupSelector(Stage):
+    """A selector that makes its sequence a group of rows (beam search, CoT decoding): see
+    `sampler_service.groups`. `new_group` checks the selector's values against the sequence
+    (InvalidArgument naming `field`, at most `max_rows` rows) and builds the group."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def new_group(self, root: Any, values: Mapping[str, Any], max_rows: int,
+                  field: str) -> "Group":
+        ...

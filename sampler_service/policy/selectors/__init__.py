@@ -1,10 +1,13 @@
-"""Built-in selectors, found by spec key in the modules below."""
+"""Built-in selectors, found by spec key: one token per row (greedy, sample, mirostat), or a
+group of rows (beam search, CoT decoding; see `sampler_service.groups`)."""
 from __future__ import annotations
 
+from sampler_service.groups import beam, cot
 from sampler_service.policy.processors import defined_stages
-from sampler_service.policy.processors.base import Selector
+from sampler_service.policy.processors.base import GroupSelector, Selector, Stage
 from sampler_service.policy.selectors import greedy, mirostat, sample
 
-SELECTORS: dict[str, type[Selector]] = defined_stages((greedy, mirostat, sample), Selector)
+SELECTORS: dict[str, type[Stage]] = {**defined_stages((greedy, mirostat, sample), Selector),
+                                     **defined_stages((beam, cot), GroupSelector)}
 
-__all__ = ["SELECTORS", "Selector"]
+__all__ = ["SELECTORS", "GroupSelector", "Selector"]

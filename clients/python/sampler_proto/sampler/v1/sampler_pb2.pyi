@@ -40,7 +40,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class SamplingParams(_message.Message):
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    BEST_OF_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -78,7 +80,9 @@ class SamplingParams(_message.Message):
     logit_bias: _containers.ScalarMap[int, float]
     allowed_token_ids: _containers.RepeatedScalarFieldContainer[int]
     bad_words: _containers.RepeatedCompositeFieldContainer[TokenIds]
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+    n: int
+    best_of: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., n: _Optional[int] = ..., best_of: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -109,16 +113,20 @@ class CreateSequencesRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceConfig, _Mapping]]] = ...) -> None: ...
 
 class CreatedSequence(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_version", "seed")
+    __slots__ = ("sequence_id", "policy", "policy_version", "seed", "group_kind", "running_rows")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    GROUP_KIND_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ROWS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
     policy_version: PolicyVersion
     seed: int
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    group_kind: str
+    running_rows: int
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., seed: _Optional[int] = ..., group_kind: _Optional[str] = ..., running_rows: _Optional[int] = ...) -> None: ...
 
 class CreateSequencesResponse(_message.Message):
     __slots__ = ("sequences",)
@@ -163,7 +171,7 @@ class StepStats(_message.Message):
     def __init__(self, entropy: _Optional[float] = ..., varentropy: _Optional[float] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size")
+    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size", "group")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +184,7 @@ class SequenceInfo(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_SPEC_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
     policy_version: PolicyVersion
@@ -188,15 +197,32 @@ class SequenceInfo(_message.Message):
     seed: int
     resolved_spec: _struct_pb2.Struct
     vocab_size: int
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    group: GroupInfo
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ...) -> None: ...
+
+class GroupInfo(_message.Message):
+    __slots__ = ("kind", "running_rows", "running", "hypotheses", "answers")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    running_rows: int
+    running: _containers.RepeatedCompositeFieldContainer[Hypothesis]
+    hypotheses: _containers.RepeatedCompositeFieldContainer[Hypothesis]
+    answers: _containers.RepeatedCompositeFieldContainer[AnswerVote]
+    def __init__(self, kind: _Optional[str] = ..., running_rows: _Optional[int] = ..., running: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., answers: _Optional[_Iterable[_Union[AnswerVote, _Mapping]]] = ...) -> None: ...
 
 class StepRow(_message.Message):
-    __slots__ = ("sequence_id", "step")
+    __slots__ = ("sequence_id", "step", "branch")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     step: int
-    def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    branch: int
+    def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("rows", "logits", "request_id", "processed_logprobs")
@@ -219,7 +245,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Choice(_message.Message):
-    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats")
+    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +259,8 @@ class Choice(_message.Message):
     PROCESSED_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_STATS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     parent_row: int
     step: int
@@ -246,19 +274,61 @@ class Choice(_message.Message):
     processed_logprob: float
     processed_top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     processed_stats: StepStats
-    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ...) -> None: ...
+    branch: int
+    score: float
+    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Hypothesis(_message.Message):
+    __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SUM_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    score: float
+    sum_logprobs: float
+    finish_reason: FinishReason
+    branch: int
+    confidence: float
+    answer_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., sum_logprobs: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., branch: _Optional[int] = ..., confidence: _Optional[float] = ..., answer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AnswerVote(_message.Message):
+    __slots__ = ("answer_ids", "total_confidence", "paths")
+    ANSWER_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    answer_ids: _containers.RepeatedScalarFieldContainer[int]
+    total_confidence: float
+    paths: int
+    def __init__(self, answer_ids: _Optional[_Iterable[int]] = ..., total_confidence: _Optional[float] = ..., paths: _Optional[int] = ...) -> None: ...
+
+class GroupResult(_message.Message):
+    __slots__ = ("sequence_id", "hypotheses", "answers")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    hypotheses: _containers.RepeatedCompositeFieldContainer[Hypothesis]
+    answers: _containers.RepeatedCompositeFieldContainer[AnswerVote]
+    def __init__(self, sequence_id: _Optional[str] = ..., hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., answers: _Optional[_Iterable[_Union[AnswerVote, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("choices", "error", "request_id", "service_micros")
+    __slots__ = ("choices", "error", "request_id", "service_micros", "results")
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     choices: _containers.RepeatedCompositeFieldContainer[Choice]
     error: _status_pb2.Status
     request_id: str
     service_micros: int
-    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., service_micros: _Optional[int] = ...) -> None: ...
+    results: _containers.RepeatedCompositeFieldContainer[GroupResult]
+    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., service_micros: _Optional[int] = ..., results: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ...) -> None: ...
 
 class PreviewRequest(_message.Message):
     __slots__ = ("policy", "policy_spec", "params", "logits", "history", "prompt_ids", "eos_token_ids", "max_candidates")

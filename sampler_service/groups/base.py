@@ -1,0 +1,145 @@
+"""What every group is: one logical sequence that sends several rows per step.
+
+A group (beam search, forks, CoT decoding) is created from one root `SequenceState` when its
+policy's selector is a `GroupSelector` (or its settings ask for forks). Each step it receives
+its running rows, in the order its previous answer gave them, and answers with output rows
+that each name the input row they continue (`StepRecord.parent`), so the worker can reorder
+or expand its KV cache. Rows whose choice is finished are not sent again.
+
+A step is planned without touching the group (`plan`), and applied by `commit` only once every
+unit of the request has been planned, so a failing request changes nothing.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+import torch
+
+from sampler_service.engine import report_rows
+from sampler_service.state import FinishReason, SequenceState, StepRecord
+
+if TYPE_CHECKING:
+    from sampler_service.engine import Engine
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished candidate: a beam hypothesis, a fork's sample or a CoT path."""
+
+    token_ids: tuple[int, ...]
+    score: float
+    sum_logprobs: float
+    finish_reason: FinishReason
+    branch: int
+    confidence: float | None = None
+    answer_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class AnswerVote:
+    """CoT decoding: the paths that gave one answer span, with their summed confidence."""
+
+    answer_ids: tuple[int, ...]
+    total_confidence: float
+    paths: int
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """A finished group's hypotheses, best first, and (CoT) its aggregated answers."""
+
+    hypotheses: tuple[Hypothesis, ...]
+    answers: tuple[AnswerVote, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """The answer of one group step, kept so that a retry of the step gets it again."""
+
+    step: int
+    rows_in: int
+    rows: tuple[StepRecord, ...]
+    result: GroupResult | None = None
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    """A planned step: its answer, the vocabulary it saw, and the change `Group.commit` applies."""
+
+    record: GroupRecord
+    vocab: int
+    apply: Callable[[], None]
+
+
+class Group(ABC):
+    """One logical sequence with several rows. `root` holds the prompt, policy, seed and EOS
+    ids; subclasses keep the running rows as `SequenceState`s of their own."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, root: SequenceState):
+        self.root = root
+        self.sequence_id = root.sequence_id
+        self.last_used = 0.0
+        self.last_record: GroupRecord | None = None
+        self.step_number = 0
+        self.result: GroupResult | None = None
+
+    @property
+    def policy(self):
+        return self.root.policy
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    @abstractmethod
+    def running_rows(self) -> int:
+        """How many rows the next step must send."""
+
+    @abstractmethod
+    def running(self) -> list[Hypothesis]:
+        """The running rows, in the order the next step sends them (finish reason unset)."""
+
+    @abstractmethod
+    def hypotheses(self) -> list[Hypothesis]:
+        """Finished hypotheses so far, best first."""
+
+    def answers(self) -> list[AnswerVote]:
+        return list(self.result.answers) if self.result else []
+
+    @abstractmethod
+    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
+        """The next step from `logits` [running_rows, vocab] (float32, on the engine's device).
+        Must not change the group: the returned step's `apply` does."""
+
+    def commit(self, step: GroupStep) -> GroupRecord:
+        step.apply()
+        self.root.vocab_size = step.vocab
+        self.step_number = step.record.step + 1
+        self.last_record = step.record
+        self.result = step.record.result
+        return step.record
+
+    def branch_state(self, index: int, seed: int | None = None) -> SequenceState:
+        """A fresh row state continuing the root (branch `index` of the group)."""
+        return self.root.branch(f"{self.sequence_id}#{index}", seed)
+
+
+def row_records(logits: torch.Tensor, step: int, parents: Sequence[int], tokens: Sequence[int],
+                scores: Sequence[float], top_n: int, finish: FinishReason = FinishReason.NONE,
+                ) -> tuple[StepRecord, ...]:
+    """Records of output rows that continue input rows `parents` of `logits` [rows, vocab] with
+    `tokens`: the raw logprob of each token and its parent's raw statistics. `finish` marks
+    every row finished (the group's last step)."""
+    reports = report_rows(logits, [top_n] * logits.shape[0])
+    chosen = logits[torch.tensor(parents), torch.tensor(tokens)].tolist() if parents else []
+    return tuple(StepRecord(
+        step=step, token_id=token, logprob=value - reports[parent].log_normalizer,
+        top_logprobs=reports[parent].top_logprobs, entropy=reports[parent].entropy,
+        varentropy=reports[parent].varentropy, finished=finish is not FinishReason.NONE,
+        finish_reason=finish, stop_token_id=None, parent=parent, score=score)
+        for parent, token, score, value in zip(parents, tokens, scores, chosen))

@@ -1,0 +1,306 @@
+"""Beam search with Hugging Face's semantics, and diverse (group) beam search.
+
+Per step, for W running beams with processed log-probabilities s[b, t] and running scores
+S[b] (HF `generate(num_beams=W)`, transformers 5.x `_beam_search`, batch of one):
+  1. K = max(2, 1 + #stop ids) · W candidates: the top K of S[b] + s[b, t] over all W × V.
+  2. A candidate "hits" when t is an EOS/stop id or the output reaches max_tokens.
+  3. Running beams: the top W candidates after adding −1e9 to those that hit.
+  4. Finished slots (W of them): a hitting candidate among the first W competes with score
+     (S[b] + s[b, t]) / L^α, L = generated length including t, α = length_penalty
+     (or GNMT's ((5 + L)^α / 6^α)); −1e9 is added when early_stopping is true and every slot
+     is filled, or when the heuristic below says no improvement is possible.
+  5. Improvement heuristic (HF `_check_early_stop_heuristic`): the best running score divided
+     by the penalty of L (or of max_tokens when early_stopping is "never" and α > 0) must beat
+     the worst finished slot (any empty slot counts as −1e9).
+  6. The search ends when no improvement is possible, when early_stopping is true and every
+     slot is filled, or when every candidate hit.
+The same tensor operations as HF run in the same order, so the tokens match `generate()`
+exactly. The first step takes W identical rows (the prompt expanded, as HF does), the first
+beam scoring 0 and the others −1e9.
+
+Diverse beam search (Vijayakumar et al. 2016; HF `num_beam_groups`, `diversity_penalty`, in
+transformers 4.x `_group_beam_search`): W beams form G groups of W/G; the groups step one after
+another, each running the step above on its own beams and slots after subtracting
+diversity_penalty × (how many beams of earlier groups chose t at this step) from s[·, t].
+A group that finished stops sending rows; the result merges every group's slots, best first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from sampler_service.errors import InvalidArgument
+from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis, row_records
+from sampler_service.policy.params import Param
+from sampler_service.policy.processors.base import GroupSelector
+from sampler_service.state import FinishReason, SequenceState
+
+if TYPE_CHECKING:
+    from sampler_service.engine import Engine
+
+#: HF's stand-in for "impossible" scores; kept identical so ties and sums behave the same.
+NEG = -1.0e9
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    width: int
+    groups: int
+    length_penalty: float
+    gnmt: bool
+    early_stopping: str  # "true" | "false" | "never"
+    num_return_sequences: int
+    diversity_penalty: float
+    max_tokens: int
+
+    def penalty(self, length: int) -> float:
+        """The length normaliser of a hypothesis of `length` generated tokens."""
+        if self.gnmt:
+            return ((5 + length) ** self.length_penalty) / (6 ** self.length_penalty)
+        return length ** self.length_penalty
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One finished-hypothesis slot of a beam group (HF `sequences` / `beam_scores` entry)."""
+
+    token_ids: tuple[int, ...] = ()
+    sum_logprobs: float = NEG
+    finish_reason: FinishReason = FinishReason.NONE
+    branch: int = 0
+
+
+@dataclass(frozen=True)
+class Beams:
+    """The state of one group of beams between steps (tensors are float32 / bool, on CPU)."""
+
+    rows: tuple[SequenceState, ...]
+    scores: torch.Tensor          # [w] running scores
+    slots: tuple[Slot, ...]       # [w] finished slots, best first
+    slot_scores: torch.Tensor     # [w]
+    slot_finished: torch.Tensor   # [w] bool
+    improvable: bool = True
+    done: bool = False
+
+    @classmethod
+    def start(cls, rows: tuple[SequenceState, ...]) -> "Beams":
+        width = len(rows)
+        scores = torch.zeros(width)
+        scores[1:] = NEG
+        return cls(rows, scores, (Slot(),) * width, torch.full((width,), NEG),
+                   torch.zeros(width, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class Advance:
+    """One group's step: its new state and, per new running beam, parent and token."""
+
+    beams: Beams
+    parents: list[int]
+    tokens: list[int]
+    all_hit: bool
+
+
+def advance(beams: Beams, scores: torch.Tensor, stop_ids: torch.Tensor, generated: int,
+            settings: BeamSettings, slot_offset: int) -> Advance:
+    """One HF beam-search step of `beams` over processed log-probabilities `scores` [w, V].
+
+    `generated` is the output length once this step's token is appended; `slot_offset` the
+    index of this group's first beam among all the group's rows (for `Slot.branch`)."""
+    width, vocab = scores.shape
+    keep = max(2, 1 + stop_ids.numel()) * width
+    accumulated = (scores + beams.scores[:, None]).reshape(1, -1)
+    top_scores, top_indices = torch.topk(accumulated, k=keep)
+    parents, tokens = top_indices // vocab, top_indices % vocab
+    hits = torch.isin(tokens, stop_ids) | (settings.max_tokens <= generated)
+
+    running_scores = top_scores + hits.to(torch.float32) * NEG
+    chosen = torch.topk(running_scores, k=width)[1]
+    new_scores = running_scores.gather(1, chosen)[0]
+    new_parents, new_tokens = parents.gather(1, chosen)[0].tolist(), tokens.gather(1, chosen)[0].tolist()
+
+    just_finished = hits & (torch.arange(keep) < width)[None, :]
+    finished_scores = top_scores / settings.penalty(generated)
+    slots_full = bool(beams.slot_finished.all()) and settings.early_stopping == "true"
+    finished_scores += torch.tensor(float(slots_full)) * NEG
+    finished_scores += torch.tensor(float(not beams.improvable)) * NEG
+    finished_scores += (~just_finished).to(torch.float32) * NEG
+    merged_scores = torch.cat((beams.slot_scores[None, :], finished_scores), dim=1)
+    merged_finished = torch.cat((beams.slot_finished[None, :], just_finished), dim=1)
+    best = torch.topk(merged_scores, k=width)[1][0]
+    slot_scores = merged_scores[0, best]
+    slot_finished = merged_finished[0, best]
+    stop_set = set(stop_ids.tolist())
+    candidate_parents, candidate_tokens = parents[0].tolist(), tokens[0].tolist()
+    slots = []
+    for index in best.tolist():
+        if index < width:
+            slots.append(beams.slots[index])
+            continue
+        parent, token = candidate_parents[index - width], candidate_tokens[index - width]
+        slots.append(Slot(tuple(beams.rows[parent].output_ids) + (token,),
+                          float(top_scores[0, index - width]),
+                          FinishReason.STOP if token in stop_set else FinishReason.LENGTH,
+                          slot_offset + parent))
+
+    if settings.early_stopping == "never" and settings.length_penalty > 0.0:
+        best_length = settings.max_tokens
+    else:
+        best_length = generated
+    best_possible = new_scores[:1] / settings.penalty(best_length)
+    worst_finished = torch.where(slot_finished, torch.min(slot_scores), torch.tensor(NEG))
+    improvable = beams.improvable and bool((best_possible > worst_finished).any())
+    all_hit = bool(hits.all())
+    done = (not improvable or (bool(slot_finished.all()) and settings.early_stopping == "true")
+            or all_hit)
+    new_beams = Beams(beams.rows, new_scores, tuple(slots), slot_scores, slot_finished,
+                      improvable, done)
+    return Advance(new_beams, new_parents, new_tokens, all_hit)
+
+
+class BeamGroup(Group):
+    """A beam-search group: W rows per step in beam order (see the module docstring)."""
+
+    kind = "beam"
+
+    def __init__(self, root: SequenceState, settings: BeamSettings):
+        super().__init__(root)
+        self.settings = settings
+        size = settings.width // settings.groups
+        self.beams: tuple[Beams, ...] = tuple(
+            Beams.start(tuple(self.branch_state(g * size + i) for i in range(size)))
+            for g in range(settings.groups))
+
+    @property
+    def running_rows(self) -> int:
+        return sum(len(b.rows) for b in self.beams if not b.done)
+
+    def running(self) -> list[Hypothesis]:
+        return [Hypothesis(tuple(row.output_ids), score, score, FinishReason.NONE, index)
+                for b in self.beams if not b.done
+                for index, (row, score) in enumerate(zip(b.rows, b.scores.tolist()))]
+
+    def hypotheses(self) -> list[Hypothesis]:
+        if self.result is not None:
+            return list(self.result.hypotheses)
+        return _ranked(self.beams, only_filled=True)
+
+    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
+        settings = self.settings
+        size = settings.width // settings.groups
+        live = [g for g, b in enumerate(self.beams) if not b.done]
+        rows = [row for g in live for row in self.beams[g].rows]
+        candidates, batch = engine.process(rows, torch.log_softmax(logits, dim=-1))
+        processed = candidates.to_dense().cpu()
+        stop_ids = torch.tensor(sorted(self.root.stop_ids), dtype=torch.int64)
+        generated = self.step_number + 1
+        steps: dict[int, Advance] = {}
+        chosen_so_far: list[int] = []
+        for order, g in enumerate(live):
+            scores = processed[order * size:(order + 1) * size]
+            if settings.diversity_penalty > 0 and chosen_so_far:
+                frequency = torch.bincount(torch.tensor(chosen_so_far), minlength=scores.shape[1])
+                scores = scores - settings.diversity_penalty * frequency
+            steps[g] = advance(self.beams[g], scores, stop_ids, generated, settings, g * size)
+            chosen_so_far += steps[g].tokens
+
+        parents = [order * size + p for order, g in enumerate(live) for p in steps[g].parents]
+        tokens = [t for g in live for t in steps[g].tokens]
+        records = row_records(logits, self.step_number, parents, tokens,
+                              [s for g in live for s in steps[g].beams.scores.tolist()],
+                              self.root.policy.settings["logprobs"])
+        reason = FinishReason.LENGTH if generated >= settings.max_tokens else FinishReason.STOP
+        done = [steps[g].beams.done for g in live for _ in range(size)]
+        records = tuple(replace(r, finished=True, finish_reason=reason) if d else r
+                        for r, d in zip(records, done))
+        new_beams = list(self.beams)
+        for order, g in enumerate(live):
+            new_rows = []
+            for i in range(size):
+                record, source = records[order * size + i], parents[order * size + i]
+                row = rows[source].branch(f"{self.sequence_id}#{g * size + i}")
+                row.processor_state.update(batch.pending_for(source))
+                row.accept(record.token_id, record.entropy, record.varentropy)
+                new_rows.append(row)
+            new_beams[g] = replace(steps[g].beams, rows=tuple(new_rows))
+        result = None
+        if all(b.done for b in new_beams):
+            result = GroupResult(tuple(_ranked(new_beams, only_filled=False)
+                                       [:settings.num_return_sequences]))
+
+        def apply() -> None:
+            self.beams = tuple(new_beams)
+
+        return GroupStep(GroupRecord(self.step_number, len(rows), records, result),
+                         logits.shape[1], apply)
+
+
+def _ranked(beams, only_filled: bool) -> list[Hypothesis]:
+    """Every group's finished slots, best first (ties: group order, then slot order)."""
+    slots = [(score, slot) for b in beams
+             for slot, score, filled in zip(b.slots, b.slot_scores.tolist(), b.slot_finished.tolist())
+             if filled or not only_filled]
+    slots.sort(key=lambda pair: -pair[0])
+    return [Hypothesis(s.token_ids, score, s.sum_logprobs, s.finish_reason, s.branch)
+            for score, s in slots]
+
+
+class BeamSearch(GroupSelector):
+    """Beam search (Hugging Face `generate(num_beams=W)`), optionally diverse (HF
+    `num_beam_groups`, `diversity_penalty`): see `sampler_service.groups.beam`.
+
+    The chain runs on log-probabilities (log_softmax of the logits), as HF applies its
+    processors in beam search; the sequence's `max_tokens` is required (HF's max_new_tokens),
+    EOS and stop ids end hypotheses. Per-sequence state: running beams (each a full row state:
+    output, penalty counts, stage memory), their scores and W finished slots.
+    """
+
+    key = "beam"
+    kind = "beam"
+    params = (
+        Param("width", "int", default=4, off=None, minimum=1,
+              doc="W: beams kept per step (HF num_beams); the group sends W rows per step"),
+        Param("length_penalty", "float", default=1.0, off=None,
+              doc="α: a finished hypothesis scores sum_logprobs / L^α (L = generated length "
+                  "with its EOS); > 0 favours longer outputs"),
+        Param("length_normalization", "choice", default="hf", off=None, choices=("hf", "gnmt"),
+              doc="hf: L^α; gnmt: ((5 + L)^α / 6^α) (Wu et al. 2016)"),
+        Param("early_stopping", "choice", default="false", off=None,
+              choices=("false", "true", "never"),
+              doc="HF's early_stopping: true stops once W hypotheses finished; false stops when "
+                  "the best running beam (at its current length) cannot beat the worst "
+                  "finished one; never (with α > 0) assumes it could grow to max_tokens"),
+        Param("num_return_sequences", "int", default=1, off=None, minimum=1,
+              doc="hypotheses returned, best first; at most W"),
+        Param("groups", "int", default=1, off=1, minimum=1,
+              doc="G: diverse beam search with G groups of W/G beams (HF num_beam_groups)"),
+        Param("diversity_penalty", "float", default=0.0, off=0.0, minimum=0.0,
+              doc="subtracted from a token's log-probability once per beam of an earlier group "
+                  "that chose it at this step (HF diversity_penalty)"),
+    )
+
+    def new_group(self, root: SequenceState, values: Mapping[str, Any], max_rows: int,
+                  field: str) -> BeamGroup:
+        width = values["width"]
+        if width > max_rows:
+            raise InvalidArgument(f"width {width} exceeds this service's cap of {max_rows} rows per "
+                                  "group (--max-group-rows)", f"{field}.width")
+        if values["num_return_sequences"] > width:
+            raise InvalidArgument(f"num_return_sequences = {values['num_return_sequences']} must "
+                                  f"be at most width = {width}", f"{field}.num_return_sequences")
+        if width % values["groups"]:
+            raise InvalidArgument(f"groups = {values['groups']} must divide width = {width}",
+                                  f"{field}.groups")
+        max_tokens = root.policy.settings["max_tokens"]
+        if not max_tokens:
+            raise InvalidArgument("beam search needs max_tokens > 0 (Hugging Face's "
+                                  "max_new_tokens): set it in the policy's defaults or the request",
+                                  "params.max_tokens")
+        return BeamGroup(root, BeamSettings(
+            width=width, groups=values["groups"], length_penalty=values["length_penalty"],
+            gnmt=values["length_normalization"] == "gnmt",
+            early_stopping=values["early_stopping"],
+            num_return_sequences=values["num_return_sequences"],
+            diversity_penalty=values["diversity_penalty"], max_tokens=max_tokens))

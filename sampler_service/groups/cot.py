@@ -1,0 +1,172 @@
+"""CoT decoding (Wang & Zhou 2024, "Chain-of-Thought Reasoning Without Prompting").
+
+The first step takes the prompt's one row and branches on its k most likely tokens (of the
+distribution the policy's chain leaves; ties to the lowest id), answering k rows that all name
+that row as parent. Each branch then continues greedily (the chain still applies) until it
+finishes. Each path gets the confidence
+    Δ = mean over its answer tokens x_t of ( p(x_t¹ | x_<t) − p(x_t² | x_<t) ),
+p the model's raw distribution and x¹, x² its two most likely tokens at that step. The answer
+span is every generated token (the final EOS or stop id excluded), or, with `answer_after`,
+the tokens after the first occurrence of that id sequence (a path without it has an empty
+span and Δ = 0). The result lists the paths best first by Δ (ties: branch order) and the
+answers aggregated as the paper's "sum of Δ over paths with the same answer", best first.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from sampler_service.errors import InvalidArgument
+from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupResult, GroupStep,
+                                         Hypothesis, row_records)
+from sampler_service.policy.params import Param
+from sampler_service.policy.processors.base import GroupSelector
+from sampler_service.policy.resolved import Link
+from sampler_service.policy.selectors.greedy import Greedy
+from sampler_service.state import FinishReason, SequenceState
+
+if TYPE_CHECKING:
+    from sampler_service.engine import Engine
+
+
+def top2_margins(logits: torch.Tensor) -> list[float]:
+    """p(top1) − p(top2) of each row's raw distribution (a one-token vocabulary gives p(top1))."""
+    best = torch.topk(logits, min(2, logits.shape[1]), dim=1).values
+    probs = torch.exp(best - torch.logsumexp(logits, dim=1, keepdim=True))
+    second = probs[:, 1] if probs.shape[1] > 1 else torch.zeros_like(probs[:, 0])
+    return (probs[:, 0] - second).tolist()
+
+
+def answer_span(output: tuple[int, ...], stop_ids: frozenset[int], marker: tuple[int, ...]
+                ) -> tuple[int, int]:
+    """[start, end) of the answer span in `output` (see the module docstring)."""
+    end = len(output) - 1 if output and output[-1] in stop_ids else len(output)
+    if not marker:
+        return 0, end
+    for start in range(end - len(marker) + 1):
+        if output[start:start + len(marker)] == marker:
+            return start + len(marker), end
+    return end, end
+
+
+class CotGroup(Group):
+    """k greedy branches from the k best first tokens (see the module docstring)."""
+
+    kind = "cot"
+
+    def __init__(self, root: SequenceState, k: int, answer_after: tuple[int, ...]):
+        super().__init__(root)
+        self.k = k
+        self.answer_after = answer_after
+        self.branches: list[SequenceState] = []
+        self.margins: list[list[float]] = []
+        self.sums: list[float] = []
+
+    @property
+    def running_rows(self) -> int:
+        return 1 if self.step_number == 0 else sum(not b.finished for b in self.branches)
+
+    def _live(self) -> list[int]:
+        return [i for i, b in enumerate(self.branches) if not b.finished]
+
+    def running(self) -> list[Hypothesis]:
+        return [Hypothesis(tuple(self.branches[i].output_ids), self.sums[i], self.sums[i],
+                           FinishReason.NONE, i) for i in self._live()]
+
+    def hypotheses(self) -> list[Hypothesis]:
+        if self.result:
+            return list(self.result.hypotheses)
+        return self._paths(self.branches, self.margins, self.sums, only_finished=True)
+
+    def _paths(self, branches, margins, sums, only_finished: bool) -> list[Hypothesis]:
+        paths = []
+        for i, (branch, margin, total) in enumerate(zip(branches, margins, sums)):
+            if only_finished and not branch.finished:
+                continue
+            output = tuple(branch.output_ids)
+            start, end = answer_span(output, branch.stop_ids, self.answer_after)
+            confidence = sum(margin[start:end]) / (end - start) if end > start else 0.0
+            paths.append(Hypothesis(output, confidence, total, branch.finish_reason, i,
+                                    confidence, output[start:end]))
+        paths.sort(key=lambda h: -h.score)
+        return paths
+
+    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
+        vocab = logits.shape[1]
+        margins_in = top2_margins(logits)
+        top_n = self.root.policy.settings["logprobs"]
+        if self.step_number == 0:
+            candidates, _ = engine.process([self.root], logits.clone())
+            processed = candidates.to_dense()[0]
+            finite = int(torch.isfinite(processed).sum())
+            order = torch.sort(processed, descending=True, stable=True).indices[:min(self.k, finite)]
+            tokens = order.tolist()
+            records = row_records(logits, 0, [0] * len(tokens), tokens, [0.0] * len(tokens), top_n)
+            branches, margins, sums = [], [], []
+            for i, record in enumerate(records):
+                branch = self.branch_state(i)
+                branch.policy = replace(branch.policy, selector=Link(Greedy(), {}))
+                branch.vocab_size = vocab
+                branch.accept(record.token_id, record.entropy, record.varentropy)
+                branches.append(branch)
+                margins.append([margins_in[0]])
+                sums.append(record.logprob)
+            records = tuple(replace(r, score=r.logprob, finished=b.finished,
+                                    finish_reason=b.finish_reason, stop_token_id=b.stop_token_id)
+                            for r, b in zip(records, branches))
+        else:
+            live = self._live()
+            outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs)
+            branches, margins, sums = list(self.branches), [list(m) for m in self.margins], list(self.sums)
+            records = []
+            for row, (i, outcome) in enumerate(zip(live, outcomes)):
+                branches[i] = self.branches[i].branch(self.branches[i].sequence_id)
+                sums[i] += outcome.logprob
+                margins[i].append(margins_in[row])
+                records.append(branches[i].record_step(outcome, vocab, row, sums[i]))
+            records = tuple(records)
+        result = None
+        if all(b.finished for b in branches):
+            paths = self._paths(branches, margins, sums, only_finished=False)
+            result = GroupResult(tuple(paths), _votes(paths))
+
+        def apply() -> None:
+            self.branches, self.margins, self.sums = branches, margins, sums
+
+        return GroupStep(GroupRecord(self.step_number, logits.shape[0], records, result), vocab, apply)
+
+
+def _votes(paths: list[Hypothesis]) -> tuple[AnswerVote, ...]:
+    totals: dict[tuple[int, ...], list[float]] = defaultdict(list)
+    for path in paths:
+        totals[path.answer_ids].append(path.confidence or 0.0)
+    votes = [AnswerVote(answer, sum(deltas), len(deltas)) for answer, deltas in totals.items()]
+    votes.sort(key=lambda v: -v.total_confidence)
+    return tuple(votes)
+
+
+class CotDecoding(GroupSelector):
+    """CoT decoding (Wang & Zhou 2024): branch on the k best first tokens, continue each branch
+    greedily, rank paths by the answer span's mean top-1 − top-2 probability margin Δ and vote
+    answers by summed Δ. See `sampler_service.groups.cot`. Per-sequence state: the branches
+    (full row states), their margins and cumulative raw logprobs."""
+
+    key = "cot"
+    kind = "cot"
+    params = (
+        Param("k", "int", default=10, off=None, minimum=1,
+              doc="branches: the k most likely first tokens (the paper's default is 10)"),
+        Param("answer_after", "int_list", default=(), off=(),
+              doc="token ids that open the answer span (e.g. the ids of \"The answer is\"); "
+                  "empty = every generated token"),
+    )
+
+    def new_group(self, root: SequenceState, values: Mapping[str, Any], max_rows: int,
+                  field: str) -> CotGroup:
+        if values["k"] > max_rows:
+            raise InvalidArgument(f"k = {values['k']} exceeds this service's cap of {max_rows} "
+                                  "rows per group (--max-group-rows)", f"{field}.k")
+        return CotGroup(root, values["k"], tuple(values["answer_after"]))

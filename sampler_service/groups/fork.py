@@ -1,0 +1,91 @@
+"""Forks: `n` parallel samples of one prompt and vLLM's `best_of`.
+
+The first step takes the prompt's one row and answers `best_of` rows (n when best_of is not
+set), all naming that row as parent; the worker copies its KV cache into each. Fork i is an
+independent sequence with seed + i (vLLM's rule for seeded requests), so its tokens are the
+same on every run and differ from its siblings'. Later steps send one row per running fork;
+a fork that finishes stops sending rows. When every fork finished, the result lists the forks
+in fork order with their cumulative raw logprob as score, or, with best_of > n, the n forks
+with the highest cumulative raw logprob, best first (vLLM's best_of ranking; its v1 reports raw
+logprobs).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sampler_service.errors import InvalidArgument
+from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis
+from sampler_service.state import FinishReason, SequenceState
+
+if TYPE_CHECKING:
+    from sampler_service.engine import Engine
+
+SEED_SPACE = 2 ** 64
+
+
+class ForkGroup(Group):
+    """`best_of` sampling branches of one root sequence (see the module docstring)."""
+
+    kind = "fork"
+
+    def __init__(self, root: SequenceState, n: int, best_of: int):
+        super().__init__(root)
+        self.n = n
+        self.forks = [self.branch_state(i, (root.seed + i) % SEED_SPACE) for i in range(best_of)]
+        self.sums = [0.0] * best_of
+
+    @classmethod
+    def create(cls, root: SequenceState, max_rows: int, field: str) -> "ForkGroup":
+        """Checks `n` and `best_of` of the root's settings; `field` prefixes the parameters."""
+        n, best_of = root.policy.settings["n"], root.policy.settings["best_of"]
+        best_of = best_of or n
+        if best_of < n:
+            raise InvalidArgument(f"best_of = {best_of} must be >= n = {n}", f"{field}best_of")
+        if best_of > max_rows:
+            raise InvalidArgument(f"{best_of} forks exceed this service's cap of {max_rows} rows "
+                                  "per group (--max-group-rows)", f"{field}best_of")
+        return cls(root, n, best_of)
+
+    def _live(self) -> list[int]:
+        return [i for i, fork in enumerate(self.forks) if not fork.finished]
+
+    @property
+    def running_rows(self) -> int:
+        return 1 if self.step_number == 0 else len(self._live())
+
+    def running(self) -> list[Hypothesis]:
+        return [Hypothesis(tuple(self.forks[i].output_ids), self.sums[i], self.sums[i],
+                           FinishReason.NONE, i) for i in self._live()]
+
+    def _finished(self, forks: list[SequenceState], sums: list[float]) -> list[Hypothesis]:
+        done = [Hypothesis(tuple(f.output_ids), total, total, f.finish_reason, i)
+                for i, (f, total) in enumerate(zip(forks, sums)) if f.finished]
+        if len(forks) > self.n:  # best_of: the n best by cumulative logprob
+            done.sort(key=lambda h: -h.score)
+            return done[:self.n]
+        return done
+
+    def hypotheses(self) -> list[Hypothesis]:
+        return list(self.result.hypotheses) if self.result else self._finished(self.forks, self.sums)
+
+    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
+        live = self._live()
+        parents = [0] * len(live) if self.step_number == 0 else list(range(len(live)))
+        rows = logits.index_select(0, torch.tensor(parents, device=logits.device))
+        outcomes = engine.step([self.forks[i] for i in live], rows, processed_logprobs)
+        forks, sums = list(self.forks), list(self.sums)
+        records = []
+        for i, parent, outcome in zip(live, parents, outcomes):
+            forks[i] = self.forks[i].branch(self.forks[i].sequence_id)
+            sums[i] += outcome.logprob
+            records.append(forks[i].record_step(outcome, logits.shape[1], parent, sums[i]))
+        result = None
+        if all(f.finished for f in forks):
+            result = GroupResult(tuple(self._finished(forks, sums)))
+
+        def apply() -> None:
+            self.forks, self.sums = forks, sums
+
+        return GroupStep(GroupRecord(self.step_number, logits.shape[0], tuple(records), result), logits.shape[1], apply)
