@@ -51,6 +51,36 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
 
 
+def show_groups(model, tokenizer, client: SamplerClient) -> None:
+    """Beam search (checked against Hugging Face's) and CoT decoding through the sidecar."""
+    input_ids = chat_ids(tokenizer, RUNS[0][0])
+    options = dict(num_beams=4, num_return_sequences=2, max_new_tokens=MAX_NEW_TOKENS)
+    started = time.perf_counter()
+    reference = model.generate(input_ids, do_sample=False, **options)[:, input_ids.shape[1]:]
+    hf_s = time.perf_counter() - started
+    results: list = []
+    started = time.perf_counter()
+    beams = hf.generate(model, input_ids, client, results=results, **options)
+    ours_s = time.perf_counter() - started
+    pad = model.generation_config.pad_token_id
+    same = [b + [pad] * (reference.shape[1] - len(b)) for b in beams] == reference.tolist()
+    print(f"[beam search, 4 beams] {RUNS[0][0]}")
+    for hypothesis in results[0].hypotheses:
+        text = tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True).strip()
+        print(f"  score {hypothesis.score:7.3f}: {text}")
+    print(f"  -> sidecar {ours_s:.1f}s, Hugging Face in-process {hf_s:.1f}s; identical to "
+          f"generate(num_beams=4): {same}\n")
+    question = "What is 7 + 5? Answer with a number."
+    results = []
+    hf.generate(model, chat_ids(tokenizer, question), client, cot_k=4, max_new_tokens=16,
+                results=results)
+    print(f"[CoT decoding, 4 branches] {question}")
+    for path in results[0].hypotheses:
+        text = tokenizer.decode(path.token_ids, skip_special_tokens=True).strip().replace("\n", " ")
+        print(f"  confidence {path.confidence:.3f}: {text}")
+    print()
+
+
 def main() -> None:
     process, address = start_service()
     try:
@@ -82,7 +112,8 @@ def main() -> None:
             reference = reference[0, input_ids.shape[1]:].tolist()
             ours = hf.generate(model, input_ids, client, policy="greedy", max_new_tokens=MAX_NEW_TOKENS)[0]
             print(f"Hugging Face in-process greedy: {len(reference) / elapsed:.1f} tokens/s; "
-                  f"sidecar greedy identical token for token: {ours == reference}")
+                  f"sidecar greedy identical token for token: {ours == reference}\n")
+            show_groups(model, tokenizer, client)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)

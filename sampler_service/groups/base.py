@@ -88,10 +88,6 @@ class Group(ABC):
         self.result: GroupResult | None = None
 
     @property
-    def policy(self):
-        return self.root.policy
-
-    @property
     def finished(self) -> bool:
         return self.result is not None
 

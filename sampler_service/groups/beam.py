@@ -100,7 +100,6 @@ class Advance:
     beams: Beams
     parents: list[int]
     tokens: list[int]
-    all_hit: bool
 
 
 def advance(beams: Beams, scores: torch.Tensor, stop_ids: torch.Tensor, generated: int,
@@ -152,12 +151,11 @@ def advance(beams: Beams, scores: torch.Tensor, stop_ids: torch.Tensor, generate
     best_possible = new_scores[:1] / settings.penalty(best_length)
     worst_finished = torch.where(slot_finished, torch.min(slot_scores), torch.tensor(NEG))
     improvable = beams.improvable and bool((best_possible > worst_finished).any())
-    all_hit = bool(hits.all())
     done = (not improvable or (bool(slot_finished.all()) and settings.early_stopping == "true")
-            or all_hit)
+            or bool(hits.all()))
     new_beams = Beams(beams.rows, new_scores, tuple(slots), slot_scores, slot_finished,
                       improvable, done)
-    return Advance(new_beams, new_parents, new_tokens, all_hit)
+    return Advance(new_beams, new_parents, new_tokens)
 
 
 class BeamGroup(Group):

@@ -1,5 +1,6 @@
 """Writes `docs/policies.md` from the code: each stage's docstring and parameter schema, the
-sequence settings, the canonical order and the shipped policies. `make docs` runs it and CI
+sequence settings, the groups (from the docstrings of `sampler_service.groups`), the canonical
+order and the shipped policies. `make docs` runs it and CI
 fails when the committed file differs (`make check-docs`)."""
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import inspect
 import json
 from importlib import resources
 
+import yaml
+
+from sampler_service.groups import fork
 from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.processors.base import Stage
-from sampler_service.policy.registry import DEFAULT_POLICIES
+from sampler_service.policy.registry import DEFAULT_POLICIES, parse_policy_document
 from sampler_service.policy.resolved import ALWAYS_OVERRIDABLE, SETTINGS
 from sampler_service.policy.selectors import SELECTORS
 
@@ -55,6 +59,72 @@ policies:
 """
 
 
+GROUPS_INTRO = """\
+## Groups: beam search, forks, CoT decoding
+
+A **group** is one sequence (one id, policy and seed) that sends several logits rows per step.
+A sequence is created as a group when its policy's selector is `beam` or `cot`, or when its
+settings ask for forks (`n` > 1 or `best_of` > 1). `CreateSequences` answers the group's kind
+(`group_kind`: `beam`, `fork` or `cot`) and `running_rows`, the rows its first step sends:
+W for beam search (the prompt expanded W times, as Hugging Face does), 1 for forks and CoT.
+
+At each step:
+- The group's rows come one after another in the request, all with the group's id. A row may
+  carry `branch`, its index among the group's running rows; it is checked when set.
+- The answer has one choice per output row. Its `parent_row` is the request row it continues
+  (reorder the KV cache by it for beams, copy it for the rows forks and CoT fan out to at
+  step 0), `branch` its index among the output rows and `score` its running score.
+- The next step sends the rows whose choice has `finished = false`, in the answer's order
+  (the SDK handle's `running_rows` counts them).
+- The response to the group's last step (every choice finished) carries its result: the
+  hypotheses best first and, for CoT, the aggregated answers (`StepResponse.results`, the SDK
+  handle's `result`). `GetSequence` reports the same (`SequenceInfo.group`), and while the
+  group runs, its running rows and the hypotheses finished so far.
+"""
+
+#: A policy file using the group selectors; `render` validates it, so it cannot go stale.
+GROUP_POLICIES = """\
+policies:
+  beam4:
+    description: generate(num_beams=4, no_repeat_ngram_size=3, max_new_tokens=32)
+    chain:
+      - no_repeat_ngram: {size: 3}
+    select: {beam: {width: 4, length_penalty: 1.0, early_stopping: "false"}}
+    defaults: {max_tokens: 32}
+  diverse:
+    description: num_beams=6, num_beam_groups=3, diversity_penalty=0.5, three returned
+    select: {beam: {width: 6, groups: 3, diversity_penalty: 0.5, num_return_sequences: 3}}
+    defaults: {max_tokens: 32}
+  cot10:
+    description: CoT decoding, 10 branches
+    select: {cot: {k: 10}}
+    defaults: {max_tokens: 64}
+    overridable: [max_tokens]"""
+
+GROUP_SDK_EXAMPLE = """\
+from sampler_client import SamplerClient, hf
+
+with SamplerClient("127.0.0.1:50051") as client:
+    group = client.create_beam_group(prompt_ids, num_beams=4, max_new_tokens=32,
+                                     eos_token_ids=[2], no_repeat_ngram_size=3)
+    rows = [list(prompt_ids)] * group.running_rows       # step 0: the prompt, W times
+    while group.result is None:
+        choices = group.step(next_logits(rows))          # your model: [len(rows), vocab]
+        rows = [rows[c.parent_row] + [c.token_id] for c in choices if not c.finished]
+    for hypothesis in group.result.hypotheses:           # best first
+        print(hypothesis.score, hypothesis.token_ids)
+    group.release()
+
+    # Forks and CoT decoding run the same loop; their first step sends one row.
+    forks = client.create_forks(prompt_ids, n=4, best_of=8, policy="creative", seed=7,
+                                params={"max_tokens": 64})
+    paths = client.create_cot_group(prompt_ids, k=10, max_new_tokens=64)
+
+    # Or let the Hugging Face bridge run a transformers model, its KV cache following
+    # parent_row: the outputs equal model.generate(input_ids, num_beams=4, do_sample=False, ...).
+    outputs = hf.generate(model, input_ids, client, num_beams=4, max_new_tokens=32)"""
+
+
 def _value(value, unset: str = "not set") -> str:
     if value is None:
         return unset
@@ -85,6 +155,36 @@ def _stage_section(stage: type[Stage]) -> list[str]:
             "Example:", "", "```yaml", where + example, "```", ""]
 
 
+def _module_doc(module) -> list[str]:
+    """A module's docstring as a block of lines."""
+    return [inspect.cleandoc(module.__doc__ or ""), ""]
+
+
+def _selector_module_doc(key: str) -> list[str]:
+    """The docstring of the module that defines selector `key` (found through the registry: a
+    plain `import sampler_service.groups.cot` ahead of the selectors would drop `cot` from it)."""
+    return _module_doc(inspect.getmodule(SELECTORS[key]))
+
+
+def _groups_section() -> list[str]:
+    """What groups are, each kind from its module docstring, and the (validated) examples."""
+    parse_policy_document(yaml.safe_load(GROUP_POLICIES), "docgen GROUP_POLICIES")
+    fork_settings = tuple(p for p in SETTINGS if p.name in ("n", "best_of"))
+    return [GROUPS_INTRO,
+            "### Beam search and diverse beam search: `select: {beam: {...}}`", "",
+            *_selector_module_doc("beam"), "Parameters: the `beam` selector above.", "",
+            "### Forks: the sequence settings `n` and `best_of`", "",
+            *_module_doc(fork),
+            *_param_table(fork_settings, {p.name: p.name for p in fork_settings}),
+            "### CoT decoding: `select: {cot: {...}}`", "",
+            *_selector_module_doc("cot"), "Parameters: the `cot` selector above.", "",
+            "### Example", "",
+            "A policy file (`--policies FILE`) with beam search, diverse beam search and CoT "
+            "decoding:", "", "```yaml", GROUP_POLICIES, "```", "",
+            "The Python SDK, stepping a group by hand:", "", "```python", GROUP_SDK_EXAMPLE,
+            "```", ""]
+
+
 def render() -> str:
     canonical = " → ".join(f"`{cls.key}`" for cls in CANONICAL_ORDER)
     out = [INTRO.format(canonical=canonical), "## Processors", ""]
@@ -97,6 +197,7 @@ def render() -> str:
             "Set in a policy's `defaults:` or, where the policy allows (always for "
             + ", ".join(f"`{n}`" for n in sorted(ALWAYS_OVERRIDABLE)) + "), by a request.", "",
             *_param_table(SETTINGS, {p.name: p.name for p in SETTINGS}),
+            *_groups_section(),
             "## Shipped policies", "", "```yaml",
             resources.files("sampler_service.policy").joinpath(DEFAULT_POLICIES).read_text().rstrip(),
             "```", ""]

@@ -27,8 +27,8 @@ SETTINGS: tuple[Param, ...] = (
 )
 SETTING_NAMES = frozenset(p.name for p in SETTINGS)
 #: Settings a request may always set, whatever the policy's `overridable` list says: they
-#: change what is reported, never which token is chosen.
-ALWAYS_OVERRIDABLE = frozenset({"logprobs"})
+#: change what is reported or how many samples are drawn, never how any one token is chosen.
+ALWAYS_OVERRIDABLE = frozenset({"logprobs", "n", "best_of"})
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def step_rows_from_pb(rows) -> list[StepRow]:
                     r.branch if r.HasField("branch") else None) for r in rows]
 
 
-def version_pb(state: SequenceState | Group) -> pb.PolicyVersion:
+def version_pb(state: SequenceState) -> pb.PolicyVersion:
     return pb.PolicyVersion(number=state.policy.version.number, hash=state.policy.version.hash)
 
 

