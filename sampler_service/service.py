@@ -140,7 +140,7 @@ class SamplerCore:
                                       f"{prefix}params.n")
             where = f"{prefix}policy_spec.select" if request.policy_spec else f"{prefix}policy"
             return selector.stage.new_group(root, selector.values, self.max_group_rows,
-                                            f"{where}.{selector.stage.key}")
+                                            f"{where}.{selector.stage.key}", f"{prefix}params")
         if forks:
             return ForkGroup.create(root, self.max_group_rows, f"{prefix}params.")
         return root

@@ -280,7 +280,7 @@ class BeamSearch(GroupSelector):
     )
 
     def new_group(self, root: SequenceState, values: Mapping[str, Any], max_rows: int,
-                  field: str) -> BeamGroup:
+                  field: str, params_field: str) -> BeamGroup:
         width = values["width"]
         if width > max_rows:
             raise InvalidArgument(f"width {width} exceeds this service's cap of {max_rows} rows per "
@@ -295,7 +295,7 @@ class BeamSearch(GroupSelector):
         if not max_tokens:
             raise InvalidArgument("beam search needs max_tokens > 0 (Hugging Face's "
                                   "max_new_tokens): set it in the policy's defaults or the request",
-                                  "params.max_tokens")
+                                  f"{params_field}.max_tokens")
         return BeamGroup(root, BeamSettings(
             width=width, groups=values["groups"], length_penalty=values["length_penalty"],
             gnmt=values["length_normalization"] == "gnmt",

@@ -25,7 +25,6 @@ from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupRe
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector
 from sampler_service.policy.resolved import Link
-from sampler_service.policy.selectors.greedy import Greedy
 from sampler_service.state import FinishReason, SequenceState
 
 if TYPE_CHECKING:
@@ -105,6 +104,8 @@ class CotGroup(Group):
             order = torch.sort(processed, descending=True, stable=True).indices[:min(self.k, finite)]
             tokens = order.tolist()
             records = row_records(logits, 0, [0] * len(tokens), tokens, [0.0] * len(tokens), top_n)
+            # Imported here: the selector registry imports this module (a cycle at import time).
+            from sampler_service.policy.selectors.greedy import Greedy
             branches, margins, sums = [], [], []
             for i, record in enumerate(records):
                 branch = self.branch_state(i)
@@ -165,7 +166,7 @@ class CotDecoding(GroupSelector):
     )
 
     def new_group(self, root: SequenceState, values: Mapping[str, Any], max_rows: int,
-                  field: str) -> CotGroup:
+                  field: str, params_field: str) -> CotGroup:
         if values["k"] > max_rows:
             raise InvalidArgument(f"k = {values['k']} exceeds this service's cap of {max_rows} "
                                   "rows per group (--max-group-rows)", f"{field}.k")

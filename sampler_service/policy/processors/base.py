@@ -119,11 +119,12 @@ class Selector(Stage):
 class GroupSelector(Stage):
     """A selector that makes its sequence a group of rows (beam search, CoT decoding): see
     `sampler_service.groups`. `new_group` checks the selector's values against the sequence
-    (InvalidArgument naming `field`, at most `max_rows` rows) and builds the group."""
+    (InvalidArgument naming `field`, the selector's spec path, or `params_field` + a setting;
+    at most `max_rows` rows) and builds the group."""
 
     kind: ClassVar[str]
 
     @abstractmethod
-    def new_group(self, root: Any, values: Mapping[str, Any], max_rows: int,
-                  field: str) -> "Group":
+    def new_group(self, root: Any, values: Mapping[str, Any], max_rows: int, field: str,
+                  params_field: str) -> "Group":
         ...
