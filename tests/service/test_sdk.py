@@ -134,3 +134,25 @@ def test_the_client_imports_without_torch():
             "assert encode_tensor(np.zeros(3, np.float16)).shape == [3]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_async_client_runs_groups(server):
+    """The asyncio twin creates and steps a beam group, forks and a CoT group."""
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
+
+    async def run():
+        async with AsyncSamplerClient(server.address) as client:
+            beams = await client.create_beam_group([3], 2, max_new_tokens=1, num_return_sequences=2)
+            beam_choices = await beams.step(logits.expand(2, 4))
+            forks = await client.create_forks([3], 3, seed=5, params={"max_tokens": 1})
+            fork_choices = await forks.step(logits)
+            cot = await client.create_cot_group([3], 2, max_new_tokens=1)
+            await cot.step(logits)
+            info = await cot.info()
+            return beams.result, beam_choices, forks.result, fork_choices, info.group
+
+    beam_result, beam_choices, fork_result, fork_choices, cot_info = asyncio.run(run())
+    assert [h.token_ids for h in beam_result.hypotheses] == [[1], [2]]
+    assert [c.parent_row for c in beam_choices] == [0, 0] and all(c.finished for c in beam_choices)
+    assert len(fork_result.hypotheses) == 3 and [c.parent_row for c in fork_choices] == [0, 0, 0]
+    assert cot_info.kind == "cot" and [h.token_ids[0] for h in cot_info.hypotheses] in ([1, 2], [2, 1])

@@ -2,16 +2,19 @@
 
 `sampler_client.hf` (needs torch and transformers) drives a Hugging Face model through it.
 """
-from sampler_client.aio import AsyncSamplerClient, AsyncSequence, AsyncStepStream
-from sampler_client.client import SamplerClient, Sequence, StepStream
+from sampler_client.aio import (AsyncSamplerClient, AsyncSequence, AsyncSequenceGroup,
+                                AsyncStepStream)
+from sampler_client.client import SamplerClient, Sequence, SequenceGroup, StepStream
 from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError, FieldViolation,
                                    InvalidArgumentError, NotFoundError, ResourceExhaustedError,
                                    SamplerError, UnavailableError)
-from sampler_client.types import Choice, SequenceInfo
+from sampler_client.types import (AnswerVote, Choice, GroupInfo, GroupResult, Hypothesis,
+                                  SequenceInfo)
 
 __all__ = [
-    "AlreadyExistsError", "AsyncSamplerClient", "AsyncSequence", "AsyncStepStream", "Choice",
-    "FailedPreconditionError", "FieldViolation", "InvalidArgumentError", "NotFoundError",
-    "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceInfo",
-    "StepStream", "UnavailableError",
+    "AlreadyExistsError", "AnswerVote", "AsyncSamplerClient", "AsyncSequence",
+    "AsyncSequenceGroup", "AsyncStepStream", "Choice", "FailedPreconditionError", "FieldViolation",
+    "GroupInfo", "GroupResult", "Hypothesis", "InvalidArgumentError", "NotFoundError",
+    "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceGroup",
+    "SequenceInfo", "StepStream", "UnavailableError",
 ]

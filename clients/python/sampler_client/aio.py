@@ -7,7 +7,7 @@ import grpc
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
-from sampler_client import requests
+from sampler_client import requests, specs
 from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, _advance,
                                    channel_options, make_handle, step_rows)
 from sampler_client.errors import from_rpc_error
@@ -80,6 +80,20 @@ class AsyncSamplerClient:
             for c in configs])
         response = await self._call(self._stub.CreateSequences, request)
         return [make_handle(self, c, AsyncSequence, AsyncSequenceGroup) for c in response.sequences]
+
+    async def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *,
+                                max_new_tokens: int, **options: Any) -> AsyncSequenceGroup:
+        return (await self.create_sequences([specs.beam_group_config(
+            prompt_ids, num_beams, max_new_tokens=max_new_tokens, **options)]))[0]
+
+    async def create_cot_group(self, prompt_ids: Iterable[int], k: int = 10, *,
+                               max_new_tokens: int, **options: Any) -> AsyncSequenceGroup:
+        return (await self.create_sequences([specs.cot_group_config(
+            prompt_ids, k, max_new_tokens=max_new_tokens, **options)]))[0]
+
+    async def create_forks(self, prompt_ids: Iterable[int], n: int,
+                           **options: Any) -> AsyncSequenceGroup:
+        return (await self.create_sequences([specs.fork_config(prompt_ids, n, **options)]))[0]
 
     async def release(self, sequences: Iterable[AsyncSequence | str]) -> list[str]:
         ids = [s if isinstance(s, str) else s.sequence_id for s in sequences]

@@ -172,32 +172,24 @@ class SamplerClient:
         return [make_handle(self, c, Sequence, SequenceGroup) for c in response.sequences]
 
     def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *, max_new_tokens: int,
-                          eos_token_ids: Iterable[int] = (), sequence_id: str | None = None,
                           **options: Any) -> SequenceGroup:
-        """A beam search group with Hugging Face's `generate()` options (see
-        `specs.beam_search_policy`); its first step sends `num_beams` copies of the prompt's row."""
-        return self.create_sequence(specs.beam_search_policy(num_beams, max_new_tokens=max_new_tokens,
-                                                             **options),
-                                    prompt_ids, sequence_id=sequence_id, eos_token_ids=eos_token_ids)
+        """Beam search with Hugging Face `generate()`'s options (`specs.beam_search_policy`,
+        plus `eos_token_ids`, `sequence_id`); the first step sends `num_beams` copies of the
+        prompt's row."""
+        return self.create_sequences([specs.beam_group_config(
+            prompt_ids, num_beams, max_new_tokens=max_new_tokens, **options)])[0]
 
     def create_cot_group(self, prompt_ids: Iterable[int], k: int = 10, *, max_new_tokens: int,
-                         answer_after: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
-                         sequence_id: str | None = None) -> SequenceGroup:
-        """CoT decoding: k greedy branches from the k best first tokens, ranked by confidence."""
-        return self.create_sequence(specs.cot_policy(k, max_new_tokens=max_new_tokens,
-                                                     answer_after=answer_after),
-                                    prompt_ids, sequence_id=sequence_id, eos_token_ids=eos_token_ids)
+                         **options: Any) -> SequenceGroup:
+        """CoT decoding: k greedy branches from the k best first tokens, ranked by confidence
+        (`specs.cot_group_config`: `answer_after`, `eos_token_ids`, `sequence_id`, ...)."""
+        return self.create_sequences([specs.cot_group_config(
+            prompt_ids, k, max_new_tokens=max_new_tokens, **options)])[0]
 
-    def create_forks(self, prompt_ids: Iterable[int], n: int, *, best_of: int = 0,
-                     policy: str | Mapping[str, Any] | None = None,
-                     params: Mapping[str, Any] | None = None, seed: int | None = None,
-                     eos_token_ids: Iterable[int] = (),
-                     sequence_id: str | None = None) -> SequenceGroup:
-        """n samples of one prompt (vLLM n / best_of): the first step sends one row and gets
-        best_of (or n) rows back; fork i draws with seed + i."""
-        return self.create_sequence(policy, prompt_ids, seed,
-                                    {**(params or {}), "n": n, "best_of": best_of},
-                                    sequence_id=sequence_id, eos_token_ids=eos_token_ids)
+    def create_forks(self, prompt_ids: Iterable[int], n: int, **options: Any) -> SequenceGroup:
+        """n samples of one prompt (vLLM n / best_of; `specs.fork_config`): the first step sends
+        one row and gets best_of (or n) rows back; fork i draws with seed + i."""
+        return self.create_sequences([specs.fork_config(prompt_ids, n, **options)])[0]
 
     def release(self, sequences: Iterable[Sequence | str]) -> list[str]:
         """Releases sequences (objects or ids); returns the ids that were not found."""

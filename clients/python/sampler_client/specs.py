@@ -5,7 +5,7 @@ wherever a policy is taken, or let `SamplerClient.create_beam_group` / `create_c
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 def _hf_chain(*, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
@@ -50,3 +50,30 @@ def cot_policy(k: int = 10, *, max_new_tokens: int, answer_after: Iterable[int] 
         "select": {"cot": {"k": k, "answer_after": list(answer_after)}},
         "defaults": {"max_tokens": max_new_tokens},
     }
+
+
+def beam_group_config(prompt_ids: Iterable[int], num_beams: int, *, max_new_tokens: int,
+                      eos_token_ids: Iterable[int] = (), sequence_id: str | None = None,
+                      **options: Any) -> dict[str, Any]:
+    """`create_sequences` keywords of a beam search group (options: `beam_search_policy`'s)."""
+    return dict(policy=beam_search_policy(num_beams, max_new_tokens=max_new_tokens, **options),
+                prompt_ids=prompt_ids, eos_token_ids=eos_token_ids, sequence_id=sequence_id)
+
+
+def cot_group_config(prompt_ids: Iterable[int], k: int = 10, *, max_new_tokens: int,
+                     answer_after: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
+                     sequence_id: str | None = None, **options: Any) -> dict[str, Any]:
+    """`create_sequences` keywords of a CoT decoding group (options: `cot_policy`'s)."""
+    return dict(policy=cot_policy(k, max_new_tokens=max_new_tokens, answer_after=answer_after,
+                                  **options),
+                prompt_ids=prompt_ids, eos_token_ids=eos_token_ids, sequence_id=sequence_id)
+
+
+def fork_config(prompt_ids: Iterable[int], n: int, *, best_of: int = 0,
+                policy: str | Mapping[str, Any] | None = None,
+                params: Mapping[str, Any] | None = None, seed: int | None = None,
+                eos_token_ids: Iterable[int] = (), sequence_id: str | None = None) -> dict[str, Any]:
+    """`create_sequences` keywords of n forks of one prompt (vLLM n / best_of)."""
+    return dict(policy=policy, prompt_ids=prompt_ids, seed=seed,
+                params={**(params or {}), "n": n, "best_of": best_of},
+                eos_token_ids=eos_token_ids, sequence_id=sequence_id)
