@@ -5,7 +5,8 @@ package, and generates with num_beams = 4, max_new_tokens = 32 from a chat-templ
 once with `sampler_client.hf.generate` (the model runs here, every beam step is a StepStream
 round trip to the service) and once with `model.generate(num_beams=4, do_sample=False)`.
 Checks that both give the same tokens, then prints the median wall time of each over the
-repeats, tokens/s, the sidecar's round trip and in-service time per step, and the overhead.
+repeats (taken in turns), tokens/s, the sidecar's round trip and in-service time per step, and
+the overhead: the ratio of wall times, and the round trips' share of the sidecar run.
 
     python benchmarks/beam_generate.py [--repeats 3] [--threads 2]
 """
@@ -34,15 +35,17 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds over `repeats` calls after one warm-up, the last call's result)."""
-    result = fn()
-    samples = []
+def interleaved(fns, repeats: int) -> list[tuple[float, object]]:
+    """Per function, (median seconds, last result) over `repeats` rounds that call each function
+    once in turn, after one warm-up round (taking turns spreads the CPU's drift over both)."""
+    samples: list[list[float]] = [[] for _ in fns]
+    results: list[object] = [fn() for fn in fns]
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples), result
+        for i, fn in enumerate(fns):
+            started = time.perf_counter()
+            results[i] = fn()
+            samples[i].append(time.perf_counter() - started)
+    return [(statistics.median(s), r) for s, r in zip(samples, results)]
 
 
 def main() -> None:
@@ -69,13 +72,13 @@ def main() -> None:
                                      max_new_tokens=MAX_NEW_TOKENS)
                 return out[0, input_ids.shape[1]:].tolist()
 
-            sidecar_s, ours = timed(sidecar, args.repeats)
-            hf_s, theirs = timed(in_process, args.repeats)
+            (sidecar_s, ours), (hf_s, theirs) = interleaved((sidecar, in_process), args.repeats)
     finally:
         server.stop(0)
     last = stats[-1]
-    print(f"SmolLM2-135M-Instruct, beam search W = {NUM_BEAMS}, max_new_tokens = {MAX_NEW_TOKENS}, "
-          f"prompt {input_ids.shape[1]} tokens, {args.threads} threads, cpu; median of {args.repeats}")
+    print(f"SmolLM2-135M-Instruct, beam search W = {NUM_BEAMS}, max_new_tokens = "
+          f"{MAX_NEW_TOKENS}, prompt {input_ids.shape[1]} tokens, {args.threads} threads, cpu; "
+          f"median of {args.repeats}")
     if ours == theirs:
         print(f"tokens: equal ({len(ours)} tokens): "
               f"{tokenizer.decode(ours, skip_special_tokens=True).strip()!r}")
@@ -86,8 +89,10 @@ def main() -> None:
     print(f"  sidecar hf.generate                 {1e3 * sidecar_s:8.1f} ms  "
           f"{len(ours) / sidecar_s:6.1f} tokens/s  ({last.steps} steps, {last.tokens} beam rows)")
     print(f"    per step: sidecar round trip {last.sidecar_ms_per_step:.2f} ms, in the service "
-          f"{last.service_ms_per_step:.2f} ms, model forward {1e3 * last.model_s / last.steps:.1f} ms")
-    print(f"  overhead: sidecar / Hugging Face wall time = {sidecar_s / hf_s:.2f}x")
+          f"{last.service_ms_per_step:.2f} ms, model forward "
+          f"{1e3 * last.model_s / last.steps:.1f} ms")
+    print(f"  overhead: sidecar / Hugging Face wall time = {sidecar_s / hf_s:.2f}x; the round "
+          f"trips are about {100 * last.sidecar_s / sidecar_s:.1f}% of the sidecar run's wall time")
 
 
 if __name__ == "__main__":

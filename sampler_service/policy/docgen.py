@@ -10,7 +10,7 @@ from importlib import resources
 
 import yaml
 
-from sampler_service.groups import fork
+from sampler_service.groups import beam, cot, fork
 from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
@@ -160,24 +160,18 @@ def _module_doc(module) -> list[str]:
     return [inspect.cleandoc(module.__doc__ or ""), ""]
 
 
-def _selector_module_doc(key: str) -> list[str]:
-    """The docstring of the module that defines selector `key` (found through the registry: a
-    plain `import sampler_service.groups.cot` ahead of the selectors would drop `cot` from it)."""
-    return _module_doc(inspect.getmodule(SELECTORS[key]))
-
-
 def _groups_section() -> list[str]:
     """What groups are, each kind from its module docstring, and the (validated) examples."""
     parse_policy_document(yaml.safe_load(GROUP_POLICIES), "docgen GROUP_POLICIES")
     fork_settings = tuple(p for p in SETTINGS if p.name in ("n", "best_of"))
     return [GROUPS_INTRO,
             "### Beam search and diverse beam search: `select: {beam: {...}}`", "",
-            *_selector_module_doc("beam"), "Parameters: the `beam` selector above.", "",
+            *_module_doc(beam), "Parameters: the `beam` selector above.", "",
             "### Forks: the sequence settings `n` and `best_of`", "",
             *_module_doc(fork),
             *_param_table(fork_settings, {p.name: p.name for p in fork_settings}),
             "### CoT decoding: `select: {cot: {...}}`", "",
-            *_selector_module_doc("cot"), "Parameters: the `cot` selector above.", "",
+            *_module_doc(cot), "Parameters: the `cot` selector above.", "",
             "### Example", "",
             "A policy file (`--policies FILE`) with beam search, diverse beam search and CoT "
             "decoding:", "", "```yaml", GROUP_POLICIES, "```", "",

@@ -22,6 +22,14 @@ class TokenHistory:
         for token in output_ids:
             self.append(token)
 
+    def copy(self) -> "TokenHistory":
+        """An independent copy, O(distinct tokens) (a beam or fork branch continues from it)."""
+        other = TokenHistory(())
+        other._seen = dict(self._seen)
+        other._output_counts = Counter(self._output_counts)
+        other._seen_tensor, other._counts_tensors = self._seen_tensor, self._counts_tensors
+        return other
+
     def append(self, token_id: int) -> None:
         """Records one generated token."""
         if token_id not in self._seen:

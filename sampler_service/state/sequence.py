@@ -1,7 +1,7 @@
 """The state the service keeps for one sequence between steps."""
 from __future__ import annotations
 
-import dataclasses
+import copy
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,7 +70,6 @@ class SequenceState:
 
     def __post_init__(self) -> None:
         self.history = TokenHistory(self.prompt_ids, self.output_ids)
-        # `branch` (dataclasses.replace) runs this again: a branch rebuilds its history.
 
     @property
     def position(self) -> int:
@@ -87,14 +86,19 @@ class SequenceState:
         return self.eos_token_ids | frozenset(self.policy.settings["stop_token_ids"])
 
     def branch(self, sequence_id: str, seed: int | None = None) -> "SequenceState":
-        """A copy that continues independently (a beam, fork or CoT branch): the whole state
-        is cloned here, in one place, so no field can be forgotten. Stage memory is copied
-        shallowly: stages keep immutable values or indices guarded by their owner's id."""
-        return dataclasses.replace(
-            self, sequence_id=sequence_id, seed=self.seed if seed is None else seed,
-            output_ids=list(self.output_ids), entropies=list(self.entropies),
-            varentropies=list(self.varentropies), last_record=None,
-            processor_state=dict(self.processor_state))
+        """A copy that continues independently (a beam, fork or CoT branch), cloned here in one
+        place: every mutable field gets its own copy (tests/unit/test_state.py checks that no
+        field is shared). Stage memory is copied shallowly: stages keep immutable values or
+        indices guarded by their owner's id."""
+        other = copy.copy(self)
+        other.sequence_id = sequence_id
+        other.seed = self.seed if seed is None else seed
+        other.output_ids = list(self.output_ids)
+        other.entropies, other.varentropies = list(self.entropies), list(self.varentropies)
+        other.last_record = None
+        other.processor_state = dict(self.processor_state)
+        other.history = self.history.copy()
+        return other
 
     def record_step(self, outcome: "RowOutcome", vocab: int, parent: int = 0,
                     score: float = 0.0) -> StepRecord:
