@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from common import median_ms, print_table, zipf_logits
-from sampler_service.engine import Engine, raw_statistics
+from sampler_service.engine import Engine
+from sampler_service.policy.statistics import raw_statistics
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.processors import PROCESSORS

@@ -8,7 +8,8 @@ Order of operations for a step (`Engine.step`):
      stage's parameters become [rows] tensors once, the processors run in chain order on a
      float32 copy of the group's logits (`Candidates`: dense, or sparse once a truncation
      bounds every row), and the selector picks one token per row.
-  3. Optionally, processed logprobs (of the distribution the selector drew from).
+  3. Optionally, processed logprobs (of the distribution the selector drew from). Each row
+     also gets its stages' memory updates and explanations (`RowBatch.explain`).
 The engine reads sequence state but never changes it: the caller accepts the tokens.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.candidates import Candidates
-from sampler_service.policy.processors.base import RowBatch, Selector, Stage
+from sampler_service.policy.processors.base import RowBatch, RowInputs, Selector, Stage
+from sampler_service.policy.statistics import RawStatistics, raw_statistics
 from sampler_service.policy.resolved import Link
 from sampler_service.state import SequenceState
 
@@ -42,43 +44,8 @@ class RowOutcome:
     processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
     #: Per-sequence state the stages asked to keep (e.g. mirostat's mu), by stage key.
     memory: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RawStatistics:
-    """Per-row statistics of the raw distribution p = softmax(l), [R] float32 each."""
-
-    log_normalizer: torch.Tensor  # log Σ exp l
-    entropy: torch.Tensor         # H = −Σ p log p
-    varentropy: torch.Tensor      # V = Σ p (log p + H)²
-
-
-#: Rows per block of `raw_statistics`: about 2 MB of float32 per temporary, so the
-#: temporaries stay in cache (4x faster than whole-batch passes on a 2-core CPU).
-STATISTICS_BLOCK_ELEMENTS = 1 << 19
-
-
-def _block_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    best = logits.amax(dim=1, keepdim=True)
-    shifted = logits - best
-    weights = torch.exp(shifted)
-    total = weights.sum(dim=1)
-    shifted.nan_to_num_(neginf=0.0)  # masked tokens have w = 0; keep w · z finite
-    weighted = weights.mul_(shifted)
-    first = weighted.sum(dim=1) / total
-    second = weighted.mul_(shifted).sum(dim=1) / total
-    log_total = torch.log(total)
-    return log_total + best.squeeze(1), log_total - first, (second - first * first).clamp(min=0.0)
-
-
-def raw_statistics(logits: torch.Tensor) -> RawStatistics:
-    """With z = l − max l, w = exp z and s = Σ w: log p = z − log s, so H = log s − Σ w z / s
-    and V = Σ w z² / s − (Σ w z / s)². Sums are torch's pairwise sums (error ~1e-6 nats on
-    128k-token rows); rows are processed in cache-sized blocks."""
-    block = max(1, STATISTICS_BLOCK_ELEMENTS // logits.shape[1])
-    parts = [_block_statistics(logits[i:i + block]) for i in range(0, logits.shape[0], block)]
-    normalizer, entropy, varentropy = (torch.cat(column) for column in zip(*parts))
-    return RawStatistics(log_normalizer=normalizer, entropy=entropy, varentropy=varentropy)
+    #: What the adaptive stages decided for this row: {stage key: {field: value}}.
+    explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,10 +58,11 @@ class RawRowReport:
     top_logprobs: TopList
 
 
-def report_rows(logits: torch.Tensor, top_n: Sequence[int]) -> list[RawRowReport]:
+def report_rows(logits: torch.Tensor, top_n: Sequence[int],
+                stats: RawStatistics | None = None) -> list[RawRowReport]:
     """Per row of `logits`: log-normaliser, entropy, varentropy and its `top_n[row]` best raw
-    logprobs (best first)."""
-    stats = raw_statistics(logits)
+    logprobs (best first). `stats`: the rows' statistics when already computed."""
+    stats = raw_statistics(logits) if stats is None else stats
     top_ids, top_values = _top(Candidates(logits), max(top_n, default=0))
     return [RawRowReport(norm, h, v, tuple((t, value - norm) for t, value in
                                            zip(top_ids[row][:top_n[row]], top_values[row])))
@@ -130,10 +98,11 @@ class Engine:
                 if p.kind in _TENSOR_DTYPES else [l.values[p.name] for l in links]
                 for p in stage.params}
 
-    def process(self, states: Sequence[SequenceState],
-                 logits: torch.Tensor) -> tuple[Candidates, RowBatch]:
-        """Runs the (shared-signature) chain of `states` over `logits`, which it may modify."""
-        batch = RowBatch(states, self.device)
+    def process(self, states: Sequence[SequenceState], logits: torch.Tensor,
+                inputs: RowInputs) -> tuple[Candidates, RowBatch]:
+        """Runs the (shared-signature) chain of `states` over `logits`, which it may modify;
+        `inputs` holds the untouched raw rows and what else the worker sent for them."""
+        batch = RowBatch(states, self.device, inputs)
         candidates = Candidates(logits)
         for position, link in enumerate(states[0].policy.links):
             args = self._stage_args(link.stage, [s.policy.links[position] for s in states])
@@ -156,9 +125,14 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState], logits: torch.Tensor,
-             processed_logprobs: bool = False) -> list[RowOutcome]:
-        """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device."""
+             processed_logprobs: bool = False, *, reference: torch.Tensor | None = None,
+             signals: dict[str, torch.Tensor] | None = None) -> list[RowOutcome]:
+        """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device;
+        `reference` (same shape) and `signals` (name -> [rows]) are the worker's optional extras."""
         rows = len(states)
+        stats = raw_statistics(logits)
+        inputs = RowInputs(logits, stats, reference, signals)
+        explanations: list[dict[str, Any]] = [{} for _ in range(rows)]
         tokens = torch.empty(rows, dtype=torch.int64, device=self.device)
         processed_chosen = torch.zeros(rows, device=self.device)
         processed_top: list[TopList] = [()] * rows
@@ -170,14 +144,16 @@ class Engine:
             index = torch.tensor(row_list, device=self.device)
             group = [states[i] for i in row_list]
             # The chain works in place on its own copy: the raw logits are needed below.
-            own = logits.clone() if len(groups) == 1 else logits.index_select(0, index)
-            candidates, batch = self.process(group, own)
+            whole = len(groups) == 1
+            own = logits.clone() if whole else logits.index_select(0, index)
+            candidates, batch = self.process(group, own, inputs if whole else inputs.select(index))
             selector = group[0].policy.selector
             args = self._stage_args(selector.stage, [s.policy.selector for s in group])
             chosen = selector.stage.select(candidates, args, batch)
             tokens.index_copy_(0, index, chosen)
             for j, i in enumerate(row_list):
                 memory[i] = batch.pending_for(j)
+                explanations[i] = batch.explanation_for(j)
             if processed_logprobs:
                 dist = selector.stage.distribution(candidates, args, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
@@ -188,7 +164,7 @@ class Engine:
                     processed_top[i] = tuple(zip(ids[j][:top_n[i]], values[j][:top_n[i]]))
                     processed_stats[i] = (h, v)
 
-        reports = report_rows(logits, top_n)
+        reports = report_rows(logits, top_n, stats)
         chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
         return [RowOutcome(
             token_id=token, logprob=value - report.log_normalizer,
@@ -196,14 +172,15 @@ class Engine:
             varentropy=report.varentropy,
             processed_logprob=p_logprob if processed_logprobs else None,
             processed_top_logprobs=processed_top[i], processed_stats=processed_stats[i],
-            memory=memory[i])
+            memory=memory[i], explanation=explanations[i])
             for i, (token, value, report, p_logprob) in enumerate(
                 zip(tokens.tolist(), chosen, reports, processed_chosen.tolist()))]
 
     @torch.inference_mode()
     def distribution(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
         """log p [vocab] of the distribution `state`'s policy would draw from (−inf = masked)."""
-        candidates, batch = self.process([state], logits.unsqueeze(0).clone())
+        raw = logits.unsqueeze(0)
+        candidates, batch = self.process([state], raw.clone(), RowInputs(raw))
         selector = state.policy.selector
         if not isinstance(selector.stage, Selector):  # a group selector ranks the chain's output
             return candidates.log_softmax().to_dense().squeeze(0)

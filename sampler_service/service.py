@@ -17,7 +17,7 @@ from sampler_service.engine import Engine
 from sampler_service.errors import FailedPrecondition, InvalidArgument
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
-from sampler_service.policy.processors.base import GroupSelector
+from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
@@ -155,27 +155,31 @@ class SamplerCore:
             return view(self.store.get(sequence_id))
 
     # -- steps --------------------------------------------------------------------------------
-    def step(self, rows: Sequence[StepRow], logits: torch.Tensor,
-             processed_logprobs: bool = False) -> list[Answer]:
+    def step(self, rows: Sequence[StepRow], logits: torch.Tensor, processed_logprobs: bool = False,
+             reference: torch.Tensor | None = None,
+             signals: Mapping[str, torch.Tensor] | None = None) -> list[Answer]:
         """One StepRequest: validates all of it, plans every sequence's and group's step, then
-        applies them all (a retried step answers its record again and does not advance)."""
+        applies them all (a retried step answers its record again and does not advance).
+        `reference` ([rows, vocab]) and `signals` (name -> [rows]) are the worker's extras."""
         with self._lock:
-            units = self._validate_step(rows, logits)
+            units = self._validate_step(rows, logits, reference)
+            inputs = RowInputs(logits, reference=reference, signals=signals)
             vocab = logits.shape[1]
             answers: list[StepRecord | GroupRecord | None] = [
                 u.entry.last_record if u.retry else None for u in units]
             plain = [k for k, u in enumerate(units) if not u.retry and not isinstance(u.entry, Group)]
             outcomes = []
             if plain:
-                own = logits
+                own = inputs
                 if len(plain) < len(rows):
-                    index = torch.tensor([units[k].start for k in plain], device=logits.device)
-                    own = logits.index_select(0, index)
-                outcomes = self.engine.step([units[k].entry for k in plain], own, processed_logprobs)
-            planned = [(k, units[k].entry.plan(
-                self.engine, logits[units[k].start:units[k].start + units[k].count],
-                processed_logprobs)) for k, u in enumerate(units)
-                if not u.retry and isinstance(u.entry, Group)]
+                    own = inputs.select(torch.tensor([units[k].start for k in plain],
+                                                     device=logits.device))
+                outcomes = self.engine.step([units[k].entry for k in plain], own.raw,
+                                            processed_logprobs, reference=own.reference,
+                                            signals=own.signals)
+            planned = [(k, u.entry.plan(self.engine, inputs.select(torch.arange(
+                u.start, u.start + u.count, device=logits.device)), processed_logprobs))
+                for k, u in enumerate(units) if not u.retry and isinstance(u.entry, Group)]
             for k, outcome in zip(plain, outcomes):
                 answers[k] = units[k].entry.record_step(outcome, vocab)
             for k, group_step in planned:
@@ -211,12 +215,19 @@ class SamplerCore:
             start = end
         return units
 
-    def _validate_step(self, rows: Sequence[StepRow], logits: torch.Tensor) -> list[_Unit]:
+    def _validate_step(self, rows: Sequence[StepRow], logits: torch.Tensor,
+                       reference: torch.Tensor | None = None) -> list[_Unit]:
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise InvalidArgument(f"logits shape {list(logits.shape)} must be [rows, vocab] with "
                                   f"rows = {len(rows)} (one per entry of `rows`)", "logits.shape")
+        if reference is not None:
+            if reference.shape != logits.shape:
+                raise InvalidArgument(f"reference_logits shape {list(reference.shape)} must equal "
+                                      f"the logits shape {list(logits.shape)}",
+                                      "reference_logits.shape")
+            self._validate_values(rows, reference, "reference_logits")
         vocab = logits.shape[1]
         units = self._units(rows)
         for unit in units:
@@ -258,7 +269,8 @@ class SamplerCore:
         return units
 
     @staticmethod
-    def _validate_values(rows: Sequence[StepRow], logits: torch.Tensor) -> None:
+    def _validate_values(rows: Sequence[StepRow], logits: torch.Tensor,
+                         field_name: str = "logits") -> None:
         """No NaN or +inf anywhere, and no row without a finite logit: one max per row tells
         (a row's max is NaN if it holds a NaN, +inf with a +inf, −inf if all are −inf)."""
         best = logits.amax(dim=1)
@@ -267,8 +279,8 @@ class SamplerCore:
             row = int(bad.nonzero()[0])
             problem = ("is all -inf: no token can be chosen" if float(best[row]) == float("-inf")
                        else "contains NaN or +inf")
-            raise InvalidArgument(f"logits row {row} (sequence {rows[row].sequence_id!r}) {problem}",
-                                  "logits")
+            raise InvalidArgument(f"{field_name} row {row} (sequence {rows[row].sequence_id!r}) "
+                                  f"{problem}", field_name)
 
     # -- preview ------------------------------------------------------------------------------
     def preview(self, policy: str, policy_spec: Mapping[str, Any] | None,

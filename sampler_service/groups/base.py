@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import torch
 
 from sampler_service.engine import report_rows
+from sampler_service.policy.processors.base import RowInputs
 from sampler_service.state import FinishReason, SequenceState, StepRecord
 
 if TYPE_CHECKING:
@@ -108,9 +109,10 @@ class Group(ABC):
         return list(self.result.answers) if self.result else []
 
     @abstractmethod
-    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
-        """The next step from `logits` [running_rows, vocab] (float32, on the engine's device).
-        Must not change the group: the returned step's `apply` does."""
+    def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
+        """The next step from `inputs.raw`, the logits [running_rows, vocab] (float32, on the
+        engine's device), and the worker's extras for those rows. Must not change the group:
+        the returned step's `apply` does."""
 
     def commit(self, step: GroupStep) -> GroupRecord:
         step.apply()
@@ -127,15 +129,16 @@ class Group(ABC):
 
 def row_records(logits: torch.Tensor, step: int, parents: Sequence[int], tokens: Sequence[int],
                 scores: Sequence[float], top_n: int, finish: FinishReason = FinishReason.NONE,
-                ) -> tuple[StepRecord, ...]:
+                explanations: Sequence[dict] = ()) -> tuple[StepRecord, ...]:
     """Records of output rows that continue input rows `parents` of `logits` [rows, vocab] with
-    `tokens`: the raw logprob of each token and its parent's raw statistics. `finish` marks
-    every row finished (the group's last step)."""
+    `tokens`: the raw logprob of each token and its parent's raw statistics (and explanation,
+    one per input row when given). `finish` marks every row finished (the group's last step)."""
     reports = report_rows(logits, [top_n] * logits.shape[0])
     chosen = logits[torch.tensor(parents), torch.tensor(tokens)].tolist() if parents else []
     return tuple(StepRecord(
         step=step, token_id=token, logprob=value - reports[parent].log_normalizer,
         top_logprobs=reports[parent].top_logprobs, entropy=reports[parent].entropy,
         varentropy=reports[parent].varentropy, finished=finish is not FinishReason.NONE,
-        finish_reason=finish, stop_token_id=None, parent=parent, score=score)
+        finish_reason=finish, stop_token_id=None, parent=parent, score=score,
+        explanation=explanations[parent] if explanations else {})
         for parent, token, score, value in zip(parents, tokens, scores, chosen))

@@ -34,7 +34,7 @@ import torch
 from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis, row_records
 from sampler_service.policy.params import Param
-from sampler_service.policy.processors.base import GroupSelector
+from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.state import FinishReason, SequenceState
 
 if TYPE_CHECKING:
@@ -185,12 +185,12 @@ class BeamGroup(Group):
             return list(self.result.hypotheses)
         return _ranked(self.beams, only_filled=True)
 
-    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
-        settings = self.settings
+    def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
+        settings, logits = self.settings, inputs.raw
         size = settings.width // settings.groups
         live = [g for g, b in enumerate(self.beams) if not b.done]
         rows = [row for g in live for row in self.beams[g].rows]
-        candidates, batch = engine.process(rows, torch.log_softmax(logits, dim=-1))
+        candidates, batch = engine.process(rows, torch.log_softmax(logits, dim=-1), inputs)
         processed = candidates.to_dense().cpu()
         stop_ids = torch.tensor(sorted(self.root.stop_ids), dtype=torch.int64)
         generated = self.step_number + 1
@@ -208,7 +208,8 @@ class BeamGroup(Group):
         tokens = [t for g in live for t in steps[g].tokens]
         records = row_records(logits, self.step_number, parents, tokens,
                               [s for g in live for s in steps[g].beams.scores.tolist()],
-                              self.root.policy.settings["logprobs"])
+                              self.root.policy.settings["logprobs"],
+                              explanations=[batch.explanation_for(r) for r in range(len(rows))])
         reason = FinishReason.LENGTH if generated >= settings.max_tokens else FinishReason.STOP
         done = [steps[g].beams.done for g in live for _ in range(size)]
         records = tuple(replace(r, finished=True, finish_reason=reason) if d else r

@@ -23,7 +23,7 @@ from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupResult, GroupStep,
                                          Hypothesis, row_records)
 from sampler_service.policy.params import Param
-from sampler_service.policy.processors.base import GroupSelector
+from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
 from sampler_service.state import FinishReason, SequenceState
 
@@ -93,17 +93,19 @@ class CotGroup(Group):
         paths.sort(key=lambda h: -h.score)
         return paths
 
-    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
+    def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
+        logits = inputs.raw
         vocab = logits.shape[1]
         margins_in = top2_margins(logits)
         top_n = self.root.policy.settings["logprobs"]
         if self.step_number == 0:
-            candidates, _ = engine.process([self.root], logits.clone())
+            candidates, batch = engine.process([self.root], logits.clone(), inputs)
             processed = candidates.to_dense()[0]
             finite = int(torch.isfinite(processed).sum())
             order = torch.sort(processed, descending=True, stable=True).indices[:min(self.k, finite)]
             tokens = order.tolist()
-            records = row_records(logits, 0, [0] * len(tokens), tokens, [0.0] * len(tokens), top_n)
+            records = row_records(logits, 0, [0] * len(tokens), tokens, [0.0] * len(tokens), top_n,
+                                  explanations=[batch.explanation_for(0)])
             # Imported here: the selector registry imports this module (a cycle at import time).
             from sampler_service.policy.selectors.greedy import Greedy
             branches, margins, sums = [], [], []
@@ -120,7 +122,8 @@ class CotGroup(Group):
                             for r, b in zip(records, branches))
         else:
             live = self._live()
-            outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs)
+            outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs,
+                                   reference=inputs.reference, signals=inputs.signals)
             branches, margins, sums = list(self.branches), [list(m) for m in self.margins], list(self.sums)
             records = []
             for row, (i, outcome) in enumerate(zip(live, outcomes)):

@@ -17,6 +17,7 @@ import torch
 
 from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis
+from sampler_service.policy.processors.base import RowInputs
 from sampler_service.state import FinishReason, SequenceState
 
 if TYPE_CHECKING:
@@ -70,11 +71,12 @@ class ForkGroup(Group):
     def hypotheses(self) -> list[Hypothesis]:
         return list(self.result.hypotheses) if self.result else self._finished(self.forks, self.sums)
 
-    def plan(self, engine: "Engine", logits: torch.Tensor, processed_logprobs: bool) -> GroupStep:
-        live = self._live()
+    def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
+        live, logits = self._live(), inputs.raw
         parents = [0] * len(live) if self.step_number == 0 else list(range(len(live)))
-        rows = logits.index_select(0, torch.tensor(parents, device=logits.device))
-        outcomes = engine.step([self.forks[i] for i in live], rows, processed_logprobs)
+        rows = inputs.select(torch.tensor(parents, device=logits.device))
+        outcomes = engine.step([self.forks[i] for i in live], rows.raw, processed_logprobs,
+                               reference=rows.reference, signals=rows.signals)
         forks, sums = list(self.forks), list(self.sums)
         records = []
         for i, parent, outcome in zip(live, parents, outcomes):
@@ -88,4 +90,5 @@ class ForkGroup(Group):
         def apply() -> None:
             self.forks, self.sums = forks, sums
 
-        return GroupStep(GroupRecord(self.step_number, logits.shape[0], tuple(records), result), logits.shape[1], apply)
+        record = GroupRecord(self.step_number, logits.shape[0], tuple(records), result)
+        return GroupStep(record, logits.shape[1], apply)

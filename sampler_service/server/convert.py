@@ -4,12 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from google.protobuf import json_format, struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_service.errors import InvalidArgument
 from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
+from sampler_service.policy.processors.base import SIGNAL_NAMES
 from sampler_service.service import Answer, SequenceRequest, StepRow
 from sampler_service.state import SequenceState, StepRecord
+from sampler_service.state.sequence import ENTROPY_EMA_ALPHA
 
 
 def _field_value(field, value) -> Any:
@@ -45,6 +49,17 @@ def sequence_request_from_pb(config: pb.SequenceConfig) -> SequenceRequest:
         policy_spec=struct_to_dict(config.policy_spec) if config.HasField("policy_spec") else None,
         params=params_from_pb(config.params), prompt_ids=tuple(config.prompt_ids),
         eos_token_ids=tuple(config.eos_token_ids))
+
+
+def signals_from_pb(request: pb.StepRequest, device) -> dict[str, torch.Tensor] | None:
+    """Per-row worker signals as name -> [rows] float32 (unset fields 0), or None if none sent."""
+    if not request.signals:
+        return None
+    if len(request.signals) != len(request.rows):
+        raise InvalidArgument(f"signals has {len(request.signals)} entries for {len(request.rows)} "
+                              "rows: send one per row or none", "signals")
+    return {name: torch.tensor([getattr(s, name) for s in request.signals], dtype=torch.float32,
+                               device=device) for name in SIGNAL_NAMES}
 
 
 def step_rows_from_pb(rows) -> list[StepRow]:
@@ -83,6 +98,8 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord, branch: int
         choice.stop_token_id = record.stop_token_id
     if record.processed_logprob is not None:
         choice.processed_logprob = record.processed_logprob
+    if record.explanation:
+        choice.explanation.update(record.explanation)
     return choice
 
 
@@ -139,7 +156,11 @@ def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
         stats=[pb.StepStats(entropy=h, varentropy=v)
                for h, v in zip(state.entropies, state.varentropies)],
         finished=state.finished, finish_reason=int(state.finish_reason), seed=state.seed,
-        resolved_spec=dict_to_struct(state.policy.spec()), vocab_size=state.vocab_size)
+        resolved_spec=dict_to_struct(state.policy.spec()), vocab_size=state.vocab_size,
+        entropy_summary=pb.EntropySummary(
+            mean_entropy=state.mean_entropy, mean_varentropy=state.mean_varentropy,
+            ema_entropy=state.ema_entropy, ema_varentropy=state.ema_varentropy,
+            ema_alpha=ENTROPY_EMA_ALPHA))
     if state.stop_token_id is not None:
         info.stop_token_id = state.stop_token_id
     return info

@@ -64,7 +64,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         started = time.perf_counter()
         logits = decode_tensor(request.logits, "logits", self.core.device)
         rows = convert.step_rows_from_pb(request.rows)
-        answers = self.core.step(rows, logits, request.processed_logprobs)
+        reference = (decode_tensor(request.reference_logits, "reference_logits", self.core.device)
+                     if request.HasField("reference_logits") else None)
+        answers = self.core.step(rows, logits, request.processed_logprobs, reference,
+                                 convert.signals_from_pb(request, self.core.device))
         response = pb.StepResponse(request_id=request.request_id)
         for answer in answers:
             convert.answer_pb(response, rows[answer[0]].sequence_id, answer)

@@ -21,6 +21,10 @@ class FinishReason(enum.IntEnum):
     LENGTH = 2
 
 
+#: Weight of the newest step in the entropy moving averages (`SequenceState.ema_entropy`).
+ENTROPY_EMA_ALPHA = 0.2
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """What one step chose for a sequence; kept for the last step so a retry gets it again."""
@@ -41,6 +45,8 @@ class StepRecord:
     parent: int = 0
     #: Group rows: the running beam score, or a branch's cumulative raw logprob.
     score: float = 0.0
+    #: What the policy's adaptive stages decided: {stage key: {field: value}}.
+    explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +66,12 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     varentropies: list[float] = field(default_factory=list)
+    #: Running summaries of the raw entropy history (nats), O(1) per step: exponential moving
+    #: averages (weight ENTROPY_EMA_ALPHA; the first step sets them) and sums for the means.
+    ema_entropy: float = 0.0
+    ema_varentropy: float = 0.0
+    entropy_sum: float = 0.0
+    varentropy_sum: float = 0.0
     vocab_size: int = 0
     finish_reason: FinishReason = FinishReason.NONE
     stop_token_id: int | None = None
@@ -79,6 +91,14 @@ class SequenceState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not FinishReason.NONE
+
+    @property
+    def mean_entropy(self) -> float:
+        return self.entropy_sum / len(self.entropies) if self.entropies else 0.0
+
+    @property
+    def mean_varentropy(self) -> float:
+        return self.varentropy_sum / len(self.varentropies) if self.varentropies else 0.0
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -115,15 +135,22 @@ class SequenceState:
             finish_reason=self.finish_reason, stop_token_id=self.stop_token_id,
             processed_logprob=outcome.processed_logprob,
             processed_top_logprobs=outcome.processed_top_logprobs,
-            processed_stats=outcome.processed_stats, parent=parent, score=score)
+            processed_stats=outcome.processed_stats, parent=parent, score=score,
+            explanation=outcome.explanation)
         return self.last_record
 
     def accept(self, token_id: int, entropy: float, varentropy: float) -> None:
         """Appends a chosen token and its raw-distribution stats, then checks for a finish."""
         self.output_ids.append(token_id)
         self.history.append(token_id)
+        first = not self.entropies
         self.entropies.append(entropy)
         self.varentropies.append(varentropy)
+        alpha = 1.0 if first else ENTROPY_EMA_ALPHA
+        self.ema_entropy += alpha * (entropy - self.ema_entropy)
+        self.ema_varentropy += alpha * (varentropy - self.ema_varentropy)
+        self.entropy_sum += entropy
+        self.varentropy_sum += varentropy
         max_tokens = self.policy.settings["max_tokens"]
         if token_id in self.stop_ids:
             self.finish_reason = FinishReason.STOP

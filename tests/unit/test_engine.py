@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sampler_service.engine import Engine, raw_statistics
+from sampler_service.engine import Engine
+from sampler_service.policy.statistics import raw_statistics
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState

@@ -16,6 +16,7 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.processors import (FrequencyPenalty, MinP, MinTokens,
                                                PresencePenalty, RepetitionPenalty, RowBatch,
                                                Temperature, TopK, TopP)
+from sampler_service.policy.processors.base import RowInputs
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState
@@ -353,16 +354,16 @@ def test_chain_gives_same_distribution_sparse_and_dense():
     states = [SequenceState("a", on, prompt, 1, frozenset({eos}), list(output)),
               SequenceState("b", off, prompt, 1, frozenset({eos}), list(output))]
     engine = Engine(CPU)
-    candidates, _ = engine.process(states[:1], logits[:1].clone())
+    candidates, _ = engine.process(states[:1], logits[:1].clone(), RowInputs(logits[:1]))
     assert not candidates.dense
     sparse = candidates.to_dense()[0]
-    candidates, _ = engine.process([states[0], states[1]], logits.clone())
+    candidates, _ = engine.process([states[0], states[1]], logits.clone(), RowInputs(logits))
     assert candidates.dense
     assert torch.equal(sparse, candidates.to_dense()[0])
     assert eos not in kept(sparse)  # min_tokens masked it inside the sparse batch
     free = SequenceState("c", resolve(_chain_policy(0), PolicyVersion(1, "x"), {}), prompt, 1,
                          frozenset({eos}), list(output))
-    candidates, _ = engine.process([free], logits[:1].clone())
+    candidates, _ = engine.process([free], logits[:1].clone(), RowInputs(logits[:1]))
     assert eos in kept(candidates.to_dense()[0])  # ... and only min_tokens did
     assert 0 < len(kept(sparse)) <= 5
 

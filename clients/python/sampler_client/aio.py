@@ -106,9 +106,11 @@ class AsyncSamplerClient:
             self._stub.GetSequence, pb.GetSequenceRequest(sequence_id=sequence_id)))
 
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
-                   processed_logprobs: bool = False) -> list[Choice]:
+                   processed_logprobs: bool = False, reference_logits: Any = None,
+                   signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
         request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs)
+                                        processed_logprobs=processed_logprobs,
+                                        reference_logits=reference_logits, signals=signals)
         return _advance(sequences, await self._call(self._stub.Step, request))
 
     def stream(self) -> "AsyncStepStream":
@@ -142,9 +144,11 @@ class AsyncStepStream:
         await self._call.done_writing()
 
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
-                   processed_logprobs: bool = False) -> list[Choice]:
+                   processed_logprobs: bool = False, reference_logits: Any = None,
+                   signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
         request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs)
+                                        processed_logprobs=processed_logprobs,
+                                        reference_logits=reference_logits, signals=signals)
         try:
             await self._call.write(request)
             response = await self._call.read()

@@ -67,9 +67,13 @@ class SequenceHandle:
 class Sequence(SequenceHandle):
     """A live sequence of a `SamplerClient`."""
 
-    def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
-        """Chooses the next token from a 1-D (or [1, vocab]) logits row."""
-        return self.client.step([self], logits, processed_logprobs=processed_logprobs)[0]
+    def step(self, logits: Any, *, processed_logprobs: bool = False, reference_logits: Any = None,
+             signals: Mapping[str, float] | None = None) -> Choice:
+        """Chooses the next token from a 1-D (or [1, vocab]) logits row; `reference_logits`
+        and `signals` are the optional extras of KL-guided temperature and entropix."""
+        return self.client.step([self], logits, processed_logprobs=processed_logprobs,
+                                reference_logits=reference_logits,
+                                signals=None if signals is None else [signals])[0]
 
     def info(self) -> SequenceInfo:
         return self.client.get_sequence(self.sequence_id)
@@ -203,11 +207,13 @@ class SamplerClient:
 
     # -- steps --------------------------------------------------------------------------------
     def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
-             processed_logprobs: bool = False) -> list[Choice]:
+             processed_logprobs: bool = False, reference_logits: Any = None,
+             signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
         """One token per row from `logits`: one row per plain sequence, `running_rows` rows per
         group, in the order of `sequences`."""
         request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs)
+                                        processed_logprobs=processed_logprobs,
+                                        reference_logits=reference_logits, signals=signals)
         return _advance(sequences, self._call(self._stub.Step, request))
 
     def stream(self) -> "StepStream":
@@ -254,9 +260,11 @@ class StepStream:
         self._requests.put(self._END)
 
     def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
-             processed_logprobs: bool = False) -> list[Choice]:
+             processed_logprobs: bool = False, reference_logits: Any = None,
+             signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
         request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs)
+                                        processed_logprobs=processed_logprobs,
+                                        reference_logits=reference_logits, signals=signals)
         with self._lock:
             self._requests.put(request)
             try:

@@ -45,10 +45,18 @@ def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] 
 
 
 def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any, *,
-                 processed_logprobs: bool = False, request_id: str = "") -> pb.StepRequest:
-    """`rows`: (sequence id, step or None, branch or None) per logits row."""
+                 processed_logprobs: bool = False, request_id: str = "",
+                 reference_logits: Any = None,
+                 signals: Sequence[Mapping[str, float]] | None = None) -> pb.StepRequest:
+    """`rows`: (sequence id, step or None, branch or None) per logits row. `reference_logits`:
+    the same shape as `logits` (KL-guided temperature); `signals`: one mapping per row of
+    entropix's attention terms (attention_entropy, attention_varentropy, agreement,
+    interaction_strength)."""
     request = pb.StepRequest(logits=encode_rows(logits, len(rows)), request_id=request_id,
-                             processed_logprobs=processed_logprobs)
+                             processed_logprobs=processed_logprobs,
+                             signals=[pb.RowSignals(**s) for s in signals or ()])
+    if reference_logits is not None:
+        request.reference_logits.CopyFrom(encode_rows(reference_logits, len(rows)))
     for sequence_id, step, branch in rows:
         row = request.rows.add(sequence_id=sequence_id)
         if step is not None:

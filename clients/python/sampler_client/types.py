@@ -38,11 +38,14 @@ class Choice:
     branch: int = 0
     #: Beam search: the running beam's score; forks and CoT: the cumulative raw logprob.
     score: float = 0.0
+    #: What the policy's adaptive stages decided: {stage key: {field: value}}.
+    explanation: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_pb(cls, c: pb.Choice) -> "Choice":
         return cls(sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
                    branch=c.branch, score=c.score,
+                   explanation=json_format.MessageToDict(c.explanation),
                    token_id=c.token_id, logprob=c.logprob, top_logprobs=_pairs(c.top_logprobs),
                    entropy=c.stats.entropy, varentropy=c.stats.varentropy, finished=c.finished,
                    finish_reason=_FINISH[c.finish_reason],
@@ -136,6 +139,9 @@ class SequenceInfo:
     vocab_size: int
     #: Set for a group (beam search, forks, CoT decoding).
     group: GroupInfo | None = None
+    #: Running summaries of the entropy history: mean_entropy, mean_varentropy, ema_entropy,
+    #: ema_varentropy, ema_alpha.
+    entropy_summary: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_pb(cls, s: pb.SequenceInfo) -> "SequenceInfo":
@@ -147,4 +153,6 @@ class SequenceInfo:
                    stop_token_id=s.stop_token_id if s.HasField("stop_token_id") else None,
                    seed=s.seed, resolved_spec=json_format.MessageToDict(s.resolved_spec),
                    vocab_size=s.vocab_size,
-                   group=GroupInfo.from_pb(s.group) if s.HasField("group") else None)
+                   group=GroupInfo.from_pb(s.group) if s.HasField("group") else None,
+                   entropy_summary={f.name: getattr(s.entropy_summary, f.name)
+                                    for f in pb.EntropySummary.DESCRIPTOR.fields})

@@ -3,13 +3,16 @@ one batched operation, plus `RowBatch`, the per-step view of the rows it works o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from sampler_service.errors import InvalidArgument
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
+from sampler_service.policy.statistics import RawStatistics, raw_statistics
 
 if TYPE_CHECKING:
     from sampler_service.groups.base import Group
@@ -24,6 +27,39 @@ def row_pairs(per_row: Sequence[torch.Tensor],
     return rows, values.to(device)
 
 
+#: Names of the optional per-row worker signals (StepRequest.signals), entropix's attention terms.
+SIGNAL_NAMES = ("attention_entropy", "attention_varentropy", "agreement", "interaction_strength")
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """What a batch's stages may read besides the logits they transform: the untouched raw
+    logits [R, V] (and their statistics, when the engine already has them), the worker's
+    optional reference logits [R, V] (KL-guided temperature) and per-row signals
+    (name -> [R], entropix)."""
+
+    raw: torch.Tensor
+    statistics: RawStatistics | None = None
+    reference: torch.Tensor | None = None
+    signals: Mapping[str, torch.Tensor] | None = None
+
+    def select(self, rows: torch.Tensor) -> "RowInputs":
+        """The inputs of a subset of rows (`rows`: int64 indices on the device)."""
+        stats = self.statistics
+        return RowInputs(
+            raw=self.raw.index_select(0, rows),
+            statistics=None if stats is None else RawStatistics(
+                *(t.index_select(0, rows) for t in (stats.log_normalizer, stats.entropy,
+                                                     stats.varentropy))),
+            reference=None if self.reference is None else self.reference.index_select(0, rows),
+            signals=None if self.signals is None else {
+                k: v.index_select(0, rows) for k, v in self.signals.items()})
+
+    def with_statistics(self) -> "RowInputs":
+        return self if self.statistics is not None else replace(
+            self, statistics=raw_statistics(self.raw))
+
+
 class RowBatch:
     """The rows of one policy group in one step.
 
@@ -33,9 +69,13 @@ class RowBatch:
     read by the selectors).
     """
 
-    def __init__(self, states: Sequence[Any], device: torch.device):
+    def __init__(self, states: Sequence[Any], device: torch.device,
+                 inputs: RowInputs | None = None):
         self.states = states
         self.device = device
+        self.inputs = inputs
+        #: Per stage key, per field, one value per row (None: nothing to say for that row).
+        self.explanations: dict[str, dict[str, list[Any]]] = {}
         self.rows = len(states)
         self.positions = torch.tensor([s.position for s in states], dtype=torch.int64, device=device)
         self.seeds = torch.tensor([seed_to_int64(s.seed) for s in states], dtype=torch.int64,
@@ -57,6 +97,53 @@ class RowBatch:
     def pending_for(self, row: int) -> dict[str, Any]:
         """The state updates of one row."""
         return {key: values[row] for key, values in self.pending.items()}
+
+    # -- what adaptive stages read and report --------------------------------------------------
+    def raw_statistics(self) -> RawStatistics:
+        """Entropy and varentropy (nats) of each row's raw distribution at this step."""
+        if self.inputs is None:
+            raise RuntimeError("this batch has no raw inputs")  # programming error, not input
+        self.inputs = self.inputs.with_statistics()
+        return self.inputs.statistics  # type: ignore[return-value]
+
+    def entropy_summary(self) -> dict[str, torch.Tensor]:
+        """Each row's summaries of its earlier steps' raw entropy history (nats), [R] float32:
+        `ema_entropy`, `ema_varentropy`, `mean_entropy`, `mean_varentropy` (0 before the first
+        step; see `SequenceState`)."""
+        names = ("ema_entropy", "ema_varentropy", "mean_entropy", "mean_varentropy")
+        return {name: torch.tensor([getattr(s, name) for s in self.states], device=self.device)
+                for name in names}
+
+    def reference_logits(self, key: str) -> torch.Tensor:
+        """The worker's reference logits [R, V], or INVALID_ARGUMENT naming the stage that
+        needs them."""
+        if self.inputs is None or self.inputs.reference is None:
+            raise InvalidArgument(f"the policy's {key!r} stage needs reference_logits (the same "
+                                  "model's logits without the grounding context) with every step",
+                                  "reference_logits")
+        return self.inputs.reference
+
+    def signal(self, name: str) -> torch.Tensor:
+        """A worker signal per row ([R] float32), 0 where the worker sent none."""
+        if self.inputs is None or not self.inputs.signals or name not in self.inputs.signals:
+            return torch.zeros(self.rows, device=self.device)
+        return self.inputs.signals[name]
+
+    def explain(self, key: str, **fields: Sequence[Any] | torch.Tensor) -> None:
+        """Reports what stage `key` decided for each row (one value per row per field; None =
+        nothing to report for that row). The choices carry it as their `explanation`."""
+        self.explanations.setdefault(key, {}).update(
+            {name: values.tolist() if torch.is_tensor(values) else list(values)
+             for name, values in fields.items()})
+
+    def explanation_for(self, row: int) -> dict[str, dict[str, Any]]:
+        """The explanation of one row: {stage key: {field: value}}, None values left out."""
+        result = {}
+        for key, fields in self.explanations.items():
+            said = {name: values[row] for name, values in fields.items() if values[row] is not None}
+            if said:
+                result[key] = said
+        return result
 
     def seen_token_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index, token id) for every distinct token of each row's prompt ∪ output."""

@@ -171,7 +171,7 @@ class StepStats(_message.Message):
     def __init__(self, entropy: _Optional[float] = ..., varentropy: _Optional[float] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size", "group")
+    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size", "group", "entropy_summary")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class SequenceInfo(_message.Message):
     RESOLVED_SPEC_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
     policy_version: PolicyVersion
@@ -198,7 +199,22 @@ class SequenceInfo(_message.Message):
     resolved_spec: _struct_pb2.Struct
     vocab_size: int
     group: GroupInfo
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ...) -> None: ...
+    entropy_summary: EntropySummary
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., entropy_summary: _Optional[_Union[EntropySummary, _Mapping]] = ...) -> None: ...
+
+class EntropySummary(_message.Message):
+    __slots__ = ("mean_entropy", "mean_varentropy", "ema_entropy", "ema_varentropy", "ema_alpha")
+    MEAN_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    EMA_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    EMA_VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    EMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    mean_entropy: float
+    mean_varentropy: float
+    ema_entropy: float
+    ema_varentropy: float
+    ema_alpha: float
+    def __init__(self, mean_entropy: _Optional[float] = ..., mean_varentropy: _Optional[float] = ..., ema_entropy: _Optional[float] = ..., ema_varentropy: _Optional[float] = ..., ema_alpha: _Optional[float] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("kind", "running_rows", "running", "hypotheses", "answers")
@@ -225,16 +241,32 @@ class StepRow(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("rows", "logits", "request_id", "processed_logprobs")
+    __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[StepRow]
     logits: Tensor
     request_id: str
     processed_logprobs: bool
-    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ...) -> None: ...
+    reference_logits: Tensor
+    signals: _containers.RepeatedCompositeFieldContainer[RowSignals]
+    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ..., signals: _Optional[_Iterable[_Union[RowSignals, _Mapping]]] = ...) -> None: ...
+
+class RowSignals(_message.Message):
+    __slots__ = ("attention_entropy", "attention_varentropy", "agreement", "interaction_strength")
+    ATTENTION_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    INTERACTION_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    attention_entropy: float
+    attention_varentropy: float
+    agreement: float
+    interaction_strength: float
+    def __init__(self, attention_entropy: _Optional[float] = ..., attention_varentropy: _Optional[float] = ..., agreement: _Optional[float] = ..., interaction_strength: _Optional[float] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -245,7 +277,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Choice(_message.Message):
-    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score")
+    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score", "explanation")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +293,7 @@ class Choice(_message.Message):
     PROCESSED_STATS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     parent_row: int
     step: int
@@ -276,7 +309,8 @@ class Choice(_message.Message):
     processed_stats: StepStats
     branch: int
     score: float
-    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    explanation: _struct_pb2.Struct
+    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids")
