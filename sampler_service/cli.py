@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds before an idle sequence is evicted (0: never)")
     serve.add_argument("--max-group-rows", type=int, default=64,
                        help="cap on a group's rows: beam width, forks (best_of), CoT branches")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                               default_policies=not args.no_default_policies, device=args.device,
                               max_message_bytes=args.max_message_bytes,
                               max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
-                              max_group_rows=args.max_group_rows, workers=args.workers, grace_s=args.grace)
+                              max_group_rows=args.max_group_rows,
+                              metrics_port=args.metrics_port, workers=args.workers, grace_s=args.grace)
         try:
             serve_forever(config)
         except (SamplerServiceError, OSError, ValueError) as exc:

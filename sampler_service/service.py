@@ -80,11 +80,14 @@ class SamplerCore:
     """Creates, steps, inspects and releases sequences; previews policies."""
 
     def __init__(self, registry: PolicyRegistry, store: SequenceStore, engine: Engine,
-                 max_group_rows: int = 64):
+                 max_group_rows: int = 64,
+                 on_row: Callable[[str, StepRecord], None] | None = None):
         self.registry = registry
         self.store = store
         self.engine = engine
         self.max_group_rows = max_group_rows
+        #: Called with (policy name, record) for every row a step advanced (metrics).
+        self.on_row = on_row
         self._lock = threading.Lock()  # one step at a time: the engine owns the device
 
     @property
@@ -184,6 +187,11 @@ class SamplerCore:
                 answers[k] = units[k].entry.record_step(outcome, vocab)
             for k, group_step in planned:
                 answers[k] = units[k].entry.commit(group_step)
+            if self.on_row is not None:
+                for unit, answer in zip(units, answers):
+                    if not unit.retry:
+                        for record in answer.rows if isinstance(answer, GroupRecord) else [answer]:
+                            self.on_row(unit.state.policy.name, record)
             return [(u.start, answer) for u, answer in zip(units, answers)]  # type: ignore[misc]
 
     @staticmethod

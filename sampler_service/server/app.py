@@ -16,6 +16,7 @@ from sampler_proto.sampler.v1 import sampler_pb2, sampler_pb2_grpc
 from sampler_service.device import resolve_device
 from sampler_service.engine import Engine
 from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
 from sampler_service.service import SamplerCore
 from sampler_service.state import SequenceStore
@@ -38,6 +39,7 @@ class ServerConfig:
     max_sequences: int = 100_000
     idle_ttl_s: float = 3600.0
     max_group_rows: int = 64          # widest beam group / most forks or CoT branches
+    metrics_port: int | None = None   # Prometheus /metrics on host:port (0: a free port); None: off
     workers: int = 8
     grace_s: float = 10.0
 
@@ -48,14 +50,19 @@ class SamplerServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         registry = PolicyRegistry.from_files(config.policies, config.default_policies)
-        self.core = SamplerCore(registry, SequenceStore(config.max_sequences, config.idle_ttl_s),
-                                Engine(resolve_device(config.device)), config.max_group_rows)
+        store = SequenceStore(config.max_sequences, config.idle_ttl_s)
+        self.metrics = ServiceMetrics(live_sequences=lambda: len(store))
+        self.core = SamplerCore(registry, store, Engine(resolve_device(config.device)),
+                                config.max_group_rows,
+                                on_row=lambda policy, record: self.metrics.observe_row(
+                                    policy, record.explanation))
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                                    options=options)
-        sampler_pb2_grpc.add_SamplerServicer_to_server(SamplerServicer(self.core), self._server)
+        sampler_pb2_grpc.add_SamplerServicer_to_server(SamplerServicer(self.core, self.metrics),
+                                                       self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -64,6 +71,8 @@ class SamplerServer:
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self._server.start()
+        self.metrics_port = (None if config.metrics_port is None
+                             else self.metrics.serve(config.host, config.metrics_port))
         for service in ("", SAMPLER_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (device %s)", config.host, self.port, self.core.device)
@@ -76,6 +85,7 @@ class SamplerServer:
         """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s`."""
         self.health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        self.metrics.stop()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

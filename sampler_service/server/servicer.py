@@ -12,6 +12,7 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_service.errors import SamplerServiceError
 from sampler_service.server import convert
+from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.status import abort, to_rpc_status
 from sampler_service.service import SamplerCore
 from sampler_service.transport.codec import decode_tensor
@@ -29,21 +30,26 @@ def _unexpected(exc: Exception) -> InternalError:
 
 
 def _statuses(method):
-    """Turns domain errors into gRPC statuses; any other exception becomes INTERNAL, logged."""
+    """Turns domain errors into gRPC statuses (counted); any other exception becomes INTERNAL,
+    logged."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
         except SamplerServiceError as exc:
+            self.metrics.errors.labels(method.__name__, exc.code).inc()
             abort(context, exc)
         except Exception as exc:  # the server must survive any request
-            abort(context, _unexpected(exc))
+            error = _unexpected(exc)
+            self.metrics.errors.labels(method.__name__, error.code).inc()
+            abort(context, error)
     return wrapper
 
 
 class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
-    def __init__(self, core: SamplerCore):
+    def __init__(self, core: SamplerCore, metrics: ServiceMetrics):
         self.core = core
+        self.metrics = metrics
 
     @_statuses
     def CreateSequences(self, request, context):
@@ -71,7 +77,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         response = pb.StepResponse(request_id=request.request_id)
         for answer in answers:
             convert.answer_pb(response, rows[answer[0]].sequence_id, answer)
-        response.service_micros = int((time.perf_counter() - started) * 1e6)
+        elapsed = time.perf_counter() - started
+        response.service_micros = int(elapsed * 1e6)
+        self.metrics.step_seconds.observe(elapsed)
         return response
 
     @_statuses
@@ -82,11 +90,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         for request in request_iterator:
             try:
                 yield self._step(request)
-            except SamplerServiceError as exc:
-                yield pb.StepResponse(error=to_rpc_status(exc), request_id=request.request_id)
             except Exception as exc:  # answered in-band; the stream goes on
-                yield pb.StepResponse(error=to_rpc_status(_unexpected(exc)),
-                                      request_id=request.request_id)
+                error = exc if isinstance(exc, SamplerServiceError) else _unexpected(exc)
+                self.metrics.errors.labels("StepStream", error.code).inc()
+                yield pb.StepResponse(error=to_rpc_status(error), request_id=request.request_id)
 
     @_statuses
     def Preview(self, request, context):
