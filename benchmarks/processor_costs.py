@@ -20,7 +20,7 @@ from sampler_service.policy.statistics import raw_statistics
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.processors import PROCESSORS
-from sampler_service.policy.processors.base import RowBatch
+from sampler_service.policy.processors.base import RowBatch, RowInputs, Selector
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.selectors import SELECTORS
 from sampler_service.policy.spec import parse_policy, resolve
@@ -44,6 +44,9 @@ def main() -> None:
     device = torch.device("cpu")
     engine = Engine(device)
     logits = zipf_logits(args.rows, args.vocab)
+    # What the engine hands every stage: raw rows with their statistics (computed once per
+    # step, timed on their own below) and, for kl_temperature, reference logits.
+    inputs = RowInputs(logits, raw_statistics(logits), reference=logits.roll(1, dims=1))
     amax = median_ms(lambda: logits.amax(dim=1))
     rows = [("torch.amax", amax, "1.0x"),
             ("raw entropy + varentropy (every step)", median_ms(lambda: raw_statistics(logits)), "")]
@@ -54,14 +57,16 @@ def main() -> None:
         link = states[0].policy.links[0]
         stage_args = engine._stage_args(link.stage, [s.policy.links[0] for s in states])
         ms = median_ms(lambda c, b: link.stage.apply(c, stage_args, b),
-                       setup=lambda: (Candidates(logits.clone()), RowBatch(states, device)))
+                       setup=lambda: (Candidates(logits.clone()),
+                                      RowBatch(states, device, inputs)))
         rows.append((f"processor {key}", ms, f"{ms / amax:.1f}x"))
-    for key in sorted(SELECTORS):
+    for key in sorted(k for k, cls in SELECTORS.items() if issubclass(cls, Selector)):
         states = states_for({"select": {key: STAGE_EXAMPLES[key]}}, args.rows, args.vocab)
         link = states[0].policy.selector
         stage_args = engine._stage_args(link.stage, [s.policy.selector for s in states])
         ms = median_ms(lambda c, b: link.stage.select(c, stage_args, b),
-                       setup=lambda: (Candidates(logits.clone()), RowBatch(states, device)))
+                       setup=lambda: (Candidates(logits.clone()),
+                                      RowBatch(states, device, inputs)))
         rows.append((f"selector {key} (dense)", ms, f"{ms / amax:.1f}x"))
     print_table(f"{args.rows} x {args.vocab} fp32, {args.threads} threads; ratio to one torch.amax",
                 rows)

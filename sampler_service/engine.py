@@ -177,10 +177,13 @@ class Engine:
                 zip(tokens.tolist(), chosen, reports, processed_chosen.tolist()))]
 
     @torch.inference_mode()
-    def distribution(self, state: SequenceState, logits: torch.Tensor) -> torch.Tensor:
-        """log p [vocab] of the distribution `state`'s policy would draw from (−inf = masked)."""
+    def distribution(self, state: SequenceState, logits: torch.Tensor,
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
+        """log p [vocab] of the distribution `state`'s policy would draw from (−inf = masked);
+        `reference` [vocab]: the reference logits, for policies that read them."""
         raw = logits.unsqueeze(0)
-        candidates, batch = self.process([state], raw.clone(), RowInputs(raw))
+        inputs = RowInputs(raw, reference=None if reference is None else reference.unsqueeze(0))
+        candidates, batch = self.process([state], raw.clone(), inputs)
         selector = state.policy.selector
         if not isinstance(selector.stage, Selector):  # a group selector ranks the chain's output
             return candidates.log_softmax().to_dense().squeeze(0)

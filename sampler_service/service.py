@@ -230,12 +230,9 @@ class SamplerCore:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise InvalidArgument(f"logits shape {list(logits.shape)} must be [rows, vocab] with "
                                   f"rows = {len(rows)} (one per entry of `rows`)", "logits.shape")
-        if reference is not None:
-            if reference.shape != logits.shape:
-                raise InvalidArgument(f"reference_logits shape {list(reference.shape)} must equal "
-                                      f"the logits shape {list(logits.shape)}",
-                                      "reference_logits.shape")
-            self._validate_values(rows, reference, "reference_logits")
+        if reference is not None and reference.shape != logits.shape:
+            raise InvalidArgument(f"reference_logits shape {list(reference.shape)} must equal "
+                                  f"the logits shape {list(logits.shape)}", "reference_logits.shape")
         vocab = logits.shape[1]
         units = self._units(rows)
         for unit in units:
@@ -274,6 +271,8 @@ class SamplerCore:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
         self._validate_values(rows, logits)
+        if reference is not None:
+            self._validate_values(rows, reference, "reference_logits")
         return units
 
     @staticmethod
@@ -293,9 +292,10 @@ class SamplerCore:
     # -- preview ------------------------------------------------------------------------------
     def preview(self, policy: str, policy_spec: Mapping[str, Any] | None,
                 params: Mapping[str, Any], logits: torch.Tensor, history: Sequence[int] = (),
-                prompt_ids: Sequence[int] = (), eos_token_ids: Sequence[int] = ()
-                ) -> tuple[list[int], list[float]]:
-        """Survivors of the policy on `logits` [vocab], best first, with probabilities."""
+                prompt_ids: Sequence[int] = (), eos_token_ids: Sequence[int] = (),
+                reference: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+        """Survivors of the policy on `logits` [vocab], best first, with probabilities
+        (`reference`: the reference logits, for policies that read them)."""
         resolved = self.resolve_policy(policy, policy_spec, params)
         if logits.dim() == 2 and logits.shape[0] == 1:
             logits = logits[0]
@@ -310,8 +310,15 @@ class SamplerCore:
         if largest >= logits.shape[0]:
             raise InvalidArgument(f"token id {largest} is outside the vocabulary of "
                                   f"{logits.shape[0]}", "history")
-        self._validate_values([StepRow("preview")], logits.unsqueeze(0))
-        log_probs = self.engine.distribution(state, logits)
+        if reference is not None:
+            reference = reference.reshape(-1)
+            if reference.shape != logits.shape:
+                raise InvalidArgument(f"reference_logits has {reference.numel()} values; the logits "
+                                      f"have {logits.shape[0]}", "reference_logits.shape")
+        for tensor, name in ((logits, "logits"), (reference, "reference_logits")):
+            if tensor is not None:
+                self._validate_values([StepRow("preview")], tensor.unsqueeze(0), name)
+        log_probs = self.engine.distribution(state, logits, reference)
         ids = torch.isfinite(log_probs).nonzero().squeeze(1)  # ascending ids
         values, order = torch.sort(log_probs.index_select(0, ids), descending=True, stable=True)
         return ids.index_select(0, order).tolist(), torch.exp(values).tolist()

@@ -21,6 +21,12 @@ STAGE_EXAMPLES: dict[str, dict[str, Any]] = {
     "top_h": {"top_h": 0.4},
     # temperature
     "temperature": {"temperature": 0.8},
+    # adaptive
+    "temp_ext": {"temperature": 0.8, "delta": 0.5, "exponent": 1.0},
+    "edt": {"t0": 0.8, "theta": 1.0, "base": 0.8},
+    "hot_or_cold": {"hot": 0.9, "cold": 0.3, "rule": "newline", "newline_ids": [198]},
+    "kl_temperature": {"t0": 1.0, "t_min": 0.3, "scale": 1.0},
+    "sed": {"entropy_threshold": 2.5, "ratio_threshold": 0.5},
     # penalties
     "repetition_penalty": {"penalty": 1.1},
     "frequency_penalty": {"penalty": 0.5},
@@ -41,6 +47,8 @@ STAGE_EXAMPLES: dict[str, dict[str, Any]] = {
     "greedy": {},
     "sample": {},
     "mirostat": {"version": 2, "tau": 5.0, "eta": 0.1},
+    "entropix": {"preset": "first", "clarifying_token_id": 13, "min_p": 0.03,
+                 "n_adaptive_samples": 5},
     "beam": {"width": 4, "length_penalty": 1.0, "early_stopping": "never",
              "num_return_sequences": 2},
     "cot": {"k": 5},

@@ -104,7 +104,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
             params=convert.params_from_pb(request.params),
             logits=decode_tensor(request.logits, "logits", self.core.device),
             history=list(request.history), prompt_ids=list(request.prompt_ids),
-            eos_token_ids=list(request.eos_token_ids))
+            eos_token_ids=list(request.eos_token_ids),
+            reference=(decode_tensor(request.reference_logits, "reference_logits", self.core.device)
+                       if request.HasField("reference_logits") else None))
         limit = request.max_candidates or len(ids)
         return pb.PreviewResponse(
             candidates=[pb.Candidate(token_id=t, probability=p) for t, p in zip(ids[:limit], probs[:limit])],

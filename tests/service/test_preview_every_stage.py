@@ -26,11 +26,12 @@ def spec_for(key: str) -> dict:
     return {"chain": [{key: STAGE_EXAMPLES[key]}], "select": "sample"}
 
 
-def in_process(spec: dict, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+def in_process(spec: dict, logits: torch.Tensor, history: list[int],
+               reference: torch.Tensor) -> torch.Tensor:
     policy = resolve(parse_policy("inline", spec), PolicyVersion(0, "x"), {})
     state = SequenceState("preview", policy, tuple(PROMPT), seed=0, eos_token_ids=frozenset(EOS),
                           output_ids=list(history))
-    return torch.exp(Engine(torch.device("cpu")).distribution(state, logits))
+    return torch.exp(Engine(torch.device("cpu")).distribution(state, logits, reference))
 
 
 def test_every_stage_has_an_example():
@@ -40,11 +41,13 @@ def test_every_stage_has_an_example():
 @pytest.mark.parametrize("history", list(HISTORIES.values()), ids=list(HISTORIES))
 @pytest.mark.parametrize("key", sorted(set(PROCESSORS) | set(SELECTORS)))
 def test_preview_equals_the_in_process_distribution(client, key, history):
-    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(len(key))) * 2
+    generator = torch.Generator().manual_seed(len(key))
+    logits = torch.randn(VOCAB, generator=generator) * 2
+    reference = torch.randn(VOCAB, generator=generator) * 2  # read by kl_temperature only
     spec = spec_for(key)
-    expected = in_process(spec, logits, history)
+    expected = in_process(spec, logits, history, reference)
     survivors = client.preview(logits, policy=spec, history=history, prompt_ids=PROMPT,
-                               eos_token_ids=EOS)
+                               eos_token_ids=EOS, reference_logits=reference)
     assert {t for t, _ in survivors} == set(expected.nonzero().squeeze(1).tolist())
     for token, probability in survivors:
         assert probability == pytest.approx(float(expected[token]), rel=1e-5, abs=1e-7)

@@ -224,11 +224,12 @@ class SamplerClient:
     def preview(self, logits: Any, policy: str | Mapping[str, Any] | None = None, *,
                 params: Mapping[str, Any] | None = None, history: Iterable[int] = (),
                 prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
-                max_candidates: int = 0) -> list[tuple[int, float]]:
+                max_candidates: int = 0, reference_logits: Any = None) -> list[tuple[int, float]]:
         """Every token the policy would keep, with its renormalised probability, best first."""
         request = requests.preview_request(logits, policy=policy, params=params, history=history,
                                            prompt_ids=prompt_ids, eos_token_ids=eos_token_ids,
-                                           max_candidates=max_candidates)
+                                           max_candidates=max_candidates,
+                                           reference_logits=reference_logits)
         response = self._call(self._stub.Preview, request)
         return [(c.token_id, c.probability) for c in response.candidates]
 

@@ -132,7 +132,7 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
              eos_token_id: int | SequenceT[int] | None = None, num_beams: int = 1,
              n: int = 1, best_of: int = 0, cot_k: int = 0,
              stats: GenerationStats | None = None, results: list | None = None,
-             **beam_options: Any) -> list[list[int]]:
+             trace: list | None = None, **beam_options: Any) -> list[list[int]]:
     """Generates through the service; returns the new token ids of each output, in order.
 
     `input_ids`: a [batch, length] or [length] tensor, or lists of ids (prompts of different
@@ -149,7 +149,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     and forks expanded exactly as the service says. Plain sequences stop at EOS (kept in the
     output), at the policy's stop ids or max_tokens, or after `max_new_tokens`. `stats`, if
     given, is filled with the time spent in the model and in the sidecar; `results`, if given,
-    gets each prompt's group result (None for a plain sequence).
+    gets each prompt's group result (None for a plain sequence); `trace`, if given, gets each
+    step's choices (a list per step: logprobs, entropy, the policy's explanations).
     """
     stats = stats if stats is not None else GenerationStats()
     clock = time.perf_counter
@@ -181,6 +182,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
                 stats.service_s += stream.last_service_micros / 1e6
                 stats.steps += 1
                 stats.tokens += len(choices)
+                if trace is not None:
+                    trace.append(choices)
                 parents, next_rows = [], []
                 for choice in choices:
                     parent = rows[choice.parent_row]

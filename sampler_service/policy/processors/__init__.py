@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import inspect
 
-from sampler_service.policy.processors import constraints, penalties, temperature, truncation
+from sampler_service.policy.processors import (adaptive, constraints, penalties, temperature,
+                                               truncation)
 from sampler_service.policy.processors.base import Processor, RowBatch, Selector, Stage
 from sampler_service.policy.processors.constraints import (AllowedTokenIds, BadWords, LogitBias,
                                                            MinTokens)
@@ -15,7 +16,7 @@ from sampler_service.policy.processors.penalties import (FrequencyPenalty, Prese
 from sampler_service.policy.processors.temperature import Temperature
 from sampler_service.policy.processors.truncation import MinP, TopK, TopP
 
-FAMILIES = (constraints, penalties, temperature, truncation)
+FAMILIES = (adaptive, constraints, penalties, temperature, truncation)
 
 
 def defined_stages(modules, base: type) -> dict[str, type]:

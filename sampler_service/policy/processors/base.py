@@ -181,7 +181,8 @@ class Processor(Stage):
     parameters are off must come out bit-identical.
     """
 
-    #: "filter" (masks tokens to -inf), "transform" (changes values) or "constraint".
+    #: "filter" (masks tokens to -inf), "transform" (changes values), "constraint", or
+    #: "monitor" (changes nothing; only explains, e.g. SED's chaotic points).
     role: ClassVar[str]
 
     @abstractmethod

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sampler_service.groups import beam, cot
 from sampler_service.policy.processors import defined_stages
 from sampler_service.policy.processors.base import GroupSelector, Selector, Stage
-from sampler_service.policy.selectors import greedy, mirostat, sample
+from sampler_service.policy.selectors import entropix, greedy, mirostat, sample
 
-SELECTORS: dict[str, type[Stage]] = {**defined_stages((greedy, mirostat, sample), Selector),
+SELECTORS: dict[str, type[Stage]] = {**defined_stages((entropix, greedy, mirostat, sample), Selector),
                                      **defined_stages((beam, cot), GroupSelector)}
 
 __all__ = ["SELECTORS", "GroupSelector", "Selector"]

@@ -365,7 +365,7 @@ class StepResponse(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., service_micros: _Optional[int] = ..., results: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ...) -> None: ...
 
 class PreviewRequest(_message.Message):
-    __slots__ = ("policy", "policy_spec", "params", "logits", "history", "prompt_ids", "eos_token_ids", "max_candidates")
+    __slots__ = ("policy", "policy_spec", "params", "logits", "history", "prompt_ids", "eos_token_ids", "max_candidates", "reference_logits")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_SPEC_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +374,7 @@ class PreviewRequest(_message.Message):
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LOGITS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     policy_spec: _struct_pb2.Struct
     params: SamplingParams
@@ -382,7 +383,8 @@ class PreviewRequest(_message.Message):
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_candidates: int
-    def __init__(self, policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_candidates: _Optional[int] = ...) -> None: ...
+    reference_logits: Tensor
+    def __init__(self, policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_candidates: _Optional[int] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("token_id", "probability")
