@@ -3,7 +3,10 @@
 The first step takes the prompt's one row and branches on its k most likely tokens (of the
 distribution the policy's chain leaves; ties to the lowest id), answering k rows that all name
 that row as parent. Each branch then continues greedily (the chain still applies) until it
-finishes. Each path gets the confidence
+finishes. With `branch_at: chaotic_point` the group first decodes one greedy row (the trunk)
+and branches at the first step the chain's `sed` stage flags as chaotic (SED, Luo et al.
+2024): the branches share the trunk's tokens, and a trunk that finishes without a chaotic
+point is the only path. Each path gets the confidence
     Δ = mean over its answer tokens x_t of ( p(x_t¹ | x_<t) − p(x_t² | x_<t) ),
 p the model's raw distribution and x¹, x² its two most likely tokens at that step. The answer
 span is every generated token (the final EOS or stop id excluded), or, with `answer_after`,
@@ -52,21 +55,29 @@ def answer_span(output: tuple[int, ...], stop_ids: frozenset[int], marker: tuple
 
 
 class CotGroup(Group):
-    """k greedy branches from the k best first tokens (see the module docstring)."""
+    """k greedy branches from the k best tokens of the branching step (see the module
+    docstring). Before it branches, the group is one greedy row, the trunk (`branches[0]`)."""
 
     kind = "cot"
 
-    def __init__(self, root: SequenceState, k: int, answer_after: tuple[int, ...]):
+    def __init__(self, root: SequenceState, k: int, answer_after: tuple[int, ...],
+                 at_chaotic_point: bool):
         super().__init__(root)
         self.k = k
         self.answer_after = answer_after
-        self.branches: list[SequenceState] = []
-        self.margins: list[list[float]] = []
-        self.sums: list[float] = []
+        self.at_chaotic_point = at_chaotic_point
+        # Imported here: the selector registry imports this module (a cycle at import time).
+        from sampler_service.policy.selectors.greedy import Greedy
+        trunk = self.branch_state(0)
+        trunk.policy = replace(trunk.policy, selector=Link(Greedy(), {}))
+        self.branches: list[SequenceState] = [trunk]
+        self.margins: list[list[float]] = [[]]
+        self.sums: list[float] = [0.0]
+        self.branched = False
 
     @property
     def running_rows(self) -> int:
-        return 1 if self.step_number == 0 else sum(not b.finished for b in self.branches)
+        return len(self._live())
 
     def _live(self) -> list[int]:
         return [i for i, b in enumerate(self.branches) if not b.finished]
@@ -95,43 +106,51 @@ class CotGroup(Group):
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
         logits = inputs.raw
-        vocab = logits.shape[1]
         margins_in = top2_margins(logits)
-        top_n = self.root.policy.settings["logprobs"]
-        if self.step_number == 0:
-            candidates, batch = engine.process([self.root], logits.clone(), inputs)
-            processed = candidates.to_dense()[0]
-            finite = int(torch.isfinite(processed).sum())
-            order = torch.sort(processed, descending=True, stable=True).indices[:min(self.k, finite)]
-            tokens = order.tolist()
-            records = row_records(logits, 0, [0] * len(tokens), tokens, [0.0] * len(tokens), top_n,
-                                  explanations=[batch.explanation_for(0)])
-            # Imported here: the selector registry imports this module (a cycle at import time).
-            from sampler_service.policy.selectors.greedy import Greedy
-            branches, margins, sums = [], [], []
-            for i, record in enumerate(records):
-                branch = self.branch_state(i)
-                branch.policy = replace(branch.policy, selector=Link(Greedy(), {}))
-                branch.vocab_size = vocab
-                branch.accept(record.token_id, record.entropy, record.varentropy)
-                branches.append(branch)
-                margins.append([margins_in[0]])
-                sums.append(record.logprob)
-            records = tuple(replace(r, score=r.logprob, finished=b.finished,
-                                    finish_reason=b.finish_reason, stop_token_id=b.stop_token_id)
-                            for r, b in zip(records, branches))
-        else:
-            live = self._live()
-            outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs,
-                                   reference=inputs.reference, signals=inputs.signals)
-            branches, margins, sums = list(self.branches), [list(m) for m in self.margins], list(self.sums)
-            records = []
-            for row, (i, outcome) in enumerate(zip(live, outcomes)):
-                branches[i] = self.branches[i].branch(self.branches[i].sequence_id)
-                sums[i] += outcome.logprob
-                margins[i].append(margins_in[row])
-                records.append(branches[i].record_step(outcome, vocab, row, sums[i]))
-            records = tuple(records)
+        live = self._live()
+        if not self.branched and not self.at_chaotic_point:
+            return self._fan_out(engine, inputs, margins_in[0])
+        outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs,
+                               reference=inputs.reference, signals=inputs.signals)
+        if not self.branched and outcomes[0].explanation.get("sed", {}).get("chaotic"):
+            return self._fan_out(engine, inputs, margins_in[0])
+        branches, margins, sums = list(self.branches), [list(m) for m in self.margins], list(self.sums)
+        records = []
+        for row, (i, outcome) in enumerate(zip(live, outcomes)):
+            branches[i] = self.branches[i].branch(self.branches[i].sequence_id)
+            sums[i] += outcome.logprob
+            margins[i].append(margins_in[row])
+            records.append(branches[i].record_step(outcome, logits.shape[1], row, sums[i]))
+        return self._step(tuple(records), branches, margins, sums, branched=self.branched,
+                          inputs=inputs)
+
+    def _fan_out(self, engine: "Engine", inputs: RowInputs, margin: float) -> GroupStep:
+        """Branches the trunk on the k best tokens of the chain's distribution (ties: lowest
+        id), each branch a copy of the trunk plus its token."""
+        logits, trunk = inputs.raw, self.branches[0]
+        candidates, batch = engine.process([trunk], logits.clone(), inputs)
+        processed = candidates.to_dense()[0]
+        finite = int(torch.isfinite(processed).sum())
+        tokens = torch.sort(processed, descending=True, stable=True).indices[
+            :min(self.k, finite)].tolist()
+        records = row_records(logits, self.step_number, [0] * len(tokens), tokens,
+                              [0.0] * len(tokens), self.root.policy.settings["logprobs"],
+                              explanations=[batch.explanation_for(0)])
+        branches, margins, sums = [], [], []
+        for i, record in enumerate(records):
+            branch = trunk.branch(f"{self.sequence_id}#{i}")
+            branch.vocab_size = logits.shape[1]
+            branch.accept(record.token_id, record.entropy, record.varentropy)
+            branches.append(branch)
+            margins.append(self.margins[0] + [margin])
+            sums.append(self.sums[0] + record.logprob)
+        records = tuple(replace(r, score=total, finished=b.finished, finish_reason=b.finish_reason,
+                                stop_token_id=b.stop_token_id)
+                        for r, b, total in zip(records, branches, sums))
+        return self._step(records, branches, margins, sums, branched=True, inputs=inputs)
+
+    def _step(self, records, branches, margins, sums, branched: bool,
+              inputs: RowInputs) -> GroupStep:
         result = None
         if all(b.finished for b in branches):
             paths = self._paths(branches, margins, sums, only_finished=False)
@@ -139,8 +158,10 @@ class CotGroup(Group):
 
         def apply() -> None:
             self.branches, self.margins, self.sums = branches, margins, sums
+            self.branched = branched
 
-        return GroupStep(GroupRecord(self.step_number, logits.shape[0], records, result), vocab, apply)
+        return GroupStep(GroupRecord(self.step_number, inputs.raw.shape[0], records, result),
+                         inputs.raw.shape[1], apply)
 
 
 def _votes(paths: list[Hypothesis]) -> tuple[AnswerVote, ...]:
@@ -166,6 +187,10 @@ class CotDecoding(GroupSelector):
         Param("answer_after", "int_list", default=(), off=(),
               doc="token ids that open the answer span (e.g. the ids of \"The answer is\"); "
                   "empty = every generated token"),
+        Param("branch_at", "choice", default="first_step", off=None,
+              choices=("first_step", "chaotic_point"),
+              doc="first_step: the paper's rule; chaotic_point: decode greedily until the "
+                  "chain's `sed` stage flags a chaotic point (SED), and branch there"),
     )
 
     def new_group(self, root: SequenceState, values: Mapping[str, Any], max_rows: int,
@@ -173,4 +198,8 @@ class CotDecoding(GroupSelector):
         if values["k"] > max_rows:
             raise InvalidArgument(f"k = {values['k']} exceeds this service's cap of {max_rows} "
                                   "rows per group (--max-group-rows)", f"{field}.k")
-        return CotGroup(root, values["k"], tuple(values["answer_after"]))
+        at_chaotic_point = values["branch_at"] == "chaotic_point"
+        if at_chaotic_point and not any(l.stage.key == "sed" for l in root.policy.links):
+            raise InvalidArgument("branch_at: chaotic_point needs a `sed` stage in the chain to "
+                                  "flag chaotic points", f"{field}.branch_at")
+        return CotGroup(root, values["k"], tuple(values["answer_after"]), at_chaotic_point)

@@ -320,6 +320,29 @@ def test_cot_answer_after_restricts_the_span_and_votes_sum_confidence(client):
     assert group.info().group.answers == answers
 
 
+def test_cot_at_a_chaotic_point_decodes_one_trunk_row_then_branches_there(client):
+    """With branch_at: chaotic_point the group is one greedy row until `sed` flags a step
+    (here the raw entropy exceeds 1.5 nats): the branches start there and share the trunk."""
+    policy = {"chain": [{"sed": {"entropy_threshold": 1.5, "ratio_threshold": 0.0}}],
+              "select": {"cot": {"k": 2, "branch_at": "chaotic_point"}},
+              "defaults": {"max_tokens": 3}}
+    group = client.create_sequence(policy, PROMPT, eos_token_ids=[EOS])
+    calm = group.step(rows({5: 0.97}))
+    assert tokens(calm) == [5] and group.running_rows == 1
+    assert calm[0].explanation["sed"]["chaotic"] is False
+    fork = group.step(rows({6: 0.3, 7: 0.25, 8: 0.2}))
+    assert tokens(fork) == [6, 7] and [c.parent_row for c in fork] == [0, 0]
+    assert fork[0].explanation["sed"]["chaotic"] is True
+    group.step(rows({9: 0.9}, {10: 0.9}))
+    assert ids(group.result.hypotheses) in ([[5, 6, 9], [5, 7, 10]], [[5, 7, 10], [5, 6, 9]])
+
+
+def test_cot_chaotic_point_needs_a_sed_stage(client):
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_sequence({"chain": [], "select": {"cot": {"branch_at": "chaotic_point"}}})
+    assert err.value.fields == ["sequences[0].policy_spec.select.cot.branch_at"]
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def test_group_step_with_the_wrong_number_of_rows(client, bystander):

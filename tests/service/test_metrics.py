@@ -43,3 +43,22 @@ def test_rows_errors_and_live_sequences_are_counted(metered):
 
 def test_metrics_are_off_unless_a_port_is_given(server):
     assert server.metrics_port is None
+
+
+def test_decisions_of_adaptive_policies_are_counted_per_policy(metered):
+    """A near one-hot row is entropix's "flowing" quadrant; a flat one makes `sed` flag a
+    chaotic point."""
+    peaked = torch.full((32,), -30.0)
+    peaked[3] = 0.0
+    with SamplerClient(metered.address) as client:
+        sequence = client.create_sequence(policy="entropix", seed=1)
+        assert sequence.step(peaked).explanation["entropix"]["quadrant"] == "flowing"
+        sequence.step(torch.zeros(32))
+        samples = scrape(metered)
+    assert samples['sampler_decisions_total{decision="quadrant=flowing",policy="entropix",'
+                   'stage="entropix"}'] == 1
+    assert samples['sampler_decisions_total{decision="chaotic=true",policy="entropix",'
+                   'stage="sed"}'] == 1
+    assert samples['sampler_decisions_total{decision="chaotic=false",policy="entropix",'
+                   'stage="sed"}'] == 1
+    assert samples['sampler_rows_total{policy="entropix"}'] == 2
