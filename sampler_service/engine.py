@@ -107,6 +107,7 @@ class Engine:
         for position, link in enumerate(states[0].policy.links):
             args = self._stage_args(link.stage, [s.policy.links[position] for s in states])
             link.stage.apply(candidates, args, batch)
+            batch.pristine = False
         emptied = torch.isneginf(candidates.max_values())
         if bool(emptied.any()):
             state = states[int(emptied.nonzero()[0])]

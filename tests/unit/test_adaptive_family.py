@@ -19,6 +19,7 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.processors import PROCESSORS, RowBatch
 from sampler_service.policy.processors.adaptive import (Edt, HotOrCold, KlTemperature, Sed,
                                                         TempExt)
+from sampler_service.policy.statistics import RawStatistics
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.policy.processors.truncation import TopK
 from sampler_service.policy.resolved import PolicyVersion
@@ -68,7 +69,9 @@ def args_for(cls, rows: int, given: dict) -> dict:
 
 
 def apply(cls, candidates: Candidates, batch: RowBatch, **given) -> Candidates:
+    """One stage, as the engine runs it (which clears `pristine` after a stage)."""
     cls().apply(candidates, args_for(cls, candidates.rows, given), batch)
+    batch.pristine = False
     return candidates
 
 
@@ -224,6 +227,16 @@ def test_row_without_candidates_is_left_for_the_engine(cls, given):
     assert torch.equal(out[0], logits[0])  # still all −inf (not NaN): the engine reports it
     assert cls.key not in explained(batch, 0) or "temperature" not in explained(batch, 0)[cls.key]
     assert not torch.equal(out[1], logits[1])
+
+
+def test_edt_first_in_the_chain_reuses_the_raw_entropy():
+    logits = random_logits(5, rows=2, vocab=100)
+    batch = make_batch(logits)
+    batch.inputs = RowInputs(logits, RawStatistics(torch.zeros(2), torch.tensor([0.5, 2.0]),
+                                                   torch.zeros(2)))
+    run(Edt, logits, batch, t0=1.0, theta=1.0, base=0.8)
+    assert [explained(batch, r)["edt"]["entropy"] for r in range(2)] == [0.5, 2.0]
+    assert explained(batch, 1)["edt"]["temperature"] == pytest.approx(0.8 ** 0.5)
 
 
 def test_edt_reads_the_candidates_at_its_point_of_the_chain():
@@ -444,6 +457,7 @@ def test_dense_and_sparse_batches_agree(cls, on, off):
     present, columns = sparse.locate(rows, tokens)
     sparse.update(rows[present], columns, sparse.values[rows[present], columns] + 3.0)
     dense = Candidates(sparse.to_dense().clone())
+    batch_dense.pristine = False  # its candidates come from the top-k, not the raw logits
     given = _mixed(on, off, [True, True, False, True])
     apply(cls, sparse, batch_sparse, **given)
     apply(cls, dense, batch_dense, **given)

@@ -146,7 +146,8 @@ class Edt(Processor):
     T = T0 · N^(θ / H), then l' = l / T.
 
     H = the entropy (nats) of the candidates' softmax at this point of the chain: put `edt`
-    first to read the model's raw distribution, as the paper does. N ∈ (0, 1] is the base
+    first to read the model's raw distribution, as the paper does (it then costs nothing: the
+    engine's raw statistics of the step are reused). N ∈ (0, 1] is the base
     (the paper's N = 0.8) and θ ≥ 0 its exponent numerator; with N < 1 the temperature falls
     towards 0 as the model grows confident. H = 0 (one candidate, or a point mass) with θ > 0
     gives N^∞ = 0, T = 0: greedy. θ = 0 gives T = T0 whatever H. T < 1e-5 marks the row greedy.
@@ -172,7 +173,8 @@ class Edt(Processor):
         active = ~((t0 == 1.0) & ((theta == 0) | (base == 1.0)))
         if not bool(active.any()):
             return
-        entropy, _ = _candidate_entropy(candidates)
+        entropy = (batch.raw_statistics().entropy if batch.pristine
+                   else _candidate_entropy(candidates)[0])
         active &= ~entropy.isnan()  # a row without any finite candidate: left to the engine
         # θ / 0 = +inf for θ > 0; θ = 0 means exponent 0 whatever H (not 0 / 0).
         exponent = torch.where(theta > 0, theta / entropy, torch.zeros_like(theta))

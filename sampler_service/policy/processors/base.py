@@ -76,6 +76,9 @@ class RowBatch:
         self.inputs = inputs
         #: Per stage key, per field, one value per row (None: nothing to say for that row).
         self.explanations: dict[str, dict[str, list[Any]]] = {}
+        #: True while no stage has run on the candidates yet (the engine clears it after the
+        #: first): they are still the raw logits, so `raw_statistics()` describes them.
+        self.pristine = inputs is not None
         self.rows = len(states)
         self.positions = torch.tensor([s.position for s in states], dtype=torch.int64, device=device)
         self.seeds = torch.tensor([seed_to_int64(s.seed) for s in states], dtype=torch.int64,
