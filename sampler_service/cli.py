@@ -1,18 +1,38 @@
-"""Command line: `sampler-service serve ...` (also `python -m sampler_service serve ...`)."""
+"""Command line (also `python -m sampler_service ...`):
+
+- `sampler-service serve ...` runs the gRPC service;
+- `sampler-service policies validate FILE` checks a policy file or directory offline;
+- `sampler-service policies list|show|put|delete ... --target HOST:PORT` administers a running
+  service's policies through its PolicyAdmin API (started with an admin token).
+
+Exit codes: 0 done, 1 the policy file is invalid or the service refused the call (the gRPC
+status and message are printed), 2 bad usage or the server could not start. The server and
+the policy parser (torch) are imported only by the commands that need them, so that
+`policies list|show|put|delete` start fast.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from sampler_service.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+import yaml
+
+from sampler_client import PolicyAdminClient, SamplerError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sampler-service",
                                      description="Sampler Sidecar: LLM decoding policies over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_policies(commands)
+    return parser
+
+
+def _add_serve(commands) -> None:
     serve = commands.add_parser("serve", help="run the gRPC service")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     serve.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
@@ -20,41 +40,173 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-default-policies", action="store_true",
                        help="serve only the policies of --policies")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: CUDA if present)")
-    serve.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+    serve.add_argument("--max-message-bytes", type=int,
                        help="largest request or response (default: 64 MiB)")
     serve.add_argument("--max-sequences", type=int, default=100_000, help="cap on live sequences")
     serve.add_argument("--idle-ttl", type=float, default=3600.0,
                        help="seconds before an idle sequence is evicted (0: never)")
     serve.add_argument("--max-group-rows", type=int, default=64,
                        help="cap on a group's rows: beam width, forks (best_of), CoT branches")
+    serve.add_argument("--policy-reload-interval", type=float, default=2.0,
+                       help="seconds between checks of --policies for changes (0: never reload)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
-    return parser
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument("--admin-token", help="serve the PolicyAdmin API to callers bearing this "
+                       "token (visible in `ps`: prefer --admin-token-file)")
+    token.add_argument("--admin-token-file", type=Path,
+                       help="read the admin token from this file (e.g. a Kubernetes Secret "
+                       "mount), read once at start; default: no admin API")
+
+
+def _add_policies(commands) -> None:
+    policies = commands.add_parser("policies", help="validate policy files; administer a "
+                                   "running service's policies")
+    actions = policies.add_subparsers(dest="action", required=True)
+    validate = actions.add_parser("validate", help="check a policy file or directory offline")
+    validate.add_argument("path", type=Path, metavar="FILE",
+                          help="a YAML policy file, or a directory of *.yaml / *.yml files")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--target", required=True, metavar="HOST:PORT", help="the service")
+    token = remote.add_mutually_exclusive_group()
+    token.add_argument("--token", help="the service's admin token")
+    token.add_argument("--token-file", type=Path, help="read the admin token from this file")
+    remote.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    actions.add_parser("list", parents=[remote], help="the policies in force")
+    show = actions.add_parser("show", parents=[remote], help="one policy as YAML, with its version")
+    show.add_argument("name")
+    put = actions.add_parser("put", parents=[remote], help="add or replace a policy from a YAML "
+                             "file: a bare spec, or a document with `policies: {NAME: spec}`")
+    put.add_argument("name")
+    put.add_argument("path", type=Path, metavar="FILE")
+    delete = actions.add_parser("delete", parents=[remote], help="delete a policy (refused "
+                                "while live sequences pin it, unless --force)")
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true",
+                        help="delete even if live sequences pin it (they keep their version)")
+
+
+def _read_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    return token
+
+
+# -- policies validate ------------------------------------------------------------------------
+def validate_policies(path: Path) -> int:
+    """Parses every policy file `path` names, then checks that each split names a policy
+    defined there or shipped. Prints `FILE: names` per file, or `FILE: field: message` on stderr."""
+    from sampler_service.errors import InvalidArgument
+    from sampler_service.policy.plugins import load_plugins
+    from sampler_service.policy.registry import (PolicyRegistry, load_policy_file,
+                                                 policy_files, shipped_policies)
+    load_plugins()  # a policy may name an installed plug-in's stage, as the server allows
+    files = policy_files(path)
+    if not files:
+        print(f"{path}: policies: no policy files (*.yaml, *.yml) in the directory",
+              file=sys.stderr)
+        return 1
+    specs, defined_in, names = shipped_policies(), {}, []
+    for file in files:
+        try:
+            found = load_policy_file(file)
+        except OSError as exc:
+            print(f"{file}: policies: cannot read: {exc.strerror}", file=sys.stderr)
+            return 1
+        except InvalidArgument as exc:
+            print(f"{file}: {exc.field}: {exc.message.removeprefix(f'{file}: ')}",
+                  file=sys.stderr)
+            return 1
+        specs.update(found)
+        defined_in.update(dict.fromkeys(found, file))
+        names.append(f"{file}: {', '.join(found) or '(no policies)'}")
+    try:
+        PolicyRegistry(specs)
+    except InvalidArgument as exc:
+        split = exc.field.split(".")[1]  # the field is policies.<split>.split.<variant>
+        print(f"{defined_in.get(split, path)}: {exc.field}: {exc.message}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+# -- policies list | show | put | delete ------------------------------------------------------
+def _spec_from_file(name: str, path: Path) -> Any:
+    """One spec from a YAML file: a bare spec, or `policies: {name: spec, ...}`."""
+    document = yaml.safe_load(path.read_text())
+    if isinstance(document, dict) and set(document) == {"policies"}:
+        if not isinstance(document["policies"], dict) or name not in document["policies"]:
+            raise ValueError(f"{path}: `policies:` does not define {name!r}")
+        return document["policies"][name]
+    return document
+
+
+def administer(args: argparse.Namespace) -> int:
+    token = _read_token(args.token_file) if args.token_file else args.token
+    with PolicyAdminClient(args.target, token=token, timeout=args.timeout) as admin:
+        try:
+            if args.action == "list":
+                policies = admin.list_policies()
+                print(f"{'NAME':<16} {'KIND':<7} {'VERSION':>7}  {'HASH':<16}  {'ORIGIN':<6} LIVE")
+                for p in policies:
+                    print(f"{p.name:<16} {p.kind:<7} {p.version.number:>7}  {p.version.hash:<16}  "
+                          f"{p.origin:<6} {p.live_sequences}")
+            elif args.action == "show":
+                p = admin.get_policy(args.name)
+                print(f"# version {p.version.number} ({p.version.hash}), origin {p.origin}, "
+                      f"{p.live_sequences} live sequence(s)")
+                print(yaml.safe_dump({"policies": {p.name: p.spec}}, sort_keys=False), end="")
+            elif args.action == "put":
+                version = admin.put_policy(args.name, _spec_from_file(args.name, args.path))
+                print(f"{args.name}: version {version.number} ({version.hash})")
+            else:
+                p = admin.delete_policy(args.name, args.force)
+                print(f"deleted {p.name} (version {p.version.number}); {p.live_sequences} live "
+                      "sequence(s) keep running on it")
+        except SamplerError as exc:
+            print(f"sampler-service policies {args.action}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sampler_service.errors import SamplerServiceError
+    from sampler_service.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve_forever
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = _read_token(args.admin_token_file) if args.admin_token_file else args.admin_token
+        config = ServerConfig(host=args.host, port=args.port, policies=args.policies,
+                              default_policies=not args.no_default_policies, device=args.device,
+                              max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                              max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
+                              max_group_rows=args.max_group_rows,
+                              metrics_port=args.metrics_port,
+                              policy_reload_s=args.policy_reload_interval, workers=args.workers,
+                              grace_s=args.grace, admin_token=token)
+        serve_forever(config)
+    except (SamplerServiceError, OSError, ValueError) as exc:
+        field = getattr(exc, "field", None)
+        print(f"sampler-service: {exc}" + (f" (at {field})" if field else ""), file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        from sampler_service.errors import SamplerServiceError
-        from sampler_service.server.app import serve_forever
-        config = ServerConfig(host=args.host, port=args.port, policies=args.policies,
-                              default_policies=not args.no_default_policies, device=args.device,
-                              max_message_bytes=args.max_message_bytes,
-                              max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
-                              max_group_rows=args.max_group_rows,
-                              metrics_port=args.metrics_port, workers=args.workers, grace_s=args.grace)
-        try:
-            serve_forever(config)
-        except (SamplerServiceError, OSError, ValueError) as exc:
-            field = getattr(exc, "field", None)
-            print(f"sampler-service: {exc}" + (f" (at {field})" if field else ""), file=sys.stderr)
-            return 2
-    return 0
+        return serve(args)
+    if args.action == "validate":
+        return validate_policies(args.path)
+    try:
+        return administer(args)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"sampler-service policies {args.action}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

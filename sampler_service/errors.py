@@ -40,3 +40,11 @@ class FailedPrecondition(SamplerServiceError):
 
 class ResourceExhausted(SamplerServiceError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(SamplerServiceError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SamplerServiceError):
+    code = "PERMISSION_DENIED"

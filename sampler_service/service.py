@@ -6,6 +6,7 @@ so a bad request leaves every sequence as it was.
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import torch
 
 from sampler_service.engine import Engine
-from sampler_service.errors import FailedPrecondition, InvalidArgument
+from sampler_service.errors import FailedPrecondition, InvalidArgument, SamplerServiceError
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
@@ -24,6 +25,7 @@ from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,16 @@ class SamplerCore:
 
     # -- policies -----------------------------------------------------------------------------
     def resolve_policy(self, name: str, spec: Mapping[str, Any] | None,
-                       params: Mapping[str, Any], prefix: str = "") -> ResolvedPolicy:
-        """A named policy, an inline spec, or flat parameters, with `params` applied."""
+                       params: Mapping[str, Any], prefix: str = "",
+                       sequence_id: str = "") -> ResolvedPolicy:
+        """A named policy (a split assigns `sequence_id` a variant), an inline spec, or flat
+        parameters, with `params` applied."""
         if name and spec:
             raise InvalidArgument("give a policy name or an inline policy_spec, not both",
                                   f"{prefix}policy_spec")
         if name:
-            policy, version = self.registry.get(name, f"{prefix}policy")
-            return resolve(policy, version, params, f"{prefix}params")
+            policy, version, split = self.registry.get(name, f"{prefix}policy", sequence_id)
+            return resolve(policy, version, params, f"{prefix}params", split)
         if spec:
             policy = parse_policy("inline", dict(spec), f"{prefix}policy_spec")
             return resolve(policy, PolicyVersion(0, policy.content_hash()), params, f"{prefix}params")
@@ -119,7 +123,8 @@ class SamplerCore:
             prefix = f"sequences[{index}]."
             if not request.sequence_id:
                 raise InvalidArgument("sequence_id is required", f"{prefix}sequence_id")
-            policy = self.resolve_policy(request.policy, request.policy_spec, request.params, prefix)
+            policy = self.resolve_policy(request.policy, request.policy_spec, request.params, prefix,
+                                         request.sequence_id)
             seed = policy.settings["seed"]
             root = SequenceState(
                 sequence_id=request.sequence_id, policy=policy,
@@ -166,33 +171,65 @@ class SamplerCore:
         `reference` ([rows, vocab]) and `signals` (name -> [rows]) are the worker's extras."""
         with self._lock:
             units = self._validate_step(rows, logits, reference)
-            inputs = RowInputs(logits, reference=reference, signals=signals)
-            vocab = logits.shape[1]
-            answers: list[StepRecord | GroupRecord | None] = [
-                u.entry.last_record if u.retry else None for u in units]
-            plain = [k for k, u in enumerate(units) if not u.retry and not isinstance(u.entry, Group)]
-            outcomes = []
-            if plain:
-                own = inputs
-                if len(plain) < len(rows):
-                    own = inputs.select(torch.tensor([units[k].start for k in plain],
-                                                     device=logits.device))
-                outcomes = self.engine.step([units[k].entry for k in plain], own.raw,
-                                            processed_logprobs, reference=own.reference,
-                                            signals=own.signals)
-            planned = [(k, u.entry.plan(self.engine, inputs.select(torch.arange(
-                u.start, u.start + u.count, device=logits.device)), processed_logprobs))
-                for k, u in enumerate(units) if not u.retry and isinstance(u.entry, Group)]
-            for k, outcome in zip(plain, outcomes):
-                answers[k] = units[k].entry.record_step(outcome, vocab)
-            for k, group_step in planned:
-                answers[k] = units[k].entry.commit(group_step)
-            if self.on_row is not None:
-                for unit, answer in zip(units, answers):
-                    if not unit.retry:
-                        for record in answer.rows if isinstance(answer, GroupRecord) else [answer]:
-                            self.on_row(unit.state.policy.name, record)
-            return [(u.start, answer) for u, answer in zip(units, answers)]  # type: ignore[misc]
+            moved = self._follow_latest(units)
+            try:
+                return self._step_units(units, rows, logits, processed_logprobs, reference, signals)
+            except BaseException:
+                for state, pinned in moved:  # the step failed: nothing changes, not even that
+                    state.policy = pinned
+                raise
+
+    def _follow_latest(self, units: Sequence[_Unit]) -> list[tuple[SequenceState, ResolvedPolicy]]:
+        """Moves the plain sequences whose policy says `follow_latest` to the version now in
+        force (their request overrides applied again); returns (state, pinned policy) of each
+        moved one. A sequence whose overrides the new version refuses keeps its version."""
+        moved = []
+        for unit in units:
+            state = unit.entry
+            if unit.retry or isinstance(state, Group) or not state.policy.follow_latest:
+                continue
+            pinned = state.policy
+            try:
+                spec, version, _ = self.registry.get(pinned.name)
+                if version != pinned.version:
+                    state.policy = resolve(spec, version, pinned.overrides, split=pinned.split)
+                    moved.append((state, pinned))
+            except SamplerServiceError as exc:
+                log.warning("sequence %r stays on %s v%d: %s", state.sequence_id, pinned.name,
+                            pinned.version.number, exc)
+        return moved
+
+    def _step_units(self, units: Sequence[_Unit], rows: Sequence[StepRow], logits: torch.Tensor,
+                    processed_logprobs: bool, reference: torch.Tensor | None,
+                    signals: Mapping[str, torch.Tensor] | None) -> list[Answer]:
+        """Plans every fresh sequence's and group's step, then applies them all."""
+        inputs = RowInputs(logits, reference=reference, signals=signals)
+        vocab = logits.shape[1]
+        answers: list[StepRecord | GroupRecord | None] = [
+            u.entry.last_record if u.retry else None for u in units]
+        plain = [k for k, u in enumerate(units) if not u.retry and not isinstance(u.entry, Group)]
+        outcomes = []
+        if plain:
+            own = inputs
+            if len(plain) < len(rows):
+                own = inputs.select(torch.tensor([units[k].start for k in plain],
+                                                 device=logits.device))
+            outcomes = self.engine.step([units[k].entry for k in plain], own.raw,
+                                        processed_logprobs, reference=own.reference,
+                                        signals=own.signals)
+        planned = [(k, u.entry.plan(self.engine, inputs.select(torch.arange(
+            u.start, u.start + u.count, device=logits.device)), processed_logprobs))
+            for k, u in enumerate(units) if not u.retry and isinstance(u.entry, Group)]
+        for k, outcome in zip(plain, outcomes):
+            answers[k] = units[k].entry.record_step(outcome, vocab)
+        for k, group_step in planned:
+            answers[k] = units[k].entry.commit(group_step)
+        if self.on_row is not None:
+            for unit, answer in zip(units, answers):
+                if not unit.retry:
+                    for record in answer.rows if isinstance(answer, GroupRecord) else [answer]:
+                        self.on_row(unit.state.policy.name, record)
+        return [(u.start, answer) for u, answer in zip(units, answers)]  # type: ignore[misc]
 
     @staticmethod
     def _is_retry(step: int | None, entry: SequenceState | Group) -> bool:

@@ -15,6 +15,7 @@ from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.processors.base import Stage
+from sampler_service.policy import splits, watcher
 from sampler_service.policy.registry import DEFAULT_POLICIES, parse_policy_document
 from sampler_service.policy.resolved import ALWAYS_OVERRIDABLE, SETTINGS
 from sampler_service.policy.selectors import SELECTORS
@@ -179,6 +180,65 @@ def _groups_section() -> list[str]:
             "```", ""]
 
 
+#: A policy file using versions' features; `render` validates it, so it cannot go stale.
+RELOAD_POLICIES = """\
+policies:
+  chat-a:
+    description: the current chat policy
+    chain: [{temperature: {temperature: 0.7}}, {top_p: {p: 0.9}}]
+    select: sample
+    overridable: [seed, max_tokens]
+  chat-b:
+    description: the candidate, on 10% of new sequences
+    chain: [{edt: {t0: 0.9}}, {top_k: {k: 50}}, {top_p: {p: 0.95}}]
+    select: sample
+    overridable: [seed, max_tokens]
+  chat:
+    split: {chat-a: 0.9, chat-b: 0.1}
+  tuning:
+    description: running sequences pick up every change at their next step
+    follow_latest: true
+    chain: [{temperature: {temperature: 0.8}}]
+    select: sample"""
+
+RELOAD_INTRO = """\
+## Versions, hot reload and A/B splits
+
+Every policy name has a version: a number that grows by one each time the name's spec changes
+(an identical spec keeps its number) and a hash of the spec. `CreateSequences` answers the
+version a sequence pinned and `GetSequence` reports it. A running sequence keeps its pinned
+version however the registry changes, so its tokens never change under it; new sequences get
+the version in force. With `follow_latest: true`, a policy's running sequences move to its
+newest version at their next step (their request overrides applied again; one whose overrides
+the new version no longer allows stays where it was). The trade-off: a follow_latest
+sequence's output mixes versions, which is what tuning wants and an experiment does not.
+Groups (beams, forks, CoT) always stay pinned.
+"""
+
+RELOAD_OPERATIONS = """\
+Operating it:
+- `sampler-service serve --policies /etc/sampler/policies` watches that file or directory
+  (`--policy-reload-interval`, default 2 s; 0 turns reloading off).
+- Mount the ConfigMap as a directory. A `subPath` mount is copied once at pod start and
+  never sees an update.
+- `sampler_policy_reloads_total{result="ok"|"error"}` counts reloads, and
+  `sampler_split_assignments_total{split, variant}` counts the sequences each split assigned
+  (`--metrics-port`). A rejected file is also logged with the field at fault.
+- Policies can also be changed through the `PolicyAdmin` gRPC service or
+  `sampler-service policies list|show|put|delete`, when an admin token is configured.
+  `sampler-service policies validate FILE` checks a file offline. A reload keeps the policies
+  put through the admin API unless the file defines the same name.
+"""
+
+
+def _reload_section() -> list[str]:
+    """Versions, reload and splits, from the registry, watcher and splits modules."""
+    parse_policy_document(yaml.safe_load(RELOAD_POLICIES), "docgen RELOAD_POLICIES")
+    return [RELOAD_INTRO, "### Hot reload", "", *_module_doc(watcher),
+            "### A/B splits", "", *_module_doc(splits),
+            "### Example", "", "```yaml", RELOAD_POLICIES, "```", "", RELOAD_OPERATIONS]
+
+
 def render() -> str:
     canonical = " → ".join(f"`{cls.key}`" for cls in CANONICAL_ORDER)
     out = [INTRO.format(canonical=canonical), "## Processors", ""]
@@ -192,6 +252,7 @@ def render() -> str:
             + ", ".join(f"`{n}`" for n in sorted(ALWAYS_OVERRIDABLE)) + "), by a request.", "",
             *_param_table(SETTINGS, {p.name: p.name for p in SETTINGS}),
             *_groups_section(),
+            *_reload_section(),
             "## Shipped policies", "", "```yaml",
             resources.files("sampler_service.policy").joinpath(DEFAULT_POLICIES).read_text().rstrip(),
             "```", ""]

@@ -1,7 +1,7 @@
 """A policy resolved for one sequence: stage instances with concrete parameter values."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -62,11 +62,18 @@ class ResolvedPolicy:
     links: tuple[Link, ...]
     selector: Link
     settings: Mapping[str, Any]
+    #: The A/B split the policy was assigned through ("" when named directly).
+    split: str = ""
+    #: The policy's `follow_latest`: running sequences move to a newer version of the name.
+    follow_latest: bool = False
+    #: The request's overrides, applied again when a follow_latest sequence moves.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert all(isinstance(l.stage, Processor) for l in self.links)
         assert isinstance(self.selector.stage, (Selector, GroupSelector))
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
 
     @property
     def signature(self) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ A spec (DESIGN.md section 4):
     select: greedy | sample | {selector_key: {param: value}}
     defaults: {max_tokens: 256, stop_token_ids: [...], seed: 1, logprobs: 0}
     overridable: [flat parameter names a request may set]
+    follow_latest: false   # true: running sequences move to a new version at their next step
 
 Without a policy, flat vLLM-named parameters build `CANONICAL_ORDER` with a sample selector.
 Every error names the field it is about.
@@ -25,7 +26,7 @@ from sampler_service.policy.resolved import (ALWAYS_OVERRIDABLE, SETTING_NAMES, 
                                              PolicyVersion, ResolvedPolicy)
 from sampler_service.policy.selectors import SELECTORS
 
-SPEC_KEYS = ("description", "chain", "select", "defaults", "overridable")
+SPEC_KEYS = ("description", "chain", "select", "defaults", "overridable", "follow_latest")
 
 #: Flat request parameter -> (processor key, parameter name), from the processors' schemas.
 FLAT_PROCESSOR_PARAMS: dict[str, tuple[str, str]] = {
@@ -33,6 +34,25 @@ FLAT_PROCESSOR_PARAMS: dict[str, tuple[str, str]] = {
     for cls in CANONICAL_ORDER for param, flat in cls.flat_names.items()
 }
 FLAT_NAMES = frozenset(FLAT_PROCESSOR_PARAMS) | SETTING_NAMES
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every number a float (a Struct or JSON round trip turns 40 into 40.0)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def content_digest(source: Mapping[str, Any]) -> str:
+    """Digest of the canonical JSON of a spec as written: the same for the same content
+    whatever the key order or number type, so a spec read back and put again keeps its
+    version."""
+    canonical = json.dumps(_canonical(source), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -46,11 +66,10 @@ class PolicySpec:
     defaults: Mapping[str, Any]
     overridable: frozenset[str]
     source: Mapping[str, Any]
+    follow_latest: bool = False
 
     def content_hash(self) -> str:
-        """Digest of the canonical JSON of the spec as given."""
-        canonical = json.dumps(self.source, sort_keys=True, separators=(",", ":"), default=list)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return content_digest(self.source)
 
 
 def _stage_entry(entry: Any, known: Mapping[str, Any], what: str, field: str) -> tuple[str, dict]:
@@ -111,12 +130,16 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise InvalidArgument("description must be text", f"{field}.description")
+    follow_latest = raw.get("follow_latest", False)
+    if not isinstance(follow_latest, bool):
+        raise InvalidArgument("follow_latest must be true or false", f"{field}.follow_latest")
     return PolicySpec(name=name, description=description, chain=chain, select=select,
-                      defaults=defaults, overridable=frozenset(overridable_raw), source=raw)
+                      defaults=defaults, overridable=frozenset(overridable_raw), source=raw,
+                      follow_latest=follow_latest)
 
 
 def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, Any],
-            field: str = "params") -> ResolvedPolicy:
+            field: str = "params", split: str = "") -> ResolvedPolicy:
     """Applies request overrides to a policy, checking each is allowed and in range."""
     chain = {key: dict(values) for key, values in spec.chain}
     settings = dict(spec.defaults)
@@ -136,7 +159,8 @@ def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, An
             chain[key][param] = schema.validate(value, where)
     links = tuple(Link(PROCESSORS[key](), chain[key]) for key, _ in spec.chain)
     selector = Link(SELECTORS[spec.select[0]](), dict(spec.select[1]))
-    return ResolvedPolicy(spec.name, version, links, selector, settings)
+    return ResolvedPolicy(spec.name, version, links, selector, settings, split=split,
+                          follow_latest=spec.follow_latest, overrides=dict(overrides))
 
 
 #: Flat parameters build this spec: every canonical processor at its off value, all overridable.

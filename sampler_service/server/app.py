@@ -15,7 +15,11 @@ from grpc_reflection.v1alpha import reflection
 from sampler_proto.sampler.v1 import sampler_pb2, sampler_pb2_grpc
 from sampler_service.device import resolve_device
 from sampler_service.engine import Engine
+from sampler_service.policy.plugins import load_plugins
 from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.policy.watcher import PolicyWatcher
+from sampler_service.policy_admin import PolicyAdministration
+from sampler_service.server.admin import ADMIN_SERVICE, PolicyAdminServicer
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
 from sampler_service.service import SamplerCore
@@ -40,8 +44,10 @@ class ServerConfig:
     idle_ttl_s: float = 3600.0
     max_group_rows: int = 64          # widest beam group / most forks or CoT branches
     metrics_port: int | None = None   # Prometheus /metrics on host:port (0: a free port); None: off
+    policy_reload_s: float = 2.0      # poll `policies` for changes this often; 0: never reload
     workers: int = 8
     grace_s: float = 10.0
+    admin_token: str | None = None    # serve PolicyAdmin to callers bearing it; None: no admin API
 
 
 class SamplerServer:
@@ -49,6 +55,7 @@ class SamplerServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.plugins = load_plugins()  # before the policies: they may name plug-in stages
         registry = PolicyRegistry.from_files(config.policies, config.default_policies)
         store = SequenceStore(config.max_sequences, config.idle_ttl_s)
         self.metrics = ServiceMetrics(live_sequences=lambda: len(store))
@@ -65,14 +72,24 @@ class SamplerServer:
                                                        self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        services = [SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if config.admin_token is not None:
+            sampler_pb2_grpc.add_PolicyAdminServicer_to_server(PolicyAdminServicer(
+                PolicyAdministration(self.core.registry, self.core.store), config.admin_token,
+                self.metrics), self._server)
+            services.append(ADMIN_SERVICE)
+        reflection.enable_server_reflection(services, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self._server.start()
         self.metrics_port = (None if config.metrics_port is None
                              else self.metrics.serve(config.host, config.metrics_port))
+        self.watcher = None
+        if config.policies is not None and config.policy_reload_s > 0:
+            self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
+                                         config.policy_reload_s, self.metrics.observe_reload)
+            self.watcher.start()
         for service in ("", SAMPLER_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (device %s)", config.host, self.port, self.core.device)
@@ -84,6 +101,8 @@ class SamplerServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s`."""
         self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            self.watcher.stop()
         self._server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
         self.metrics.stop()
 

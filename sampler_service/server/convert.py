@@ -147,7 +147,7 @@ def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
             sequence_id=root.sequence_id, policy=root.policy.name, policy_version=version_pb(root),
             prompt_ids=root.prompt_ids, finished=entry.finished, seed=root.seed,
             resolved_spec=dict_to_struct(root.policy.spec()), vocab_size=root.vocab_size,
-            group=group_info_pb(entry))
+            group=group_info_pb(entry), split=root.policy.split)
         return info
     state = entry
     info = pb.SequenceInfo(
@@ -160,7 +160,8 @@ def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
         entropy_summary=pb.EntropySummary(
             mean_entropy=state.mean_entropy, mean_varentropy=state.mean_varentropy,
             ema_entropy=state.ema_entropy, ema_varentropy=state.ema_varentropy,
-            ema_alpha=ENTROPY_EMA_ALPHA))
+            ema_alpha=ENTROPY_EMA_ALPHA),
+        split=state.policy.split)
     if state.stop_token_id is not None:
         info.stop_token_id = state.stop_token_id
     return info

@@ -31,6 +31,12 @@ class ServiceMetrics:
                                       "Time a step request spends in the service",
                                       registry=self.registry,
                                       buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1))
+        self.reloads = Counter("sampler_policy_reloads", "Policy file reloads by result (ok: swapped "
+                               "in; error: rejected, the old policies kept serving)", ["result"],
+                               registry=self.registry)
+        self.split_assignments = Counter("sampler_split_assignments",
+                                         "Sequences an A/B split assigned, by variant",
+                                         ["split", "variant"], registry=self.registry)
         live = Gauge("sampler_live_sequences", "Live sequences and groups", registry=self.registry)
         live.set_function(live_sequences)
         self._http = None
@@ -44,6 +50,14 @@ class ServiceMetrics:
                 if isinstance(value, (str, bool)):
                     word = str(value).lower() if isinstance(value, bool) else value
                     self.decisions.labels(policy, stage, f"{name}={word}").inc()
+
+    def observe_reload(self, change: Any, error: str | None) -> None:
+        self.reloads.labels("error" if error else "ok").inc()
+
+    def observe_created(self, policy_name: str, split: str) -> None:
+        """Counts a sequence a split assigned to its variant `policy_name`."""
+        if split:
+            self.split_assignments.labels(split, policy_name).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Starts `/metrics` on host:port (0 = a free port); returns the bound port."""

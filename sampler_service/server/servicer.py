@@ -11,6 +11,7 @@ import grpc
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_service.errors import SamplerServiceError
+from sampler_service.groups import Group
 from sampler_service.server import convert
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.status import abort, to_rpc_status
@@ -55,6 +56,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     def CreateSequences(self, request, context):
         states = self.core.create_sequences(
             [convert.sequence_request_from_pb(c) for c in request.sequences])
+        for entry in states:
+            policy = (entry.root if isinstance(entry, Group) else entry).policy
+            self.metrics.observe_created(policy.name, policy.split)
         return pb.CreateSequencesResponse(sequences=[convert.created_pb(s) for s in states])
 
     @_statuses

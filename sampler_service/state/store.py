@@ -67,6 +67,11 @@ class SequenceStore:
         state.last_used = self._clock()
         return state
 
+    def snapshot(self) -> list:
+        """The live sequences and groups now (a list: safe to iterate while others change)."""
+        with self._lock:
+            return list(self._sequences.values())
+
     def _evict_idle(self) -> None:
         if self._ttl <= 0:
             return

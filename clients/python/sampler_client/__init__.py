@@ -1,13 +1,16 @@
 """Python SDK of Sampler Sidecar: create sequences, step them with logits, preview policies.
 
 `sampler_client.hf` (needs torch and transformers) drives a Hugging Face model through it.
+`PolicyAdminClient` lists, puts and deletes the service's policies (with its admin token).
 """
+from sampler_client.admin import PolicyAdminClient, PolicyInfo, PolicyVersion
 from sampler_client.aio import (AsyncSamplerClient, AsyncSequence, AsyncSequenceGroup,
                                 AsyncStepStream)
 from sampler_client.client import SamplerClient, Sequence, SequenceGroup, StepStream
 from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError, FieldViolation,
-                                   InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-                                   SamplerError, UnavailableError)
+                                   InvalidArgumentError, NotFoundError, PermissionDeniedError,
+                                   ResourceExhaustedError, SamplerError, UnauthenticatedError,
+                                   UnavailableError)
 from sampler_client.types import (AnswerVote, Choice, GroupInfo, GroupResult, Hypothesis,
                                   SequenceInfo)
 
@@ -15,6 +18,7 @@ __all__ = [
     "AlreadyExistsError", "AnswerVote", "AsyncSamplerClient", "AsyncSequence",
     "AsyncSequenceGroup", "AsyncStepStream", "Choice", "FailedPreconditionError", "FieldViolation",
     "GroupInfo", "GroupResult", "Hypothesis", "InvalidArgumentError", "NotFoundError",
+    "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion",
     "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceGroup",
-    "SequenceInfo", "StepStream", "UnavailableError",
+    "SequenceInfo", "StepStream", "UnauthenticatedError", "UnavailableError",
 ]

@@ -142,6 +142,8 @@ class SequenceInfo:
     #: Running summaries of the entropy history: mean_entropy, mean_varentropy, ema_entropy,
     #: ema_varentropy, ema_alpha.
     entropy_summary: dict[str, float] = field(default_factory=dict)
+    #: The A/B split that assigned the policy ("" when named directly).
+    split: str = ""
 
     @classmethod
     def from_pb(cls, s: pb.SequenceInfo) -> "SequenceInfo":
@@ -155,4 +157,5 @@ class SequenceInfo:
                    vocab_size=s.vocab_size,
                    group=GroupInfo.from_pb(s.group) if s.HasField("group") else None,
                    entropy_summary={f.name: getattr(s.entropy_summary, f.name)
-                                    for f in pb.EntropySummary.DESCRIPTOR.fields})
+                                    for f in pb.EntropySummary.DESCRIPTOR.fields},
+                   split=s.split)

@@ -326,3 +326,295 @@ class Sampler:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PolicyAdminStub:
+    """---------------------------------------------------------------------------------------------
+    Policy administration
+
+    Lists, shows, puts, deletes and validates the policies in force while the service runs.
+    A policy is a spec or an A/B split (`{split: {creative: 0.9, edt: 0.1}}`), written as one
+    policy of the YAML policy file. Every change takes effect for sequences created after it;
+    running sequences keep the version they pinned (unless their policy has follow_latest).
+
+    The service exists only when the server was started with an admin token (--admin-token or
+    --admin-token-file); otherwise its RPCs answer UNIMPLEMENTED. Every call must carry the
+    metadata `authorization: Bearer <token>`: without it the call gets UNAUTHENTICATED, with
+    another token PERMISSION_DENIED. Sampling RPCs never need the token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListPolicies = channel.unary_unary(
+                '/sampler.v1.PolicyAdmin/ListPolicies',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/sampler.v1.PolicyAdmin/GetPolicy',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PolicyInfo.FromString,
+                _registered_method=True)
+        self.PutPolicy = channel.unary_unary(
+                '/sampler.v1.PolicyAdmin/PutPolicy',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyResponse.FromString,
+                _registered_method=True)
+        self.DeletePolicy = channel.unary_unary(
+                '/sampler.v1.PolicyAdmin/DeletePolicy',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyResponse.FromString,
+                _registered_method=True)
+        self.ValidatePolicy = channel.unary_unary(
+                '/sampler.v1.PolicyAdmin/ValidatePolicy',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyResponse.FromString,
+                _registered_method=True)
+
+
+class PolicyAdminServicer:
+    """---------------------------------------------------------------------------------------------
+    Policy administration
+
+    Lists, shows, puts, deletes and validates the policies in force while the service runs.
+    A policy is a spec or an A/B split (`{split: {creative: 0.9, edt: 0.1}}`), written as one
+    policy of the YAML policy file. Every change takes effect for sequences created after it;
+    running sequences keep the version they pinned (unless their policy has follow_latest).
+
+    The service exists only when the server was started with an admin token (--admin-token or
+    --admin-token-file); otherwise its RPCs answer UNIMPLEMENTED. Every call must carry the
+    metadata `authorization: Bearer <token>`: without it the call gets UNAUTHENTICATED, with
+    another token PERMISSION_DENIED. Sampling RPCs never need the token.
+    """
+
+    def ListPolicies(self, request, context):
+        """Every policy and split in force, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """One policy or split. Errors: NOT_FOUND (field `name`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutPolicy(self, request, context):
+        """Adds or replaces a policy or split. The spec is validated whole first; the version number
+        grows only when the spec differs from the one in force. Policies put here survive policy
+        file reloads unless the file defines the same name. Errors: INVALID_ARGUMENT naming the
+        field (e.g. `spec.chain[1].top_p.p`; a split naming something that is not a policy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePolicy(self, request, context):
+        """Removes a policy or split so that new sequences can no longer use it. Errors: NOT_FOUND,
+        FAILED_PRECONDITION (field `force`) while live sequences pin it and `force` is false,
+        INVALID_ARGUMENT when a split still names it. A forced delete leaves the sequences that
+        pin it running on their pinned version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidatePolicy(self, request, context):
+        """Validates a whole YAML policy document, or one named spec, without changing anything.
+        Errors: INVALID_ARGUMENT naming the field (e.g. `policies.chat.chain[0].temperature`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PolicyAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.GetPolicyRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PolicyInfo.SerializeToString,
+            ),
+            'PutPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutPolicy,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyResponse.SerializeToString,
+            ),
+            'DeletePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePolicy,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyResponse.SerializeToString,
+            ),
+            'ValidatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidatePolicy,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sampler.v1.PolicyAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sampler.v1.PolicyAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PolicyAdmin:
+    """---------------------------------------------------------------------------------------------
+    Policy administration
+
+    Lists, shows, puts, deletes and validates the policies in force while the service runs.
+    A policy is a spec or an A/B split (`{split: {creative: 0.9, edt: 0.1}}`), written as one
+    policy of the YAML policy file. Every change takes effect for sequences created after it;
+    running sequences keep the version they pinned (unless their policy has follow_latest).
+
+    The service exists only when the server was started with an admin token (--admin-token or
+    --admin-token-file); otherwise its RPCs answer UNIMPLEMENTED. Every call must carry the
+    metadata `authorization: Bearer <token>`: without it the call gets UNAUTHENTICATED, with
+    another token PERMISSION_DENIED. Sampling RPCs never need the token.
+    """
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.PolicyAdmin/ListPolicies',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.PolicyAdmin/GetPolicy',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.GetPolicyRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.PolicyAdmin/PutPolicy',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PutPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.PolicyAdmin/DeletePolicy',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.DeletePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.PolicyAdmin/ValidatePolicy',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.ValidatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
