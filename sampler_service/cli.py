@@ -36,7 +36,9 @@ def _add_serve(commands) -> None:
     serve = commands.add_parser("serve", help="run the gRPC service")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     serve.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
-    serve.add_argument("--policies", type=Path, help="YAML policy file added to the shipped ones")
+    serve.add_argument("--policies", type=Path,
+                       help="YAML policy file (or directory of them) added to the shipped ones; "
+                            "watched and reloaded when it changes")
     serve.add_argument("--no-default-policies", action="store_true",
                        help="serve only the policies of --policies")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: CUDA if present)")
