@@ -21,7 +21,7 @@ from sampler_service.errors import InvalidArgument, PermissionDenied, Unauthenti
 from sampler_service.policy_admin import PolicyAdministration, PolicyView
 from sampler_service.server.convert import dict_to_struct, struct_to_dict
 from sampler_service.server.metrics import ServiceMetrics
-from sampler_service.server.servicer import _statuses
+from sampler_service.server.servicer import map_errors
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,17 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
         self.metrics = metrics
         self._token = token.encode()
 
-    @_statuses
+    @map_errors
     @_authorized
     def ListPolicies(self, request, context):
         return pb.ListPoliciesResponse(policies=[policy_info_pb(v) for v in self.admin.list()])
 
-    @_statuses
+    @map_errors
     @_authorized
     def GetPolicy(self, request, context):
         return policy_info_pb(self.admin.get(request.name))
 
-    @_statuses
+    @map_errors
     @_authorized
     def PutPolicy(self, request, context):
         version = self.admin.put(request.name, struct_to_dict(request.spec))
@@ -89,7 +89,7 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
         return pb.PutPolicyResponse(name=request.name, version=pb.PolicyVersion(
             number=version.number, hash=version.hash))
 
-    @_statuses
+    @map_errors
     @_authorized
     def DeletePolicy(self, request, context):
         view = self.admin.get(request.name)
@@ -99,7 +99,7 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
                  view.version.number)
         return pb.DeletePolicyResponse(deleted=policy_info_pb(view))
 
-    @_statuses
+    @map_errors
     @_authorized
     def ValidatePolicy(self, request, context):
         source = request.WhichOneof("source")

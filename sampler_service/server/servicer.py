@@ -30,7 +30,7 @@ def _unexpected(exc: Exception) -> InternalError:
     return InternalError(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _statuses(method):
+def map_errors(method):
     """Turns domain errors into gRPC statuses (counted); any other exception becomes INTERNAL,
     logged."""
     @functools.wraps(method)
@@ -52,7 +52,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         self.core = core
         self.metrics = metrics
 
-    @_statuses
+    @map_errors
     def CreateSequences(self, request, context):
         states = self.core.create_sequences(
             [convert.sequence_request_from_pb(c) for c in request.sequences])
@@ -61,12 +61,12 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
             self.metrics.observe_created(policy.name, policy.split)
         return pb.CreateSequencesResponse(sequences=[convert.created_pb(s) for s in states])
 
-    @_statuses
+    @map_errors
     def ReleaseSequences(self, request, context):
         released, missing = self.core.release(list(request.sequence_ids))
         return pb.ReleaseSequencesResponse(released=released, not_found=missing)
 
-    @_statuses
+    @map_errors
     def GetSequence(self, request, context):
         return self.core.read(request.sequence_id, convert.sequence_info_pb)
 
@@ -86,7 +86,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         self.metrics.step_seconds.observe(elapsed)
         return response
 
-    @_statuses
+    @map_errors
     def Step(self, request, context):
         return self._step(request)
 
@@ -99,7 +99,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 self.metrics.errors.labels("StepStream", error.code).inc()
                 yield pb.StepResponse(error=to_rpc_status(error), request_id=request.request_id)
 
-    @_statuses
+    @map_errors
     def Preview(self, request, context):
         which = request.WhichOneof("policy_source")
         ids, probs = self.core.preview(
