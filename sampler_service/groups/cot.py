@@ -28,6 +28,7 @@ from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupRe
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
+from sampler_service.policy.statistics import top_two_logits
 from sampler_service.state import FinishReason, SequenceState
 
 if TYPE_CHECKING:
@@ -36,10 +37,9 @@ if TYPE_CHECKING:
 
 def top2_margins(logits: torch.Tensor) -> list[float]:
     """p(top1) − p(top2) of each row's raw distribution (a one-token vocabulary gives p(top1))."""
-    best = torch.topk(logits, min(2, logits.shape[1]), dim=1).values
-    probs = torch.exp(best - torch.logsumexp(logits, dim=1, keepdim=True))
-    second = probs[:, 1] if probs.shape[1] > 1 else torch.zeros_like(probs[:, 0])
-    return (probs[:, 0] - second).tolist()
+    first, second = top_two_logits(logits)
+    normalizer = torch.logsumexp(logits, dim=1)
+    return (torch.exp(first - normalizer) - torch.exp(second - normalizer)).tolist()
 
 
 def answer_span(output: tuple[int, ...], stop_ids: frozenset[int], marker: tuple[int, ...]

@@ -5,6 +5,7 @@ entropix, ...) that read the raw distribution's uncertainty.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,3 +46,11 @@ def raw_statistics(logits: torch.Tensor) -> RawStatistics:
     parts = [_block_statistics(logits[i:i + block]) for i in range(0, logits.shape[0], block)]
     normalizer, entropy, varentropy = (torch.cat(column) for column in zip(*parts))
     return RawStatistics(log_normalizer=normalizer, entropy=entropy, varentropy=varentropy)
+
+
+def top_two_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's largest and second largest logit, [R] each (−inf as the second of a
+    one-token vocabulary): what SED's top-2 ratio and CoT decoding's margin are made of."""
+    best = torch.topk(logits, min(2, logits.shape[1]), dim=1).values
+    second = best[:, 1] if best.shape[1] > 1 else torch.full_like(best[:, 0], -math.inf)
+    return best[:, 0], second

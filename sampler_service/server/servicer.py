@@ -6,8 +6,6 @@ import logging
 import time
 from typing import Iterator
 
-import grpc
-
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_service.errors import SamplerServiceError

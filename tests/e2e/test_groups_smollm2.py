@@ -3,7 +3,6 @@ sidecar, with the model's KV cache following the parent links of each answer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sampler_client import hf
 from tests.e2e.test_smollm2 import chat_ids

@@ -15,9 +15,8 @@ from google.protobuf import json_format
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
-from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from sampler_client.errors import from_rpc_error
-from sampler_client.requests import _struct
+from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, ChannelClient
+from sampler_client.requests import spec_struct
 
 
 class PolicyVersion(NamedTuple):
@@ -45,7 +44,7 @@ class PolicyInfo:
                    PolicyVersion(p.version.number, p.version.hash), p.origin, p.live_sequences)
 
 
-class PolicyAdminClient:
+class PolicyAdminClient(ChannelClient):
     """Administers a sampler service's policies. Use as a context manager, or call `close()`.
 
     >>> with PolicyAdminClient("127.0.0.1:50051", token=os.environ["SAMPLER_ADMIN_TOKEN"]) as admin:
@@ -56,25 +55,9 @@ class PolicyAdminClient:
     def __init__(self, target: str, *, token: str | None, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-        self._stub = sampler_pb2_grpc.PolicyAdminStub(self._channel)
-        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-        self.timeout = timeout
-
-    def __enter__(self) -> "PolicyAdminClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        super().__init__(target, sampler_pb2_grpc.PolicyAdminStub, timeout=timeout,
+                         max_message_bytes=max_message_bytes, channel=channel,
+                         metadata=() if token is None else (("authorization", f"Bearer {token}"),))
 
     def list_policies(self) -> list[PolicyInfo]:
         """Every policy and split in force, sorted by name."""
@@ -88,7 +71,7 @@ class PolicyAdminClient:
         """Adds or replaces a policy (or a split, `{"split": {...}}`); returns its version
         (unchanged when `spec` equals the one in force)."""
         response = self._call(self._stub.PutPolicy,
-                              pb.PutPolicyRequest(name=name, spec=_struct(spec)))
+                              pb.PutPolicyRequest(name=name, spec=spec_struct(spec)))
         return PolicyVersion(response.version.number, response.version.hash)
 
     def delete_policy(self, name: str, force: bool = False) -> PolicyInfo:
@@ -105,5 +88,5 @@ class PolicyAdminClient:
         if (document is None) == (spec is None):
             raise ValueError("give either a document or a spec")
         request = (pb.ValidatePolicyRequest(document=document) if document is not None
-                   else pb.ValidatePolicyRequest(name=name or "", spec=_struct(spec)))
+                   else pb.ValidatePolicyRequest(name=name or "", spec=spec_struct(spec)))
         return list(self._call(self._stub.ValidatePolicy, request).names)

@@ -118,22 +118,19 @@ def make_handle(client: Any, created: pb.CreatedSequence, plain: type, group: ty
     return (group if created.group_kind else plain)(client, created)
 
 
-class SamplerClient:
-    """Talks to a sampler service. Use as a context manager, or call `close()`.
+class ChannelClient:
+    """What the synchronous clients share: a channel (or the one given), the stub of one
+    service on it, a per-call timeout and metadata, typed errors, and closing."""
 
-    >>> with SamplerClient("127.0.0.1:50051") as client:
-    ...     seq = client.create_sequence(policy="creative", prompt_ids=[1, 2, 3], seed=7)
-    ...     choice = seq.step(logits)
-    """
-
-    def __init__(self, target: str, *, timeout: float | None = 60.0,
+    def __init__(self, target: str, stub: type, *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, metadata: tuple = ()):
         self._channel = channel or grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-        self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
+        self._stub = stub(self._channel)
+        self._metadata = metadata
         self.timeout = timeout
 
-    def __enter__(self) -> "SamplerClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,9 +141,24 @@ class SamplerClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+
+class SamplerClient(ChannelClient):
+    """Talks to a sampler service. Use as a context manager, or call `close()`.
+
+    >>> with SamplerClient("127.0.0.1:50051") as client:
+    ...     seq = client.create_sequence(policy="creative", prompt_ids=[1, 2, 3], seed=7)
+    ...     choice = seq.step(logits)
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = 60.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 channel: grpc.Channel | None = None):
+        super().__init__(target, sampler_pb2_grpc.SamplerStub, timeout=timeout,
+                         max_message_bytes=max_message_bytes, channel=channel)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Blocks until the channel connects (raises UnavailableError after `timeout`)."""

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence as SequenceT
+from typing import Any, Mapping, Sequence as SequenceT
 
 import torch
 

@@ -24,7 +24,7 @@ def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -
     return pb.SamplingParams(**given)
 
 
-def _struct(spec: Mapping[str, Any]) -> struct_pb2.Struct:
+def spec_struct(spec: Mapping[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(dict(spec))
     return struct
@@ -38,7 +38,7 @@ def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] 
                                params=sampling_params(params, seed),
                                prompt_ids=list(prompt_ids), eos_token_ids=list(eos_token_ids))
     if isinstance(policy, Mapping):
-        config.policy_spec.CopyFrom(_struct(policy))
+        config.policy_spec.CopyFrom(spec_struct(policy))
     elif policy:
         config.policy = policy
     return config
@@ -76,7 +76,7 @@ def preview_request(logits: Any, *, policy: str | Mapping[str, Any] | None,
     if reference_logits is not None:
         request.reference_logits.CopyFrom(encode_tensor(reference_logits))
     if isinstance(policy, Mapping):
-        request.policy_spec.CopyFrom(_struct(policy))
+        request.policy_spec.CopyFrom(spec_struct(policy))
     elif policy:
         request.policy = policy
     return request

@@ -28,7 +28,7 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch, row_pairs
 from sampler_service.policy.processors.temperature import GREEDY_TEMPERATURE
-from sampler_service.policy.statistics import STATISTICS_BLOCK_ELEMENTS
+from sampler_service.policy.statistics import STATISTICS_BLOCK_ELEMENTS, top_two_logits
 
 
 def _apply_temperature(candidates: Candidates, temperature: torch.Tensor, active: torch.Tensor,
@@ -324,12 +324,8 @@ class Sed(Processor):
         if not bool(active.any()):
             return
         entropy = batch.raw_statistics().entropy
-        raw = batch.inputs.raw  # type: ignore[union-attr]  # raw_statistics checked inputs
-        if raw.shape[1] >= 2:
-            best = torch.topk(raw, 2, dim=1).values
-            ratio = torch.exp(best[:, 1] - best[:, 0])  # exp(−inf) = 0: a single finite token
-        else:
-            ratio = torch.zeros(batch.rows, device=raw.device)
+        first, second = top_two_logits(batch.inputs.raw)  # type: ignore[union-attr]
+        ratio = torch.exp(second - first)  # exp(−inf) = 0: a single finite token
         chaotic = ((by_entropy & (entropy > entropy_threshold))
                    | (by_ratio & (ratio > ratio_threshold)))
         batch.explain(self.key, chaotic=_reported(chaotic, active),
