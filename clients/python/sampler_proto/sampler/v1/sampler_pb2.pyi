@@ -30,14 +30,54 @@ STOP: FinishReason
 LENGTH: FinishReason
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "raw")
+    __slots__ = ("dtype", "shape", "raw", "shared_memory", "cuda_ipc")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     raw: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ...) -> None: ...
+    shared_memory: RegionRef
+    cuda_ipc: RegionRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ..., shared_memory: _Optional[_Union[RegionRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[RegionRef, _Mapping]] = ...) -> None: ...
+
+class RegionRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SparseRows(_message.Message):
+    __slots__ = ("rows", "vocab_size", "token_ids", "logits", "tails")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TAILS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    vocab_size: int
+    token_ids: bytes
+    logits: Tensor
+    tails: _containers.RepeatedCompositeFieldContainer[TailStats]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., token_ids: _Optional[bytes] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., tails: _Optional[_Iterable[_Union[TailStats, _Mapping]]] = ...) -> None: ...
+
+class TailStats(_message.Message):
+    __slots__ = ("max", "log_sum_exp", "mean", "mean_square")
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    LOG_SUM_EXP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SQUARE_FIELD_NUMBER: _ClassVar[int]
+    max: float
+    log_sum_exp: float
+    mean: float
+    mean_square: float
+    def __init__(self, max: _Optional[float] = ..., log_sum_exp: _Optional[float] = ..., mean: _Optional[float] = ..., mean_square: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of")
@@ -243,20 +283,22 @@ class StepRow(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals")
+    __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals", "sparse")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LOGITS_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[StepRow]
     logits: Tensor
     request_id: str
     processed_logprobs: bool
     reference_logits: Tensor
     signals: _containers.RepeatedCompositeFieldContainer[RowSignals]
-    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ..., signals: _Optional[_Iterable[_Union[RowSignals, _Mapping]]] = ...) -> None: ...
+    sparse: SparseRows
+    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ..., signals: _Optional[_Iterable[_Union[RowSignals, _Mapping]]] = ..., sparse: _Optional[_Union[SparseRows, _Mapping]] = ...) -> None: ...
 
 class RowSignals(_message.Message):
     __slots__ = ("attention_entropy", "attention_varentropy", "agreement", "interaction_strength")
@@ -403,6 +445,84 @@ class PreviewResponse(_message.Message):
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     survivors: int
     def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., survivors: _Optional[int] = ...) -> None: ...
+
+class RegisterSystemRegionRequest(_message.Message):
+    __slots__ = ("name", "key", "offset", "byte_size", "client_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    client_id: str
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class RegisterCudaRegionRequest(_message.Message):
+    __slots__ = ("name", "raw_handle", "device_id", "byte_size", "client_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RAW_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    raw_handle: bytes
+    device_id: int
+    byte_size: int
+    client_id: str
+    def __init__(self, name: _Optional[str] = ..., raw_handle: _Optional[bytes] = ..., device_id: _Optional[int] = ..., byte_size: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnregisterRegionRequest(_message.Message):
+    __slots__ = ("name", "client_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    client_id: str
+    def __init__(self, name: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class UnregisterRegionResponse(_message.Message):
+    __slots__ = ("unregistered",)
+    UNREGISTERED_FIELD_NUMBER: _ClassVar[int]
+    unregistered: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, unregistered: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegionStatusRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RegionInfo(_message.Message):
+    __slots__ = ("name", "kind", "key", "offset", "byte_size", "device_id", "client_id", "in_use")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    key: str
+    offset: int
+    byte_size: int
+    device_id: int
+    client_id: str
+    in_use: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., device_id: _Optional[int] = ..., client_id: _Optional[str] = ..., in_use: _Optional[int] = ...) -> None: ...
+
+class RegionStatusResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[RegionInfo]
+    def __init__(self, regions: _Optional[_Iterable[_Union[RegionInfo, _Mapping]]] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
     __slots__ = ("name", "kind", "spec", "version", "origin", "live_sequences")

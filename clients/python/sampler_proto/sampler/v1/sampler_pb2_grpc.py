@@ -328,6 +328,241 @@ class Sampler:
             _registered_method=True)
 
 
+class SharedMemoryStub:
+    """---------------------------------------------------------------------------------------------
+    Shared memory (Triton's system and CUDA shared-memory extensions as the model)
+
+    Registers regions of memory the worker shares with the service, so that a step's tensors
+    travel as (region, offset, byte_size) references instead of bytes in the message. The
+    service maps or opens each region once, read-only, at registration. It is served only
+    when --allow-shared-memory is on (the default for loopback and Unix-socket binds); otherwise
+    its RPCs answer FAILED_PRECONDITION.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RegisterSystemRegion = channel.unary_unary(
+                '/sampler.v1.SharedMemory/RegisterSystemRegion',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterSystemRegionRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
+        self.RegisterCudaRegion = channel.unary_unary(
+                '/sampler.v1.SharedMemory/RegisterCudaRegion',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterCudaRegionRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
+        self.UnregisterRegion = channel.unary_unary(
+                '/sampler.v1.SharedMemory/UnregisterRegion',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionResponse.FromString,
+                _registered_method=True)
+        self.RegionStatus = channel.unary_unary(
+                '/sampler.v1.SharedMemory/RegionStatus',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusResponse.FromString,
+                _registered_method=True)
+
+
+class SharedMemoryServicer:
+    """---------------------------------------------------------------------------------------------
+    Shared memory (Triton's system and CUDA shared-memory extensions as the model)
+
+    Registers regions of memory the worker shares with the service, so that a step's tensors
+    travel as (region, offset, byte_size) references instead of bytes in the message. The
+    service maps or opens each region once, read-only, at registration. It is served only
+    when --allow-shared-memory is on (the default for loopback and Unix-socket binds); otherwise
+    its RPCs answer FAILED_PRECONDITION.
+    """
+
+    def RegisterSystemRegion(self, request, context):
+        """A POSIX shared-memory object (what shm_open names; on Linux a file under /dev/shm).
+        Errors: INVALID_ARGUMENT (a key that is a path, a name already registered, a range
+        outside the object), NOT_FOUND (no such object).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterCudaRegion(self, request, context):
+        """A CUDA allocation exported by the worker with cudaIpcGetMemHandle, opened once by the
+        service (cupy). The service and the worker must see the same GPU. Errors:
+        FAILED_PRECONDITION (no CUDA on the service, a device the service does not use, IPC not
+        permitted), INVALID_ARGUMENT (a malformed handle, a name already registered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterRegion(self, request, context):
+        """Forgets a region (empty name: every region registered with this client_id). Errors:
+        NOT_FOUND, FAILED_PRECONDITION while a step is reading it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegionStatus(self, request, context):
+        """The registered regions (empty name: all of them). Errors: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SharedMemoryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterSystemRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSystemRegion,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterSystemRegionRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'RegisterCudaRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterCudaRegion,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterCudaRegionRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'UnregisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterRegion,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionResponse.SerializeToString,
+            ),
+            'RegionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegionStatus,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sampler.v1.SharedMemory', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sampler.v1.SharedMemory', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SharedMemory:
+    """---------------------------------------------------------------------------------------------
+    Shared memory (Triton's system and CUDA shared-memory extensions as the model)
+
+    Registers regions of memory the worker shares with the service, so that a step's tensors
+    travel as (region, offset, byte_size) references instead of bytes in the message. The
+    service maps or opens each region once, read-only, at registration. It is served only
+    when --allow-shared-memory is on (the default for loopback and Unix-socket binds); otherwise
+    its RPCs answer FAILED_PRECONDITION.
+    """
+
+    @staticmethod
+    def RegisterSystemRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.SharedMemory/RegisterSystemRegion',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterSystemRegionRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterCudaRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.SharedMemory/RegisterCudaRegion',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterCudaRegionRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.SharedMemory/UnregisterRegion',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.UnregisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.SharedMemory/RegionStatus',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class PolicyAdminStub:
     """---------------------------------------------------------------------------------------------
     Policy administration
