@@ -1,0 +1,51 @@
+"""Turns domain errors raised by grpc.aio servicer methods into gRPC statuses (counted).
+
+A `SamplerServiceError` ends the call with its status (and a BadRequest detail naming the
+field); any other exception is logged and becomes INTERNAL, so a request can never take the
+server down. The servicer must have a `metrics` attribute (`ServiceMetrics`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from grpc_status import rpc_status
+
+from sampler_service.errors import SamplerServiceError
+from sampler_service.server.status import to_rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class InternalError(SamplerServiceError):
+    code = "INTERNAL"
+
+
+def unexpected(exc: BaseException) -> InternalError:
+    """An unexpected exception as an INTERNAL error, logged with its traceback."""
+    log.error("unexpected error", exc_info=exc)
+    return InternalError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def as_service_error(exc: BaseException) -> SamplerServiceError:
+    """The domain error itself, or an INTERNAL one for anything else."""
+    return exc if isinstance(exc, SamplerServiceError) else unexpected(exc)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: SamplerServiceError):
+    """Ends the RPC with the error's status (raises, as `context.abort` does)."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+
+
+def map_errors(method):
+    """Decorates an `async def` unary servicer method (see the module docstring)."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # the server must survive any request
+            error = as_service_error(exc)
+            self.metrics.errors.labels(method.__name__, error.code).inc()
+            await abort(context, error)
+    return wrapper
