@@ -44,6 +44,8 @@ def map_errors(method):
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:  # the method ended the call itself
+            raise
         except Exception as exc:  # the server must survive any request
             error = as_service_error(exc)
             self.metrics.errors.labels(method.__name__, error.code).inc()
