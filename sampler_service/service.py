@@ -18,11 +18,12 @@ from sampler_service.engine import Engine
 from sampler_service.errors import FailedPrecondition, InvalidArgument, SamplerServiceError
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
-from sampler_service.policy.processors.base import GroupSelector, RowInputs
+from sampler_service.policy.processors.base import SIGNAL_NAMES, GroupSelector, RowInputs
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
+from sampler_service.step_logits import StepLogits
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -53,6 +54,29 @@ Answer = tuple[int, "StepRecord | GroupRecord"]
 
 
 @dataclass(frozen=True)
+class StepCall:
+    """One step request out of its proto: its rows, their logits (dense and/or sparse) and the
+    worker's extras, `reference` [rows, V] and `signals` (name -> [rows]), in row order."""
+
+    rows: Sequence[StepRow]
+    logits: StepLogits
+    processed_logprobs: bool = False
+    reference: torch.Tensor | None = None
+    signals: Mapping[str, torch.Tensor] | None = None
+
+    def extras(self, rows: Sequence[int]) -> RowInputs:
+        """The reference logits and signals of request rows `rows`, with their dense logits
+        when every one of them is dense (else `raw` is None)."""
+        index = torch.tensor(list(rows), device=self.logits.device)
+        dense = all(not self.logits.is_sparse(r) for r in rows)
+        return RowInputs(
+            raw=self.logits.dense_of(rows) if dense else None,
+            reference=None if self.reference is None else self.reference.index_select(0, index),
+            signals=None if self.signals is None else {
+                name: values.index_select(0, index) for name, values in self.signals.items()})
+
+
+@dataclass(frozen=True)
 class _Unit:
     """The consecutive rows of one sequence or group in a step request."""
 
@@ -64,11 +88,29 @@ class _Unit:
     @property
     def state(self) -> SequenceState:
         """The state that holds the prompt, policy and vocabulary (a group's root)."""
-        return self.entry.root if isinstance(self.entry, Group) else self.entry
+        return self.entry.root
 
     @property
-    def position(self) -> int:
-        return self.entry.step_number if isinstance(self.entry, Group) else self.entry.position
+    def rows(self) -> range:
+        return range(self.start, self.start + self.count)
+
+
+@dataclass
+class _Prepared:
+    """A validated call of a batch: its units, and the sequences `follow_latest` moved."""
+
+    call: StepCall
+    units: list[_Unit]
+    moved: list[tuple[SequenceState, ResolvedPolicy]]
+
+    def restore(self) -> None:
+        """The call failed: the moved sequences go back to the version they pinned."""
+        for state, pinned in self.moved:
+            state.policy = pinned
+
+
+#: A planned unit: applying it commits the unit's step and returns its record.
+_Commit = tuple[_Unit, Callable[[], "StepRecord | GroupRecord"]]
 
 
 def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
@@ -163,31 +205,143 @@ class SamplerCore:
             return view(self.store.get(sequence_id))
 
     # -- steps --------------------------------------------------------------------------------
-    def step(self, rows: Sequence[StepRow], logits: torch.Tensor, processed_logprobs: bool = False,
-             reference: torch.Tensor | None = None,
+    def step(self, rows: Sequence[StepRow], logits: torch.Tensor | StepLogits,
+             processed_logprobs: bool = False, reference: torch.Tensor | None = None,
              signals: Mapping[str, torch.Tensor] | None = None) -> list[Answer]:
-        """One StepRequest: validates all of it, plans every sequence's and group's step, then
-        applies them all (a retried step answers its record again and does not advance).
-        `reference` ([rows, vocab]) and `signals` (name -> [rows]) are the worker's extras."""
+        """One step request (see `step_calls`); raises its error."""
+        if isinstance(logits, torch.Tensor):
+            logits = StepLogits.of_dense(logits)
+        result, = self.step_calls([StepCall(rows, logits, processed_logprobs, reference, signals)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def step_calls(self, calls: Sequence[StepCall]) -> list[list[Answer] | Exception]:
+        """Several step requests as one batch: each is validated whole, every unit of every
+        valid call is planned (the plain sequences of all calls in one engine call), then all
+        are committed. A call that fails gets its exception and changes nothing; the others
+        are answered as if they had come alone (a failure found while planning the batch
+        plans each call again on its own, to find whose it was). Retried steps answer their
+        record again. The calls must not share a sequence (the batcher sees to it)."""
+        results: list[list[Answer] | Exception | None] = [None] * len(calls)
         with self._lock:
-            units = self._validate_step(rows, logits, reference)
-            moved = self._follow_latest(units)
+            prepared: dict[int, _Prepared] = {}
+            for index, call in enumerate(calls):
+                try:
+                    units = self._validate_step(call)
+                except SamplerServiceError as exc:
+                    results[index] = exc
+                    continue
+                prepared[index] = _Prepared(call, units, self._follow_latest(units))
+            for index, planned in self._plan_isolating_failures(prepared).items():
+                if isinstance(planned, Exception):
+                    prepared[index].restore()
+                    results[index] = planned
+                else:
+                    results[index] = self._commit(planned)
+        return results  # type: ignore[return-value]
+
+    def _plan_isolating_failures(self, prepared: dict[int, _Prepared]
+                                 ) -> dict[int, list[_Commit] | Exception]:
+        try:
+            return self._plan(prepared)
+        except Exception as exc:
+            if len(prepared) == 1:
+                return {index: exc for index in prepared}
+        isolated: dict[int, list[_Commit] | Exception] = {}
+        for index, call in prepared.items():
             try:
-                return self._step_units(units, rows, logits, processed_logprobs, reference, signals)
-            except BaseException:
-                for state, pinned in moved:  # the step failed: nothing changes, not even that
-                    state.policy = pinned
-                raise
+                isolated.update(self._plan({index: call}))
+            except Exception as exc:
+                isolated[index] = exc
+        return isolated
+
+    def _plan(self, prepared: dict[int, _Prepared]) -> dict[int, list[_Commit]]:
+        """Plans every fresh unit of the calls; changes nothing."""
+        plans: dict[int, list[_Commit]] = {index: [] for index in prepared}
+        shared: dict[tuple, list[tuple[int, _Unit]]] = {}
+        for index, p in prepared.items():
+            for unit in p.units:
+                if unit.retry:
+                    plans[index].append((unit, lambda record=unit.entry.last_record: record))
+                elif unit.entry.shares_engine_call:
+                    shared.setdefault(self._engine_call_key(index, p.call, unit), []).append(
+                        (index, unit))
+                else:
+                    plans[index].append(self._plan_group(p.call, unit))
+        for key, members in shared.items():
+            calls = [prepared[index].call for index, _ in members]
+            outcomes = self._run_engine(key, calls, [unit for _, unit in members])
+            for (index, unit), outcome in zip(members, outcomes):
+                vocab = prepared[index].call.logits.vocab
+                plans[index].append((unit, lambda s=unit.entry, o=outcome: s.record_step(o, vocab)))
+        return plans
+
+    @staticmethod
+    def _engine_call_key(index: int, call: StepCall, unit: _Unit) -> tuple:
+        """Plain sequences whose rows can share one engine call: dense rows of every call with
+        the same vocabulary and options; sparse rows of one call."""
+        if call.logits.is_sparse(unit.start):
+            return ("sparse", index, call.processed_logprobs)
+        return ("dense", call.logits.vocab, call.processed_logprobs, call.reference is not None)
+
+    def _run_engine(self, key: tuple, calls: Sequence[StepCall], units: Sequence[_Unit]):
+        """One engine call over the one row of each plain-sequence unit (unit i of `calls[i]`)."""
+        rows = [unit.start for unit in units]
+        states = [unit.entry for unit in units]
+        processed = calls[0].processed_logprobs
+        if key[0] == "sparse":
+            sparse = calls[0].logits.sparse_of(rows)
+            extras = calls[0].extras(rows)
+            try:
+                return self.engine.step(states, sparse, processed, reference=extras.reference,
+                                        signals=extras.signals)
+            except SamplerServiceError as exc:
+                raise exc.at_rows(rows) if hasattr(exc, "at_rows") else exc
+        parts: list[tuple[StepCall, list[int]]] = []  # runs of consecutive units of one call
+        for call, row in zip(calls, rows):
+            if parts and parts[-1][0] is call:
+                parts[-1][1].append(row)
+            else:
+                parts.append((call, [row]))
+        extras = [call.extras(call_rows) for call, call_rows in parts]
+        inputs = extras[0] if len(extras) == 1 else RowInputs(
+            raw=torch.cat([e.raw for e in extras]),
+            reference=None if extras[0].reference is None else torch.cat(
+                [e.reference for e in extras]),
+            signals=_joined_signals(extras))
+        return self.engine.step(states, inputs.raw, processed, reference=inputs.reference,
+                                signals=inputs.signals)
+
+    def _plan_group(self, call: StepCall, unit: _Unit) -> _Commit:
+        sparse = [row for row in unit.rows if call.logits.is_sparse(row)]
+        if sparse:
+            raise FailedPrecondition(f"groups need full rows: sequence {unit.state.sequence_id!r} "
+                                     "is a group (beam search, forks and CoT decoding rank every "
+                                     "token of the vocabulary); send its rows in full",
+                                     f"rows[{sparse[0]}].policy")
+        group_step = unit.entry.plan(self.engine, call.extras(unit.rows), call.processed_logprobs)
+        return unit, lambda: unit.entry.commit(group_step)
+
+    def _commit(self, plans: list[_Commit]) -> list[Answer]:
+        answers = []
+        for unit, commit in plans:
+            record = commit()
+            if self.on_row is not None and not unit.retry:
+                for row in record.rows:
+                    self.on_row(unit.state.policy.name, row)
+            answers.append((unit.start, record))
+        return sorted(answers, key=lambda answer: answer[0])
 
     def _follow_latest(self, units: Sequence[_Unit]) -> list[tuple[SequenceState, ResolvedPolicy]]:
-        """Moves the plain sequences whose policy says `follow_latest` to the version now in
-        force (their request overrides applied again); returns (state, pinned policy) of each
-        moved one. A sequence whose overrides the new version refuses keeps its version."""
+        """Moves the sequences whose policy says `follow_latest` to the version now in force
+        (their request overrides applied again); returns (state, pinned policy) of each moved
+        one. A sequence whose overrides the new version refuses keeps its version."""
         moved = []
         for unit in units:
-            state = unit.entry
-            if unit.retry or isinstance(state, Group) or not state.policy.follow_latest:
+            if unit.retry or not unit.entry.follows_latest:
                 continue
+            state = unit.state
             pinned = state.policy
             try:
                 spec, version, _ = self.registry.get(pinned.name)
@@ -198,38 +352,6 @@ class SamplerCore:
                 log.warning("sequence %r stays on %s v%d: %s", state.sequence_id, pinned.name,
                             pinned.version.number, exc)
         return moved
-
-    def _step_units(self, units: Sequence[_Unit], rows: Sequence[StepRow], logits: torch.Tensor,
-                    processed_logprobs: bool, reference: torch.Tensor | None,
-                    signals: Mapping[str, torch.Tensor] | None) -> list[Answer]:
-        """Plans every fresh sequence's and group's step, then applies them all."""
-        inputs = RowInputs(logits, reference=reference, signals=signals)
-        vocab = logits.shape[1]
-        answers: list[StepRecord | GroupRecord | None] = [
-            u.entry.last_record if u.retry else None for u in units]
-        plain = [k for k, u in enumerate(units) if not u.retry and not isinstance(u.entry, Group)]
-        outcomes = []
-        if plain:
-            own = inputs
-            if len(plain) < len(rows):
-                own = inputs.select(torch.tensor([units[k].start for k in plain],
-                                                 device=logits.device))
-            outcomes = self.engine.step([units[k].entry for k in plain], own.raw,
-                                        processed_logprobs, reference=own.reference,
-                                        signals=own.signals)
-        planned = [(k, u.entry.plan(self.engine, inputs.select(torch.arange(
-            u.start, u.start + u.count, device=logits.device)), processed_logprobs))
-            for k, u in enumerate(units) if not u.retry and isinstance(u.entry, Group)]
-        for k, outcome in zip(plain, outcomes):
-            answers[k] = units[k].entry.record_step(outcome, vocab)
-        for k, group_step in planned:
-            answers[k] = units[k].entry.commit(group_step)
-        if self.on_row is not None:
-            for unit, answer in zip(units, answers):
-                if not unit.retry:
-                    for record in answer.rows if isinstance(answer, GroupRecord) else [answer]:
-                        self.on_row(unit.state.policy.name, record)
-        return [(u.start, answer) for u, answer in zip(units, answers)]  # type: ignore[misc]
 
     @staticmethod
     def _is_retry(step: int | None, entry: SequenceState | Group) -> bool:
@@ -253,51 +375,54 @@ class SamplerCore:
                                       "another", f"{where}.sequence_id")
             seen[sid] = start
             entry = self.store.get(sid, f"{where}.sequence_id")
-            if not isinstance(entry, Group) and end - start > 1:
+            if entry.shares_engine_call and end - start > 1:
                 raise InvalidArgument(f"sequence {sid!r} has {end - start} rows ({start} to "
                                       f"{end - 1}); send one row per sequence", f"rows[{start + 1}].sequence_id")
             units.append(_Unit(entry, start, end - start, self._is_retry(rows[start].step, entry)))
             start = end
         return units
 
-    def _validate_step(self, rows: Sequence[StepRow], logits: torch.Tensor,
-                       reference: torch.Tensor | None = None) -> list[_Unit]:
+    def _validate_step(self, call: StepCall) -> list[_Unit]:
+        rows, logits = call.rows, call.logits
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise InvalidArgument(f"logits shape {list(logits.shape)} must be [rows, vocab] with "
-                                  f"rows = {len(rows)} (one per entry of `rows`)", "logits.shape")
-        if reference is not None and reference.shape != logits.shape:
-            raise InvalidArgument(f"reference_logits shape {list(reference.shape)} must equal "
-                                  f"the logits shape {list(logits.shape)}", "reference_logits.shape")
-        vocab = logits.shape[1]
+        if logits.rows != len(rows):
+            shape = [] if logits.dense is None else list(logits.dense.shape)
+            raise InvalidArgument(f"logits shape {shape} with {len(logits.sparse_rows)} sparse rows "
+                                  f"must give {len(rows)} rows (one per entry of `rows`): the dense "
+                                  "logits are [rows not sent sparse, vocab]", "logits.shape")
+        vocab = logits.vocab
+        if logits.dense is not None and logits.sparse is not None and logits.sparse.vocab != vocab:
+            raise InvalidArgument(f"sparse.vocab_size {logits.sparse.vocab} differs from the dense "
+                                  f"logits' vocabulary of {vocab}", "sparse.vocab_size")
+        if call.reference is not None and list(call.reference.shape) != [len(rows), vocab]:
+            raise InvalidArgument(f"reference_logits shape {list(call.reference.shape)} must be "
+                                  f"[rows, vocab] = {[len(rows), vocab]}", "reference_logits.shape")
         units = self._units(rows)
         for unit in units:
-            where, sid, state = f"rows[{unit.start}]", rows[unit.start].sequence_id, unit.state
+            where, sid, state, entry = f"rows[{unit.start}]", rows[unit.start].sequence_id, unit.state, unit.entry
             if unit.retry:
-                if isinstance(unit.entry, Group) and unit.count != unit.entry.last_record.rows_in:
-                    raise InvalidArgument(f"group {sid!r} retried step {unit.entry.last_record.step} "
+                if unit.count != entry.last_record.rows_in:
+                    raise InvalidArgument(f"sequence {sid!r} retried step {entry.last_record.step} "
                                           f"with {unit.count} rows; that step had "
-                                          f"{unit.entry.last_record.rows_in}", where)
+                                          f"{entry.last_record.rows_in}", where)
                 continue
-            if unit.entry.finished:
-                reason = "GROUP DONE" if isinstance(unit.entry, Group) else state.finish_reason.name
+            if entry.finished:
                 raise FailedPrecondition(
-                    f"sequence {sid!r} finished ({reason}) after {unit.position} steps; read its "
-                    "result with GetSequence, then release it", f"{where}.sequence_id")
-            for offset in range(unit.count):
-                row = rows[unit.start + offset]
-                if row.step is not None and row.step != unit.position:
-                    raise FailedPrecondition(f"sequence {sid!r} expects step {unit.position}, got "
-                                             f"{row.step}", f"rows[{unit.start + offset}].step")
-                if row.branch is not None and row.branch != offset:
-                    raise InvalidArgument(f"row {unit.start + offset} is branch {row.branch} of "
+                    f"sequence {sid!r} finished ({entry.finish_label}) after {entry.step_number} "
+                    "steps; read its result with GetSequence, then release it", f"{where}.sequence_id")
+            for offset, row in enumerate(unit.rows):
+                if rows[row].step is not None and rows[row].step != entry.step_number:
+                    raise FailedPrecondition(f"sequence {sid!r} expects step {entry.step_number}, "
+                                             f"got {rows[row].step}", f"rows[{row}].step")
+                if rows[row].branch is not None and rows[row].branch != offset:
+                    raise InvalidArgument(f"row {row} is branch {rows[row].branch} of "
                                           f"group {sid!r}, but its rows must come in the order of "
                                           f"the last answer: branch {offset} is due here",
-                                          f"rows[{unit.start + offset}].branch")
-            if isinstance(unit.entry, Group) and unit.count != unit.entry.running_rows:
+                                          f"rows[{row}].branch")
+            if unit.count != entry.running_rows:
                 raise InvalidArgument(
-                    f"group {sid!r} has {unit.entry.running_rows} running rows and this request "
+                    f"group {sid!r} has {entry.running_rows} running rows and this request "
                     f"sends {unit.count}: send one row per choice of its last answer with "
                     "finished = false, in that order", where)
             if state.vocab_size and state.vocab_size != vocab:
@@ -307,9 +432,10 @@ class SamplerCore:
             if largest >= vocab:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
-        self._validate_values(rows, logits)
-        if reference is not None:
-            self._validate_values(rows, reference, "reference_logits")
+        if logits.dense is not None:
+            self._validate_values([rows[r] for r in logits.dense_rows], logits.dense)
+        if call.reference is not None:
+            self._validate_values(rows, call.reference, "reference_logits")
         return units
 
     @staticmethod
@@ -359,3 +485,12 @@ class SamplerCore:
         ids = torch.isfinite(log_probs).nonzero().squeeze(1)  # ascending ids
         values, order = torch.sort(log_probs.index_select(0, ids), descending=True, stable=True)
         return ids.index_select(0, order).tolist(), torch.exp(values).tolist()
+
+
+def _joined_signals(parts: Sequence[RowInputs]) -> dict[str, torch.Tensor] | None:
+    """The signals of consecutive row runs joined (0 for a run whose call sent none)."""
+    if all(p.signals is None for p in parts):
+        return None
+    return {name: torch.cat([p.signals[name] if p.signals is not None else
+                             torch.zeros(p.raw.shape[0], device=p.raw.device) for p in parts])
+            for name in SIGNAL_NAMES}

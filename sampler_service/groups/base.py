@@ -88,6 +88,12 @@ class Group(ABC):
         self.step_number = 0
         self.result: GroupResult | None = None
 
+    #: Groups stay on the policy version they pinned (their rows share one plan).
+    follows_latest = False
+    #: A group plans its own rows (`plan`); plain sequences share the step's engine call.
+    shares_engine_call = False
+    finish_label = "every row finished"
+
     @property
     def finished(self) -> bool:
         return self.result is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sampler_service.state.history import TokenHistory
 
@@ -48,6 +48,14 @@ class StepRecord:
     #: What the policy's adaptive stages decided: {stage key: {field: value}}.
     explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    #: A plain sequence's step takes one row and answers one (a group's record says more).
+    rows_in: ClassVar[int] = 1
+
+    @property
+    def rows(self) -> tuple["StepRecord", ...]:
+        """The output rows of the step: this one."""
+        return (self,)
+
 
 @dataclass
 class SequenceState:
@@ -87,6 +95,30 @@ class SequenceState:
     def position(self) -> int:
         """Index of the next token to choose (= the step number it expects)."""
         return len(self.output_ids)
+
+    # -- the unit interface a step request sees (shared with groups) ---------------------------
+    #: A plain sequence sends one row per step, and the rows of all plain sequences of a step
+    #: share one engine call (a group plans its rows itself).
+    running_rows: ClassVar[int] = 1
+    shares_engine_call: ClassVar[bool] = True
+
+    @property
+    def root(self) -> "SequenceState":
+        """The state holding the prompt, policy and vocabulary: itself (a group's is its root)."""
+        return self
+
+    @property
+    def step_number(self) -> int:
+        return self.position
+
+    @property
+    def follows_latest(self) -> bool:
+        """Whether a step moves it to its policy's newest version first."""
+        return self.policy.follow_latest
+
+    @property
+    def finish_label(self) -> str:
+        return self.finish_reason.name
 
     @property
     def finished(self) -> bool:
