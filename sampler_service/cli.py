@@ -34,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(commands) -> None:
     serve = commands.add_parser("serve", help="run the gRPC service")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    serve.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="IP address or host name to bind (default: loopback)")
+    serve.add_argument("--port", type=int, default=50051, help="TCP port (0: any free port)")
+    serve.add_argument("--no-tcp", action="store_true",
+                       help="serve on --uds only, with no TCP port")
+    serve.add_argument("--uds", type=Path, metavar="PATH",
+                       help="also serve on this Unix domain socket (clients: unix:///PATH)")
+    serve.add_argument("--uds-mode", type=lambda text: int(text, 8), default=0o600,
+                       metavar="OCTAL", help="permissions of the socket file (default: 0600)")
     serve.add_argument("--policies", type=Path,
                        help="YAML policy file (or directory of them) added to the shipped ones; "
                             "watched and reloaded when it changes")
@@ -53,7 +60,20 @@ def _add_serve(commands) -> None:
                        help="seconds between checks of --policies for changes (0: never reload)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
-    serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    serve.add_argument("--max-streams", type=int, default=1024,
+                       help="cap on open StepStream calls (default: 1024)")
+    serve.add_argument("--batch-window-us", type=float, default=200.0,
+                       help="an idle engine waits this long for other callers' rows before a "
+                            "step (default: 200; 0: never waits)")
+    serve.add_argument("--max-batch-rows", type=int, default=256,
+                       help="rows of one engine call; a larger request runs alone (default: 256)")
+    serve.add_argument("--health-port", type=int, default=None,
+                       help="also serve grpc.health.v1 alone on --health-host:PORT (kubelet probes)")
+    serve.add_argument("--health-host", default="0.0.0.0",
+                       help="address of --health-port (default: all interfaces)")
+    serve.add_argument("--allow-shared-memory", action=argparse.BooleanOptionalAction,
+                       default=None, help="serve the SharedMemory service (shared-memory and CUDA "
+                       "IPC tensors); default: on when bound to loopback or --uds only")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
@@ -182,14 +202,19 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = _read_token(args.admin_token_file) if args.admin_token_file else args.admin_token
-        config = ServerConfig(host=args.host, port=args.port, policies=args.policies,
+        config = ServerConfig(host=args.host, port=None if args.no_tcp else args.port,
+                              uds=args.uds, uds_mode=args.uds_mode, policies=args.policies,
                               default_policies=not args.no_default_policies, device=args.device,
                               max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
                               max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
                               max_group_rows=args.max_group_rows,
                               metrics_port=args.metrics_port,
-                              policy_reload_s=args.policy_reload_interval, workers=args.workers,
-                              grace_s=args.grace, admin_token=token)
+                              policy_reload_s=args.policy_reload_interval, grace_s=args.grace,
+                              admin_token=token, max_streams=args.max_streams,
+                              batch_window_us=args.batch_window_us,
+                              max_batch_rows=args.max_batch_rows, health_port=args.health_port,
+                              health_host=args.health_host,
+                              allow_shared_memory=args.allow_shared_memory)
         serve_forever(config)
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)

@@ -21,7 +21,7 @@ from sampler_service.errors import InvalidArgument, PermissionDenied, Unauthenti
 from sampler_service.policy_admin import PolicyAdministration, PolicyView
 from sampler_service.server.convert import dict_to_struct, struct_to_dict
 from sampler_service.server.metrics import ServiceMetrics
-from sampler_service.server.servicer import map_errors
+from sampler_service.server.error_mapping import map_errors
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def check_bearer(metadata: Sequence[tuple[str, str]], token: bytes) -> None:
 def _authorized(method):
     """Checks the caller's bearer token before the RPC runs."""
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         check_bearer(context.invocation_metadata(), self._token)
-        return method(self, request, context)
+        return await method(self, request, context)
     return wrapper
 
 
@@ -72,17 +72,17 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
 
     @map_errors
     @_authorized
-    def ListPolicies(self, request, context):
+    async def ListPolicies(self, request, context):
         return pb.ListPoliciesResponse(policies=[policy_info_pb(v) for v in self.admin.list()])
 
     @map_errors
     @_authorized
-    def GetPolicy(self, request, context):
+    async def GetPolicy(self, request, context):
         return policy_info_pb(self.admin.get(request.name))
 
     @map_errors
     @_authorized
-    def PutPolicy(self, request, context):
+    async def PutPolicy(self, request, context):
         version = self.admin.put(request.name, struct_to_dict(request.spec))
         log.info("PutPolicy %r from %s: version %d (%s)", request.name, context.peer(),
                  version.number, version.hash)
@@ -91,7 +91,7 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
 
     @map_errors
     @_authorized
-    def DeletePolicy(self, request, context):
+    async def DeletePolicy(self, request, context):
         view = self.admin.get(request.name)
         self.admin.delete(request.name, request.force)
         log.info("DeletePolicy %r from %s (force=%s): %d live sequence(s) keep version %d",
@@ -101,7 +101,7 @@ class PolicyAdminServicer(sampler_pb2_grpc.PolicyAdminServicer):
 
     @map_errors
     @_authorized
-    def ValidatePolicy(self, request, context):
+    async def ValidatePolicy(self, request, context):
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgument("set `document` (a YAML policy document) or `spec`", "document")

@@ -1,10 +1,24 @@
-"""Builds and runs the gRPC server: Sampler, grpc.health.v1, reflection, graceful stop."""
+"""Builds and runs the gRPC server on grpc.aio: Sampler, SharedMemory, grpc.health.v1,
+reflection, an optional PolicyAdmin, and a graceful stop.
+
+One asyncio event loop (in a thread of its own, so `SamplerServer` can be started and stopped
+from ordinary code) serves every RPC; no call holds a thread while it waits. The engine runs
+in one executor thread, its only owner: steps reach it through the micro-batcher, every other
+call that touches sequences or the engine is queued to the same thread. Health and reflection
+run on the loop and answer whatever the load; `health_port` serves grpc.health.v1 on a port
+of its own (the kubelet probes the pod IP while the data path stays on loopback or a socket).
+"""
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import os
+import re
 import signal
+import stat
 import threading
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +34,10 @@ from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.watcher import PolicyWatcher
 from sampler_service.policy_admin import PolicyAdministration
 from sampler_service.server.admin import ADMIN_SERVICE, PolicyAdminServicer
+from sampler_service.server.batcher import StepBatcher
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
+from sampler_service.server.steps import StepRunner
 from sampler_service.service import SamplerCore
 from sampler_service.state import SequenceStore
 
@@ -30,12 +46,42 @@ log = logging.getLogger(__name__)
 SAMPLER_SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["Sampler"].full_name
 #: Room for 64 rows of a 128256-token vocabulary in fp32 (32.8 MB) with headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def check_host(host: str, option: str = "--host") -> str:
+    """`host` if it is an IP address or a host name (IPv6 may come in brackets), else
+    ValueError: a Unix socket is `--uds PATH`, never a host."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        if _HOST_NAME.match(bare):
+            return bare
+    raise ValueError(f"{option} {host!r} is not an IP address or host name"
+                     + (" (for a Unix socket use --uds PATH)" if "/" in host or host.startswith("unix") else ""))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 50051                 # 0 picks a free port
+    port: int | None = 50051          # 0 picks a free port; None: no TCP port (--uds alone)
+    uds: Path | None = None           # also serve on this Unix socket
+    uds_mode: int = 0o600             # the socket file's permissions
     policies: Path | None = None      # user policy file, added to the shipped ones
     default_policies: bool = True
     device: str = "auto"
@@ -45,16 +91,39 @@ class ServerConfig:
     max_group_rows: int = 64          # widest beam group / most forks or CoT branches
     metrics_port: int | None = None   # Prometheus /metrics on host:port (0: a free port); None: off
     policy_reload_s: float = 2.0      # poll `policies` for changes this often; 0: never reload
-    workers: int = 8
     grace_s: float = 10.0
     admin_token: str | None = None    # serve PolicyAdmin to callers bearing it; None: no admin API
+    max_streams: int = 1024           # open StepStream calls; more: RESOURCE_EXHAUSTED
+    batch_window_us: float = 200.0    # an idle engine waits this long for other callers' rows
+    max_batch_rows: int = 256         # rows of one engine call (a larger request runs alone)
+    health_port: int | None = None    # grpc.health.v1 alone on health_host:health_port
+    health_host: str = "0.0.0.0"
+    #: Serve the SharedMemory service and accept region references. None: on when every
+    #: address the server binds is local (loopback or the Unix socket), off otherwise.
+    allow_shared_memory: bool | None = None
+
+    def shared_memory_allowed(self) -> bool:
+        if self.allow_shared_memory is not None:
+            return self.allow_shared_memory
+        return self.port is None or is_loopback(self.host)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket file left by an earlier run would make the bind fail; anything else is kept."""
+    if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
+        path.unlink()
+    elif path.exists():
+        raise OSError(f"--uds {path}: exists and is not a socket")
 
 
 class SamplerServer:
-    """A started server. `port` is the bound port; `stop()` drains in-flight calls."""
+    """A started server. `port` is the bound TCP port; `stop()` drains in-flight calls."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.host = check_host(config.host)
+        if config.port is None and config.uds is None:
+            raise ValueError("no address to serve: give a TCP port or --uds PATH")
         self.plugins = load_plugins()  # before the policies: they may name plug-in stages
         registry = PolicyRegistry.from_files(config.policies, config.default_policies)
         store = SequenceStore(config.max_sequences, config.idle_ttl_s)
@@ -63,14 +132,43 @@ class SamplerServer:
                                 config.max_group_rows,
                                 on_row=lambda policy, record: self.metrics.observe_row(
                                     policy, record.explanation))
+        self.shared_memory = config.shared_memory_allowed()
+        self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sampler-grpc",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start())
+        except BaseException:
+            self._close_loop()
+            raise
+        self.metrics_port = (None if config.metrics_port is None
+                             else self.metrics.serve(self.host, config.metrics_port))
+        self.watcher = None
+        if config.policies is not None and config.policy_reload_s > 0:
+            self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
+                                         config.policy_reload_s, self.metrics.observe_reload)
+            self.watcher.start()
+        log.info("serving on %s (device %s, shared memory %s)", self.address, self.core.device,
+                 "on" if self.shared_memory else "off")
+
+    def _call(self, coroutine):
+        """Runs a coroutine on the server's loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _start(self) -> None:
+        config = self.config
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                                   options=options)
-        sampler_pb2_grpc.add_SamplerServicer_to_server(SamplerServicer(self.core, self.metrics),
-                                                       self._server)
-        self.health = health.HealthServicer()
+        self.batcher = StepBatcher(StepRunner(self.core), self.engine_executor,
+                                   config.batch_window_us * 1e-6, config.max_batch_rows)
+        self.servicer = SamplerServicer(self.core, self.metrics, self.batcher,
+                                        self.engine_executor, config.max_streams)
+        self._server = grpc.aio.server(options=options)
+        sampler_pb2_grpc.add_SamplerServicer_to_server(self.servicer, self._server)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = [SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if config.admin_token is not None:
@@ -79,35 +177,62 @@ class SamplerServer:
                 self.metrics), self._server)
             services.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(services, self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}")
-        self._server.start()
-        self.metrics_port = (None if config.metrics_port is None
-                             else self.metrics.serve(config.host, config.metrics_port))
-        self.watcher = None
-        if config.policies is not None and config.policy_reload_s > 0:
-            self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
-                                         config.policy_reload_s, self.metrics.observe_reload)
-            self.watcher.start()
+        self.port = None
+        if config.port is not None:
+            self.port = self._server.add_insecure_port(host_port(self.host, config.port))
+            if self.port == 0:
+                raise OSError(f"could not bind {host_port(self.host, config.port)}")
+        if config.uds is not None:
+            _remove_stale_socket(config.uds)
+            if not self._server.add_insecure_port(f"unix:{config.uds}"):
+                raise OSError(f"could not bind the Unix socket {config.uds}")
+        self._health_server = None
+        if config.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                host_port(check_host(config.health_host, "--health-host"), config.health_port))
+            if self.health_port == 0:
+                raise OSError(f"could not bind the health port {config.health_port}")
+            await self._health_server.start()
+        await self._server.start()
+        if config.uds is not None:
+            os.chmod(config.uds, config.uds_mode)
         for service in ("", SAMPLER_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (device %s)", config.host, self.port, self.core.device)
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        """A target for clients: host:port, or unix:PATH when there is no TCP port."""
+        if self.port is not None:
+            return host_port(self.host, self.port)
+        return f"unix:{self.config.uds}"
+
+    async def _stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        await self.batcher.close()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s`."""
-        self.health.enter_graceful_shutdown()
+        """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s`.
+        Stopping a stopped server does nothing."""
+        if self._loop.is_closed():
+            return
         if self.watcher is not None:
             self.watcher.stop()
-        self._server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        self._call(self._stop(self.config.grace_s if grace_s is None else grace_s))
+        self._close_loop()
+        self.engine_executor.shutdown(wait=True)
         self.metrics.stop()
+        if self.config.uds is not None and self.config.uds.exists():
+            self.config.uds.unlink()
 
-    def wait(self) -> None:
-        self._server.wait_for_termination()
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
 
 def serve_forever(config: ServerConfig) -> None:
@@ -121,6 +246,8 @@ def serve_forever(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"sampler-service listening on {server.address} (device {server.core.device})", flush=True)
+    where = server.address if config.uds is None or server.port is None else \
+        f"{server.address} and unix:{config.uds}"
+    print(f"sampler-service listening on {where} (device {server.core.device})", flush=True)
     stopping.wait()
     server.stop()

@@ -1,114 +1,123 @@
-"""The `sampler.v1.Sampler` servicer: decode, call the core, encode; map errors to statuses."""
+"""The `sampler.v1.Sampler` servicer on grpc.aio: steps go through the micro-batcher, every
+other call runs in the engine's executor thread, so the event loop never blocks on the engine
+and health answers whatever the load."""
 from __future__ import annotations
 
-import functools
-import logging
+import asyncio
 import time
-from typing import Iterator
+from concurrent.futures import Executor
+from typing import AsyncIterator, Callable, TypeVar
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
-from sampler_service.errors import SamplerServiceError
-from sampler_service.groups import Group
+from sampler_service.errors import ResourceExhausted
 from sampler_service.server import convert
+from sampler_service.server.batcher import StepBatcher
+from sampler_service.server.error_mapping import abort, as_service_error, map_errors
 from sampler_service.server.metrics import ServiceMetrics
-from sampler_service.server.status import abort, to_rpc_status
+from sampler_service.server.status import to_rpc_status
 from sampler_service.service import SamplerCore
 from sampler_service.transport.codec import decode_tensor
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class InternalError(SamplerServiceError):
-    code = "INTERNAL"
-
-
-def _unexpected(exc: Exception) -> InternalError:
-    log.exception("unexpected error")
-    return InternalError(f"internal error: {type(exc).__name__}: {exc}")
-
-
-def map_errors(method):
-    """Turns domain errors into gRPC statuses (counted); any other exception becomes INTERNAL,
-    logged."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except SamplerServiceError as exc:
-            self.metrics.errors.labels(method.__name__, exc.code).inc()
-            abort(context, exc)
-        except Exception as exc:  # the server must survive any request
-            error = _unexpected(exc)
-            self.metrics.errors.labels(method.__name__, error.code).inc()
-            abort(context, error)
-    return wrapper
+def step_keys(request: pb.StepRequest) -> frozenset[str]:
+    """The sequences a step request touches (two requests sharing one never share a batch)."""
+    return frozenset(row.sequence_id for row in request.rows)
 
 
 class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
-    def __init__(self, core: SamplerCore, metrics: ServiceMetrics):
+    """`max_streams` bounds open StepStream calls (RESOURCE_EXHAUSTED beyond it); an open
+    stream holds no thread while it waits for its next message."""
+
+    def __init__(self, core: SamplerCore, metrics: ServiceMetrics, batcher: StepBatcher,
+                 executor: Executor, max_streams: int = 1024):
         self.core = core
         self.metrics = metrics
+        self.batcher = batcher
+        self.executor = executor
+        self.max_streams = max_streams
+        self.open_streams = 0
+
+    async def _in_engine_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     @map_errors
-    def CreateSequences(self, request, context):
-        states = self.core.create_sequences(
-            [convert.sequence_request_from_pb(c) for c in request.sequences])
+    async def CreateSequences(self, request, context):
+        configs = [convert.sequence_request_from_pb(c) for c in request.sequences]
+        states = await self._in_engine_thread(lambda: self.core.create_sequences(configs))
         for entry in states:
-            policy = (entry.root if isinstance(entry, Group) else entry).policy
-            self.metrics.observe_created(policy.name, policy.split)
+            self.metrics.observe_created(entry.root.policy.name, entry.root.policy.split)
         return pb.CreateSequencesResponse(sequences=[convert.created_pb(s) for s in states])
 
     @map_errors
-    def ReleaseSequences(self, request, context):
-        released, missing = self.core.release(list(request.sequence_ids))
+    async def ReleaseSequences(self, request, context):
+        ids = list(request.sequence_ids)
+        released, missing = await self._in_engine_thread(lambda: self.core.release(ids))
         return pb.ReleaseSequencesResponse(released=released, not_found=missing)
 
     @map_errors
-    def GetSequence(self, request, context):
-        return self.core.read(request.sequence_id, convert.sequence_info_pb)
+    async def GetSequence(self, request, context):
+        return await self._in_engine_thread(
+            lambda: self.core.read(request.sequence_id, convert.sequence_info_pb))
 
-    def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        """One request through the batcher: its response, or its error raised."""
         started = time.perf_counter()
-        logits = decode_tensor(request.logits, "logits", self.core.device)
-        rows = convert.step_rows_from_pb(request.rows)
-        reference = (decode_tensor(request.reference_logits, "reference_logits", self.core.device)
-                     if request.HasField("reference_logits") else None)
-        answers = self.core.step(rows, logits, request.processed_logprobs, reference,
-                                 convert.signals_from_pb(request, self.core.device))
-        response = pb.StepResponse(request_id=request.request_id)
-        for answer in answers:
-            convert.answer_pb(response, rows[answer[0]].sequence_id, answer)
+        result = await self.batcher.submit(request, len(request.rows), step_keys(request))
+        if isinstance(result, Exception):
+            raise result
         elapsed = time.perf_counter() - started
-        response.service_micros = int(elapsed * 1e6)
+        result.service_micros = int(elapsed * 1e6)
         self.metrics.step_seconds.observe(elapsed)
-        return response
+        return result
 
     @map_errors
-    def Step(self, request, context):
-        return self._step(request)
+    async def Step(self, request, context):
+        with self.batcher.caller():
+            return await self._step(request)
 
-    def StepStream(self, request_iterator, context) -> Iterator[pb.StepResponse]:
-        for request in request_iterator:
-            try:
-                yield self._step(request)
-            except Exception as exc:  # answered in-band; the stream goes on
-                error = exc if isinstance(exc, SamplerServiceError) else _unexpected(exc)
-                self.metrics.errors.labels("StepStream", error.code).inc()
-                yield pb.StepResponse(error=to_rpc_status(error), request_id=request.request_id)
+    async def StepStream(self, request_iterator, context) -> AsyncIterator[pb.StepResponse]:
+        if self.open_streams >= self.max_streams:
+            error = ResourceExhausted(f"{self.open_streams} StepStream calls are open, the cap "
+                                      f"(--max-streams) is {self.max_streams}: close idle "
+                                      "streams, share one per worker, or raise --max-streams",
+                                      "--max-streams")
+            self.metrics.errors.labels("StepStream", error.code).inc()
+            await abort(context, error)
+        self.open_streams += 1
+        try:
+            with self.batcher.caller():
+                async for request in request_iterator:
+                    try:
+                        response = await self._step(request)
+                    except Exception as exc:  # answered in-band; the stream goes on
+                        error = as_service_error(exc)
+                        self.metrics.errors.labels("StepStream", error.code).inc()
+                        response = pb.StepResponse(error=to_rpc_status(error),
+                                                   request_id=request.request_id)
+                    yield response
+        finally:
+            self.open_streams -= 1
 
     @map_errors
-    def Preview(self, request, context):
+    async def Preview(self, request, context):
         which = request.WhichOneof("policy_source")
-        ids, probs = self.core.preview(
-            policy=request.policy if which == "policy" else "",
-            policy_spec=convert.struct_to_dict(request.policy_spec) if which == "policy_spec" else None,
-            params=convert.params_from_pb(request.params),
-            logits=decode_tensor(request.logits, "logits", self.core.device),
-            history=list(request.history), prompt_ids=list(request.prompt_ids),
-            eos_token_ids=list(request.eos_token_ids),
-            reference=(decode_tensor(request.reference_logits, "reference_logits", self.core.device)
-                       if request.HasField("reference_logits") else None))
+        device = self.core.device
+
+        def preview():
+            return self.core.preview(
+                policy=request.policy if which == "policy" else "",
+                policy_spec=convert.struct_to_dict(request.policy_spec) if which == "policy_spec" else None,
+                params=convert.params_from_pb(request.params),
+                logits=decode_tensor(request.logits, "logits", device),
+                history=list(request.history), prompt_ids=list(request.prompt_ids),
+                eos_token_ids=list(request.eos_token_ids),
+                reference=(decode_tensor(request.reference_logits, "reference_logits", device)
+                           if request.HasField("reference_logits") else None))
+
+        ids, probs = await self._in_engine_thread(preview)
         limit = request.max_candidates or len(ids)
         return pb.PreviewResponse(
             candidates=[pb.Candidate(token_id=t, probability=p) for t, p in zip(ids[:limit], probs[:limit])],

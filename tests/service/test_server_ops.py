@@ -1,6 +1,7 @@
 """Operations: health, reflection, graceful stop, the CLI and policy files."""
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -27,8 +28,8 @@ def test_health_serving_then_not_serving_on_stop(server):
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
     assert health_status(server.address, "sampler.v1.Sampler") == health_pb2.HealthCheckResponse.SERVING
     server.stop(0)
-    assert server.health.Check(health_pb2.HealthCheckRequest(service=""), None).status == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    answer = asyncio.run(server.health.Check(health_pb2.HealthCheckRequest(service=""), None))
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_reflection_lists_the_services(server):
