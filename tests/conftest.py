@@ -17,7 +17,7 @@ def start_server():
     started: list[SamplerServer] = []
 
     def start(**overrides) -> SamplerServer:
-        server = SamplerServer(ServerConfig(port=0, device="cpu", **overrides))
+        server = SamplerServer(ServerConfig(**{"port": 0, "device": "cpu", **overrides}))
         started.append(server)
         return server
 

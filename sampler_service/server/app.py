@@ -142,6 +142,7 @@ class SamplerServer:
             self._call(self._start())
         except BaseException:
             self._close_loop()
+            self.engine_executor.shutdown()
             raise
         self.metrics_port = (None if config.metrics_port is None
                              else self.metrics.serve(self.host, config.metrics_port))

@@ -1,0 +1,107 @@
+"""StepBatcher on a real event loop and executor, with a `run` that records its batches."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sampler_service.server.batcher import StepBatcher
+
+
+class Recorder:
+    """A `run` that answers item * 10 (or raises for "boom") and remembers each batch."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("boom")
+        return [ValueError(item) if item == "bad" else item * 10 for item in items]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 10))
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def test_a_lone_caller_does_not_wait_for_the_window(executor):
+    recorder = Recorder()
+
+    async def main():
+        batcher = StepBatcher(recorder, executor, window_s=60.0)
+        with batcher.caller():
+            answer = await batcher.submit(3, 1, frozenset({"a"}))
+        await batcher.close()
+        return answer
+
+    assert run(main()) == 30
+    assert recorder.batches == [[3]]
+
+
+def test_callers_that_may_still_send_are_waited_for(executor):
+    recorder = Recorder()
+
+    async def main():
+        batcher = StepBatcher(recorder, executor, window_s=60.0)
+
+        async def caller(item, delay):
+            with batcher.caller():
+                await asyncio.sleep(delay)
+                return await batcher.submit(item, 1, frozenset({str(item)}))
+
+        answers = await asyncio.gather(caller(1, 0.0), caller(2, 0.05), caller(3, 0.1))
+        await batcher.close()
+        return answers
+
+    assert run(main()) == [10, 20, 30]
+    assert recorder.batches == [[1, 2, 3]]
+
+
+def test_rows_and_sequences_split_batches(executor):
+    recorder = Recorder()
+
+    async def main():
+        batcher = StepBatcher(recorder, executor, window_s=60.0, max_rows=4)
+        with batcher.caller(), batcher.caller(), batcher.caller(), batcher.caller():
+            return await asyncio.gather(
+                batcher.submit(1, 3, frozenset({"a"})),
+                batcher.submit(2, 1, frozenset({"a"})),   # same sequence as 1: next batch
+                batcher.submit(3, 1, frozenset({"b"})),   # fits beside 1
+                batcher.submit(4, 9, frozenset({"c"})))   # larger than max_rows: alone
+
+    assert run(main()) == [10, 20, 30, 40]
+    assert recorder.batches == [[1, 3], [2], [4]]
+
+
+def test_each_caller_gets_its_own_result_or_error(executor):
+    async def main():
+        batcher = StepBatcher(Recorder(), executor, window_s=0)
+        return await asyncio.gather(batcher.submit("bad", 1, frozenset({"x"})),
+                                    batcher.submit(5, 1, frozenset({"y"})))
+
+    bad, good = run(main())
+    assert isinstance(bad, ValueError) and good == 50
+
+
+def test_a_failing_run_fails_its_batch_and_the_batcher_goes_on(executor):
+    async def main():
+        batcher = StepBatcher(Recorder(), executor, window_s=0)
+        failed = await batcher.submit("boom", 1, frozenset({"x"}))
+        return failed, await batcher.submit(2, 1, frozenset({"x"}))
+
+    failed, answer = run(main())
+    assert isinstance(failed, RuntimeError) and answer == 20
+
+
+@pytest.mark.parametrize("window, rows", [(-1.0, 1), (0.0, 0)])
+def test_bad_settings_are_refused(executor, window, rows):
+    with pytest.raises(ValueError):
+        StepBatcher(Recorder(), executor, window_s=window, max_rows=rows)
