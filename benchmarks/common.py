@@ -1,9 +1,12 @@
 """Timing helpers shared by the benchmarks: medians over repeats, printed as a table."""
 from __future__ import annotations
 
+import re
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def median_ms(fn: Callable[..., object], repeats: int = 7, warmup: int = 2,
@@ -34,3 +37,15 @@ def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:
     width = max(len(name) for name, _, _ in rows)
     for name, ms, note in rows:
         print(f"  {name:<{width}}  {ms:9.2f} ms  {note}")
+
+
+def spawn(command: Sequence[str]) -> tuple[subprocess.Popen, str]:
+    """Starts a server process and reads the address it prints ("listening on ADDRESS")."""
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, text=True)
+    return process, re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
+
+
+def spawn_service(extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """The sampler service on a free loopback port, on the CPU, as a process of its own."""
+    return spawn([sys.executable, "-m", "sampler_service", "serve", "--port", "0", "--device",
+                  "cpu", "--log-level", "WARNING", *extra])

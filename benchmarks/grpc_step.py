@@ -13,15 +13,13 @@ The ratios say how much of a step is the wire and how much is sampling.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 from concurrent import futures
 
 import grpc
 import torch
 
-from common import median_ms, print_table
+from common import median_ms, print_table, spawn, spawn_service
 from sampler_client import SamplerClient
 from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from sampler_client.requests import step_request
@@ -47,12 +45,6 @@ def serve_echo() -> None:
     server.wait_for_termination()
 
 
-def spawn(command: list[str]) -> tuple[subprocess.Popen, str]:
-    """Starts a server process and reads the address it prints."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    return process, re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -65,8 +57,7 @@ def main() -> None:
     torch.set_num_threads(2)
     logits = torch.randn(args.rows, args.vocab, generator=torch.Generator().manual_seed(0)) * 3
 
-    service, service_address = spawn([sys.executable, "-m", "sampler_service", "serve", "--port", "0",
-                                      "--device", "cpu", "--log-level", "WARNING"])
+    service, service_address = spawn_service()
     echo, echo_address = spawn([sys.executable, __file__, "--serve-echo"])
     try:
         with SamplerClient(service_address) as client, grpc.insecure_channel(
