@@ -1,17 +1,21 @@
 """The asyncio client: `AsyncSamplerClient`, the twin of `SamplerClient` on grpc.aio."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence as SequenceT
+import asyncio
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence as SequenceT
 
 import grpc
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests, specs
-from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, _advance,
-                                   channel_options, make_handle, step_rows)
+from sampler_client.calls import Rpc, run_async
+from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, channel_options,
+                                   make_handle)
 from sampler_client.errors import from_rpc_error
-from sampler_client.types import Choice, SequenceInfo
+from sampler_client.exchange import StepExchange
+from sampler_client.transports import TensorPlacer
+from sampler_client.types import Choice, RegionInfo, SequenceInfo
 
 
 class AsyncSequence(SequenceHandle):
@@ -41,13 +45,23 @@ class AsyncSequenceGroup(SequenceHandle):
 
 
 class AsyncSamplerClient:
-    """`async with AsyncSamplerClient(target) as client: ...` — same methods, awaited."""
+    """`async with AsyncSamplerClient(target) as client: ...` — same methods, awaited, and the
+    same transports and sparse rows (see `SamplerClient`, section Transports)."""
 
-    def __init__(self, target: str, *, timeout: float | None = 60.0,
+    def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
+                 ring_slots: int = 4, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self._steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots),
+                                   sparse_top_k)
         self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
+        self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
         self.timeout = timeout
+
+    @property
+    def client_id(self) -> str:
+        """The id this client registers its regions under."""
+        return self._steps.placer.client_id
 
     async def __aenter__(self) -> "AsyncSamplerClient":
         return self
@@ -56,13 +70,35 @@ class AsyncSamplerClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Unregisters and frees the client's regions, then closes the channel."""
+        try:
+            await run_async(self._steps.close(), self._performer(self._unary_step))
+        finally:
+            await self._channel.close()
 
     async def _call(self, method, request):
         try:
             return await method(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    async def _unary_step(self, request: pb.StepRequest) -> pb.StepResponse:
+        return await self._call(self._stub.Step, request)
+
+    def _performer(self, send_step: Callable[[pb.StepRequest], Awaitable[pb.StepResponse]]
+                   ) -> Callable[[Rpc], Awaitable[Any]]:
+        """Makes an exchange's calls: Step through `send_step`, the others on SharedMemory."""
+        async def perform(rpc: Rpc) -> Any:
+            if rpc.method == "Step":
+                return await send_step(rpc.request)
+            return await self._call(getattr(self._regions, rpc.method), rpc.request)
+        return perform
+
+    async def regions(self, all_clients: bool = False) -> list[RegionInfo]:
+        """The regions registered by this client (by every client with `all_clients`)."""
+        response = await self._call(self._regions.RegionStatus, pb.RegionStatusRequest())
+        return [RegionInfo.from_pb(r) for r in response.regions
+                if all_clients or r.client_id == self.client_id]
 
     async def create_sequence(self, policy: str | Mapping[str, Any] | None = None,
                               prompt_ids: Iterable[int] = (), seed: int | None = None,
@@ -108,10 +144,11 @@ class AsyncSamplerClient:
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
                    processed_logprobs: bool = False, reference_logits: Any = None,
                    signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
-        request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs,
-                                        reference_logits=reference_logits, signals=signals)
-        return _advance(sequences, await self._call(self._stub.Step, request))
+        return await run_async(self._steps.step(sequences, logits,
+                                                processed_logprobs=processed_logprobs,
+                                                reference_logits=reference_logits,
+                                                signals=signals),
+                               self._performer(self._unary_step))
 
     def stream(self) -> "AsyncStepStream":
         return AsyncStepStream(self)
@@ -129,10 +166,13 @@ class AsyncSamplerClient:
 
 
 class AsyncStepStream:
-    """One StepStream call; `await stream.step(...)` writes a request and reads its answer."""
+    """One StepStream call; `await stream.step(...)` writes a request and reads its answer
+    (one at a time: concurrent steps on one stream wait their turn)."""
 
     def __init__(self, client: AsyncSamplerClient):
+        self._client = client
         self._call = client._stub.StepStream()
+        self._turn = asyncio.Lock()
         self.last_service_micros = 0
 
     async def __aenter__(self) -> "AsyncStepStream":
@@ -144,16 +184,21 @@ class AsyncStepStream:
     async def close(self) -> None:
         await self._call.done_writing()
 
+    async def _round_trip(self, request: pb.StepRequest) -> pb.StepResponse:
+        async with self._turn:
+            try:
+                await self._call.write(request)
+                response = await self._call.read()
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
+        self.last_service_micros = response.service_micros
+        return response
+
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
                    processed_logprobs: bool = False, reference_logits: Any = None,
                    signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
-        request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs,
-                                        reference_logits=reference_logits, signals=signals)
-        try:
-            await self._call.write(request)
-            response = await self._call.read()
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        self.last_service_micros = response.service_micros
-        return _advance(sequences, response)
+        return await run_async(self._client._steps.step(sequences, logits,
+                                                        processed_logprobs=processed_logprobs,
+                                                        reference_logits=reference_logits,
+                                                        signals=signals),
+                               self._client._performer(self._round_trip))

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterable, Mapping, Sequence as SequenceT
+from typing import Any, Callable, Iterable, Mapping, Sequence as SequenceT
 
 import grpc
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
-from sampler_client.errors import SamplerError, from_rpc_error, from_status
+from sampler_client.calls import Rpc, run_sync
+from sampler_client.errors import SamplerError, from_rpc_error
 from sampler_client import specs
-from sampler_client.types import Choice, GroupResult, SequenceInfo
+from sampler_client.exchange import StepExchange
+from sampler_client.transports import TensorPlacer
+from sampler_client.types import Choice, GroupResult, RegionInfo, SequenceInfo
 
 #: Matches the service's default: 64 rows of a 128256-token vocabulary in fp32, with room.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -23,18 +26,13 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def choices_from(response: pb.StepResponse) -> list[Choice]:
-    """The choices of a response, or the in-band error it carries, raised."""
-    if response.HasField("error"):
-        raise from_status(response.error)
-    return [Choice.from_pb(c) for c in response.choices]
-
-
 class SequenceHandle:
     """What a client knows of a live sequence or group: its id, policy and seed as created,
     `next_step`, the step number its next step sends (a resend of the same number returns the
     recorded answer instead of advancing), and for a group its kind, how many rows the next
-    step sends (`running_rows`) and, once it finished, its `result`."""
+    step sends (`running_rows`) and, once it finished, its `result`. `dense_only`: its rows
+    always go in full, even with `sparse_top_k` (a group's always; a sequence's once the
+    service said its policy never runs sparse)."""
 
     def __init__(self, client: Any, created: pb.CreatedSequence):
         self.client = client
@@ -45,6 +43,7 @@ class SequenceHandle:
         self.running_rows = created.running_rows or 1
         self.result: GroupResult | None = None
         self.next_step = 0
+        self.dense_only = bool(self.group_kind)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.sequence_id!r}, policy={self.policy!r}, "
@@ -98,22 +97,6 @@ class SequenceGroup(SequenceHandle):
         self.client.release([self])
 
 
-def step_rows(handles: SequenceT[SequenceHandle]) -> list[tuple[str, int, int | None]]:
-    return [key for handle in handles for key in handle.row_keys()]
-
-
-def _advance(handles: SequenceT[SequenceHandle], response: pb.StepResponse) -> list[Choice]:
-    """The choices of a response (or its error, raised), followed by every handle."""
-    choices = choices_from(response)
-    results = {r.sequence_id: GroupResult.from_pb(r) for r in response.results}
-    by_id: dict[str, list[Choice]] = {}
-    for choice in choices:
-        by_id.setdefault(choice.sequence_id, []).append(choice)
-    for handle in handles:
-        handle._take(by_id[handle.sequence_id], results)
-    return choices
-
-
 def make_handle(client: Any, created: pb.CreatedSequence, plain: type, group: type) -> Any:
     return (group if created.group_kind else plain)(client, created)
 
@@ -152,13 +135,85 @@ class SamplerClient(ChannelClient):
     >>> with SamplerClient("127.0.0.1:50051") as client:
     ...     seq = client.create_sequence(policy="creative", prompt_ids=[1, 2, 3], seed=7)
     ...     choice = seq.step(logits)
+
+    `target` is any gRPC target: "host:port", or a Unix socket, "unix:///abs/path" or
+    "unix:relative/path".
+
+    Transports
+    ----------
+    `transport` says how a step's logits reach the service (every wire dtype, FP32, FP16 and
+    BF16, travels on each; the tensor's own dtype travels, other floats become FP32):
+
+    - "auto" (default): for a local service (a `unix:` target, or localhost, 127.x, [::1])
+      CUDA tensors go by CUDA IPC and the others by POSIX shared memory; for a remote one,
+      inline. If the service refuses a registration (FAILED_PRECONDITION: shared memory is
+      off) or a registration fails (CUDA IPC not permitted, no cupy), that kind is given up
+      for the client's life, logged once at INFO: CUDA tensors then go by shared memory, and
+      without it inline.
+    - "inline": the bytes in the message. Simple, and the slowest (a 64 x 128256 fp32 step is
+      32.8 MB per message).
+    - "shm": POSIX shared memory (a CUDA tensor is copied to the host on the way); a failed
+      registration raises.
+    - "cuda_ipc": CUDA IPC on the tensor's GPU (a host tensor is uploaded to the current
+      one); needs cupy (`pip install 'sampler-sidecar[gpu]'`) and a service on the same GPU.
+      The SDK copies the tensor into its region on the device's current torch stream and
+      synchronises that stream before sending, so the service reads finished bytes; as for
+      any torch op, the tensor must be ready on the current stream.
+
+    The client makes and registers its regions itself, under a random `client_id`: a ring of
+    `ring_slots` regions per kind (and GPU), each lent to one request and reused only once the
+    service answered it (so pipelined streams and concurrent threads are safe), replaced by a
+    larger one when a request does not fit. With every region in flight a tensor goes inline.
+    `close()` unregisters every region of the client and unlinks (or frees) them; nothing is
+    left in /dev/shm. Preview always sends its logits inline.
+
+    `sparse_top_k=K` sends each row of a plain sequence as its K best ids and logits plus the
+    statistics of the other logits (`sampler_client.sparse`), through the same transport. The
+    service uses them only where the policy's result provably cannot depend on the missing
+    logits; otherwise it refuses those rows and the SDK resends them in full in the same call
+    (and a sequence whose policy can never run sparse goes in full from then on). Groups
+    (beam search, forks, CoT) always go in full. The tokens are those of the dense path.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = 60.0,
+    def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
+                 ring_slots: int = 4, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  channel: grpc.Channel | None = None):
+        steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots), sparse_top_k)
         super().__init__(target, sampler_pb2_grpc.SamplerStub, timeout=timeout,
                          max_message_bytes=max_message_bytes, channel=channel)
+        self._steps = steps
+        self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
+
+    @property
+    def client_id(self) -> str:
+        """The id this client registers its regions under."""
+        return self._steps.placer.client_id
+
+    def close(self) -> None:
+        """Unregisters and frees the client's regions, then closes the channel."""
+        try:
+            run_sync(self._steps.close(), self._performer(self._unary_step))
+        finally:
+            super().close()
+
+    def _unary_step(self, request: pb.StepRequest) -> pb.StepResponse:
+        return self._call(self._stub.Step, request)
+
+    def _performer(self, send_step: Callable[[pb.StepRequest], pb.StepResponse]
+                   ) -> Callable[[Rpc], Any]:
+        """Makes an exchange's calls: Step through `send_step`, the others on SharedMemory."""
+        def perform(rpc: Rpc) -> Any:
+            if rpc.method == "Step":
+                return send_step(rpc.request)
+            return self._call(getattr(self._regions, rpc.method), rpc.request)
+        return perform
+
+    def regions(self, all_clients: bool = False) -> list[RegionInfo]:
+        """The regions registered by this client (by every client with `all_clients`)."""
+        response = self._call(self._regions.RegionStatus, pb.RegionStatusRequest())
+        return [RegionInfo.from_pb(r) for r in response.regions
+                if all_clients or r.client_id == self.client_id]
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Blocks until the channel connects (raises UnavailableError after `timeout`)."""
@@ -223,10 +278,9 @@ class SamplerClient(ChannelClient):
              signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
         """One token per row from `logits`: one row per plain sequence, `running_rows` rows per
         group, in the order of `sequences`."""
-        request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs,
-                                        reference_logits=reference_logits, signals=signals)
-        return _advance(sequences, self._call(self._stub.Step, request))
+        return run_sync(self._steps.step(sequences, logits, processed_logprobs=processed_logprobs,
+                                         reference_logits=reference_logits, signals=signals),
+                        self._performer(self._unary_step))
 
     def stream(self) -> "StepStream":
         """A StepStream: one long-lived bidirectional call for a generation loop."""
@@ -247,7 +301,8 @@ class SamplerClient(ChannelClient):
 
 
 class StepStream:
-    """Steps over one StepStream call: each `step` sends one request and reads its answer.
+    """Steps over one StepStream call: each `step` sends one request and reads its answer
+    (through the client's transport and sparse rows, resends included).
 
     A bad step raises its SamplerError without ending the stream. Close it (or use `with`).
     """
@@ -255,6 +310,7 @@ class StepStream:
     _END = object()
 
     def __init__(self, client: SamplerClient):
+        self._client = client
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.last_service_micros = 0
@@ -272,12 +328,7 @@ class StepStream:
     def close(self) -> None:
         self._requests.put(self._END)
 
-    def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
-             processed_logprobs: bool = False, reference_logits: Any = None,
-             signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
-        request = requests.step_request(step_rows(sequences), logits,
-                                        processed_logprobs=processed_logprobs,
-                                        reference_logits=reference_logits, signals=signals)
+    def _round_trip(self, request: pb.StepRequest) -> pb.StepResponse:
         with self._lock:
             self._requests.put(request)
             try:
@@ -285,4 +336,13 @@ class StepStream:
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from None
         self.last_service_micros = response.service_micros
-        return _advance(sequences, response)
+        return response
+
+    def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
+             processed_logprobs: bool = False, reference_logits: Any = None,
+             signals: SequenceT[Mapping[str, float]] | None = None) -> list[Choice]:
+        return run_sync(self._client._steps.step(sequences, logits,
+                                                 processed_logprobs=processed_logprobs,
+                                                 reference_logits=reference_logits,
+                                                 signals=signals),
+                        self._client._performer(self._round_trip))

@@ -44,19 +44,29 @@ def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] 
     return config
 
 
+def _rows_tensor(values: Any, rows: int) -> pb.Tensor:
+    return values if isinstance(values, pb.Tensor) else encode_rows(values, rows)
+
+
 def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any, *,
                  processed_logprobs: bool = False, request_id: str = "",
                  reference_logits: Any = None,
-                 signals: Sequence[Mapping[str, float]] | None = None) -> pb.StepRequest:
-    """`rows`: (sequence id, step or None, branch or None) per logits row. `reference_logits`:
-    the same shape as `logits` (KL-guided temperature); `signals`: one mapping per row of
-    entropix's attention terms (attention_entropy, attention_varentropy, agreement,
-    interaction_strength)."""
-    request = pb.StepRequest(logits=encode_rows(logits, len(rows)), request_id=request_id,
-                             processed_logprobs=processed_logprobs,
-                             signals=[pb.RowSignals(**s) for s in signals or ()])
+                 signals: Sequence[Mapping[str, float]] | None = None,
+                 sparse: pb.SparseRows | None = None) -> pb.StepRequest:
+    """`rows`: (sequence id, step or None, branch or None) per logits row. `logits`: values
+    (sent inline) or a placed `sampler.v1.Tensor` of the rows not in `sparse`, None when every
+    row is. `reference_logits`: [len(rows), vocab] likewise (KL-guided temperature);
+    `signals`: one mapping per row of entropix's attention terms (attention_entropy,
+    attention_varentropy, agreement, interaction_strength)."""
+    fields: dict[str, Any] = {}
+    if logits is not None:
+        fields["logits"] = _rows_tensor(logits, len(rows))
     if reference_logits is not None:
-        request.reference_logits.CopyFrom(encode_rows(reference_logits, len(rows)))
+        fields["reference_logits"] = _rows_tensor(reference_logits, len(rows))
+    if sparse is not None:
+        fields["sparse"] = sparse
+    request = pb.StepRequest(request_id=request_id, processed_logprobs=processed_logprobs,
+                             signals=[pb.RowSignals(**s) for s in signals or ()], **fields)
     for sequence_id, step, branch in rows:
         row = request.rows.add(sequence_id=sequence_id)
         if step is not None:

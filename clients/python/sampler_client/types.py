@@ -159,3 +159,24 @@ class SequenceInfo:
                    entropy_summary={f.name: getattr(s.entropy_summary, f.name)
                                     for f in pb.EntropySummary.DESCRIPTOR.fields},
                    split=s.split)
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A region registered with the service's SharedMemory API: `kind` "system" (a POSIX
+    shared-memory object, `key`) or "cuda" (an allocation on `device_id`); `in_use`: steps
+    reading it now."""
+
+    name: str
+    kind: str
+    key: str
+    offset: int
+    byte_size: int
+    device_id: int
+    client_id: str
+    in_use: int
+
+    @classmethod
+    def from_pb(cls, r: pb.RegionInfo) -> "RegionInfo":
+        return cls(name=r.name, kind=r.kind, key=r.key, offset=r.offset, byte_size=r.byte_size,
+                   device_id=r.device_id, client_id=r.client_id, in_use=r.in_use)
