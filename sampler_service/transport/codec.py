@@ -4,24 +4,24 @@ in a registered CUDA region (`cuda_ipc`).
 
 The wire may carry FP32, FP16 or BF16 (little-endian, as every host torch runs on); the
 service computes in float32. Every transport goes the same way: a uint8 torch view of the
-wire bytes (no copy: numpy views the message bytes or the read-only mapping, DLPack hands the
-view to torch), viewed as the wire dtype, then one copy into a fresh float32 tensor on the
-device (host bytes bound for a GPU cross in their wire dtype, then widen there). A CUDA region
-of FP32 is already what the engine needs: it is returned as a view of the region, which the
-engine reads but never writes (it clones before working in place); read it only inside the
-step's `RegionRegistry.hold`. An element offset that is not a multiple of the element size
-costs one extra copy of the bytes.
+wire bytes (no copy: the message's bytes, the read-only mapping or the CUDA allocation),
+viewed as the wire dtype, then one copy into a fresh float32 tensor on the device (host bytes
+bound for a GPU cross in their wire dtype and widen there). A CUDA region of FP32 is already
+what the engine needs: it is returned as a view of the region, which the engine reads but
+never writes (it clones before working in place); read it only inside the step's
+`RegionRegistry.hold`. A reference offset that is not a multiple of the element size costs
+one extra copy of the bytes.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import FailedPrecondition, InvalidArgument
-from sampler_service.transport.regions import CUDA, SHARED_MEMORY_OFF, SYSTEM, RegionRegistry
+from sampler_service.transport.regions import (CUDA, SHARED_MEMORY_OFF, SYSTEM, RegionRegistry,
+                                               host_bytes_tensor)
 
 #: Bytes per element of each wire dtype.
 ELEMENT_SIZE = {pb.FP32: 4, pb.FP16: 2, pb.BF16: 2}
@@ -58,7 +58,7 @@ def decode_tensor(tensor: pb.Tensor, field: str, device: torch.device,
         raw = tensor.raw  # every access copies the bytes out of the message: once only
         if len(raw) != expected:
             raise InvalidArgument(f"raw holds {len(raw)} bytes but {need}", f"{field}.raw")
-        return _float32_copy(_typed(_host_bytes(raw), tensor.dtype, shape), device)
+        return _float32_copy(_typed(host_bytes_tensor(raw), tensor.dtype, shape), device)
     wire = _region_bytes(getattr(tensor, which), which, f"{field}.{which}", expected, need,
                          regions)
     typed = _typed(wire, tensor.dtype, shape)
@@ -88,11 +88,6 @@ def _submessage(message, path: str):
             return None
         message = getattr(message, part)
     return message
-
-
-def _host_bytes(raw: bytes) -> torch.Tensor:
-    """uint8 CPU view of `raw` (numpy views read-only bytes without the warning torch gives)."""
-    return torch.from_dlpack(np.frombuffer(raw, dtype=np.uint8))
 
 
 def _region_bytes(ref: pb.RegionRef, which: str, field: str, expected: int, need: str,

@@ -61,6 +61,23 @@ class RegionInfo:
     in_use: int
 
 
+class _BytesForTorch:
+    """Offers a read-only byte buffer to torch through numpy's array interface, as writable.
+    torch has no read-only tensors (it warns on read-only buffers); the service only copies
+    out of these views, never writes them. Keeps the buffer, and so a mapping, alive."""
+
+    def __init__(self, buffer):
+        self._view = np.frombuffer(buffer, dtype=np.uint8)
+        self.__array_interface__ = {"data": (self._view.ctypes.data, False), "version": 3,
+                                    "shape": self._view.shape, "typestr": "|u1"}
+
+
+def host_bytes_tensor(buffer) -> torch.Tensor:
+    """uint8 CPU tensor [len(buffer)] over `buffer` (bytes, a memoryview) without a copy.
+    Read it only: it may be a message's bytes or a read-only mapping."""
+    return torch.from_numpy(np.asarray(_BytesForTorch(buffer)))
+
+
 def shm_object_name(key: str) -> str:
     """The object name of a shm_open key ("/name" or "name"), or InvalidArgument naming `key`
     for anything that could reach outside the shared-memory directory."""
@@ -96,14 +113,16 @@ class SystemMapping:
                     f"offset {offset} + byte_size {byte_size} = {self.end} lies beyond the "
                     f"{info.st_size}-byte shared-memory object {key!r}", "byte_size")
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            self._mmap = mmap.mmap(fd, self.end - start, flags=mmap.MAP_SHARED,
-                                   prot=mmap.PROT_READ, offset=start)
+            try:
+                self._mmap = mmap.mmap(fd, self.end - start, flags=mmap.MAP_SHARED,
+                                       prot=mmap.PROT_READ, offset=start)
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot map shared-memory object {key!r}: "
+                                         f"{exc.strerror}", "key") from None
         finally:
             os.close(fd)  # the mapping keeps a descriptor of its own
-        # numpy views the read-only mapping without a warning, torch takes numpy's view over
-        # DLPack without a copy; the view pins the mapping (mmap.close refuses while it lives).
-        self.data = torch.from_dlpack(
-            np.frombuffer(self._mmap, dtype=np.uint8, count=byte_size, offset=offset - start))
+        # The view pins the mapping: mmap.close refuses while it lives.
+        self.data = host_bytes_tensor(memoryview(self._mmap)[offset - start:][:byte_size])
 
     @staticmethod
     def _open(key: str, path: str) -> int:

@@ -4,6 +4,7 @@ another process (skipped without CUDA and cupy)."""
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from sampler_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from sampler_service.transport.regions import CUDA, SYSTEM, RegionInfo, RegionRegistry
+from sampler_service.transport.regions import (CUDA, SYSTEM, RegionInfo, RegionRegistry,
+                                               host_bytes_tensor)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,6 +104,21 @@ def field_of(excinfo) -> str:
 
 
 # --- system regions -------------------------------------------------------------------------
+
+def test_host_bytes_tensor_views_read_only_bytes_and_pins_a_mapping(shm_objects):
+    assert host_bytes_tensor(b"abc").tolist() == [97, 98, 99]
+    shm = shm_objects(bytes(4096))
+    fd = os.open(f"/dev/shm/{shm.name}", os.O_RDONLY)
+    mapping = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
+    os.close(fd)
+    view = host_bytes_tensor(memoryview(mapping)[10:20])
+    shm.buf[10] = 7
+    assert view.shape == (10,) and view[0].item() == 7
+    with pytest.raises(BufferError):
+        mapping.close()
+    del view
+    mapping.close()
+
 
 def test_a_system_region_is_mapped_once_read_only_and_shows_later_writes(shm_objects, cpu_regions):
     data = bytes(range(256)) * 48
