@@ -153,6 +153,9 @@ class TensorPlacer:
         if wire.cuda_device is not None:
             return wire.cuda_device
         import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("transport 'cuda_ipc' needs a CUDA device, and this process sees "
+                               "none: use transport='shm' or 'auto'")
         return torch.cuda.current_device()
 
     # -- placing ------------------------------------------------------------------------------

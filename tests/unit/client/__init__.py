@@ -1,0 +1,1 @@
+"""Unit tests of the Python SDK (clients/python/sampler_client)."""
