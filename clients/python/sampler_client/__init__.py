@@ -1,5 +1,7 @@
 """Python SDK of Sampler Sidecar: create sequences, step them with logits, preview policies.
 
+Logits travel inline, through shared memory or CUDA IPC, in full or as sparse top-K rows
+(`SamplerClient(transport=..., sparse_top_k=...)`; its docstring's section Transports).
 `sampler_client.hf` (needs torch and transformers) drives a Hugging Face model through it.
 `PolicyAdminClient` lists, puts and deletes the service's policies (with its admin token).
 """
@@ -12,13 +14,13 @@ from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError, 
                                    ResourceExhaustedError, SamplerError, UnauthenticatedError,
                                    UnavailableError)
 from sampler_client.types import (AnswerVote, Choice, GroupInfo, GroupResult, Hypothesis,
-                                  SequenceInfo)
+                                  RegionInfo, SequenceInfo)
 
 __all__ = [
     "AlreadyExistsError", "AnswerVote", "AsyncSamplerClient", "AsyncSequence",
     "AsyncSequenceGroup", "AsyncStepStream", "Choice", "FailedPreconditionError", "FieldViolation",
     "GroupInfo", "GroupResult", "Hypothesis", "InvalidArgumentError", "NotFoundError",
-    "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion",
+    "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion", "RegionInfo",
     "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceGroup",
     "SequenceInfo", "StepStream", "UnauthenticatedError", "UnavailableError",
 ]

@@ -151,6 +151,13 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     given, is filled with the time spent in the model and in the sidecar; `results`, if given,
     gets each prompt's group result (None for a plain sequence); `trace`, if given, gets each
     step's choices (a list per step: logprobs, entropy, the policy's explanations).
+
+    `client` may be built with any transport and `sparse_top_k` (see `SamplerClient`): each
+    step sends `out.logits[:, -1, :].float()`, a non-contiguous view of the model's output on
+    its own device, which every transport writes in one copy whatever its strides (shared
+    memory from a CPU model, CUDA IPC from a GPU one with transport "auto" on a local
+    service); with `sparse_top_k` plain sequences go as sparse rows, resent in full where the
+    policy needs them, and groups always in full. The tokens are the same on every transport.
     """
     stats = stats if stats is not None else GenerationStats()
     clock = time.perf_counter
