@@ -121,7 +121,7 @@ class TensorPlacer:
     def _usable(self, kind: str) -> bool:
         return kind not in self._given_up
 
-    def kind_of(self, wire: WireTensor) -> str:
+    def _kind_of(self, wire: WireTensor) -> str:
         """INLINE, SYSTEM or CUDA: where `wire` goes now."""
         if self.transport != "auto":
             return {"inline": INLINE, "shm": SYSTEM, "cuda_ipc": CUDA}[self.transport]
@@ -162,7 +162,7 @@ class TensorPlacer:
     def place(self, wires: Sequence[WireTensor | None]) -> Exchange[Placement]:
         """Places the tensors of one request (None entries stay None), registering regions as
         needed; the caller sends the request, then calls `Placement.finish`."""
-        kinds = [None if w is None else (self.kind_of(w) if w.nbytes else INLINE) for w in wires]
+        kinds = [None if w is None else (self._kind_of(w) if w.nbytes else INLINE) for w in wires]
         placement = Placement([None] * len(wires))
         try:
             for kind in (CUDA, SYSTEM):  # CUDA first: what it cannot take may go to SYSTEM
