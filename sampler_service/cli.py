@@ -60,6 +60,9 @@ def _add_serve(commands) -> None:
                        help="seconds between checks of --policies for changes (0: never reload)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    serve.add_argument("--metrics-host", default=None,
+                       help="address of --metrics-port (default: --host; 0.0.0.0 lets a "
+                            "Prometheus scrape the pod IP while the data path stays local)")
     serve.add_argument("--max-streams", type=int, default=1024,
                        help="cap on open StepStream calls (default: 1024)")
     serve.add_argument("--batch-window-us", type=float, default=200.0,
@@ -208,7 +211,7 @@ def serve(args: argparse.Namespace) -> int:
                               max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
                               max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
                               max_group_rows=args.max_group_rows,
-                              metrics_port=args.metrics_port,
+                              metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                               policy_reload_s=args.policy_reload_interval, grace_s=args.grace,
                               admin_token=token, max_streams=args.max_streams,
                               batch_window_us=args.batch_window_us,

@@ -89,7 +89,8 @@ class ServerConfig:
     max_sequences: int = 100_000
     idle_ttl_s: float = 3600.0
     max_group_rows: int = 64          # widest beam group / most forks or CoT branches
-    metrics_port: int | None = None   # Prometheus /metrics on host:port (0: a free port); None: off
+    metrics_port: int | None = None   # Prometheus /metrics on metrics_host:port (0: free); None: off
+    metrics_host: str | None = None   # None: the same address as `host`
     policy_reload_s: float = 2.0      # poll `policies` for changes this often; 0: never reload
     grace_s: float = 10.0
     admin_token: str | None = None    # serve PolicyAdmin to callers bearing it; None: no admin API
@@ -145,7 +146,9 @@ class SamplerServer:
             self.engine_executor.shutdown()
             raise
         self.metrics_port = (None if config.metrics_port is None
-                             else self.metrics.serve(self.host, config.metrics_port))
+                             else self.metrics.serve(
+                                 check_host(config.metrics_host or self.host, "--metrics-host"),
+                                 config.metrics_port))
         self.watcher = None
         if config.policies is not None and config.policy_reload_s > 0:
             self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
@@ -170,6 +173,8 @@ class SamplerServer:
         self._server = grpc.aio.server(options=options)
         sampler_pb2_grpc.add_SamplerServicer_to_server(self.servicer, self._server)
         self.health = health.aio.HealthServicer()
+        for service in ("", SAMPLER_SERVICE):  # SERVING only once every port is bound
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = [SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if config.admin_token is not None:

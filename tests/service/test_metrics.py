@@ -62,3 +62,12 @@ def test_decisions_of_adaptive_policies_are_counted_per_policy(metered):
     assert samples['sampler_decisions_total{decision="chaotic=false",policy="entropix",'
                    'stage="sed"}'] == 1
     assert samples['sampler_rows_total{policy="entropix"}'] == 2
+
+
+def test_metrics_host_is_separate_from_the_data_path(start_server, tmp_path):
+    """Data on a Unix socket only, metrics on their own address (a pod's Prometheus scrape)."""
+    server = start_server(port=None, uds=tmp_path / "s.sock", metrics_port=0,
+                          metrics_host="127.0.0.1")
+    with SamplerClient(server.address) as client:
+        client.create_sequence(policy="greedy").step(torch.tensor([0.0, 1.0]))
+    assert scrape(server)['sampler_rows_total{policy="greedy"}'] == 1.0
