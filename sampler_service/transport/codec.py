@@ -34,7 +34,9 @@ _TENSOR_FIELDS = ("logits", "reference_logits", "sparse.logits")
 
 def decode_tensor(tensor: pb.Tensor, field: str, device: torch.device,
                   regions: RegionRegistry | None = None) -> torch.Tensor:
-    """The tensor as float32 [shape] on `device`.
+    """The tensor as float32 [shape] on `device`: a fresh tensor, except FP32 in a CUDA
+    region, which comes back as a view of the region (read it, never write it, and only
+    inside the step's `hold`).
 
     `regions` are the registered regions (None: the service runs without shared memory).
     Raises InvalidArgument naming the offending part of `field` (dtype, shape, raw size,
