@@ -11,10 +11,16 @@ Order of operations for a step (`Engine.step`):
   3. Optionally, processed logprobs (of the distribution the selector drew from). Each row
      also gets its stages' memory updates and explanations (`RowBatch.explain`).
 The engine reads sequence state but never changes it: the caller accepts the tokens.
+
+Rows sent sparse (`SparseLogits`: each row's K best raw logits and its tail's statistics) run
+the same chain on their K entries, O(rows × K): the raw statistics come exactly from the tail
+statistics, and before each stage (and the selector) its `sparse_tail` rule proves the result
+equal to the one full rows would give, or refuses the row (`sampler_service.policy.sparse`).
+A step with refused rows chooses nothing and raises `NotExact` listing every one of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -22,6 +28,7 @@ import torch
 from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.processors.base import RowBatch, RowInputs, Selector, Stage
+from sampler_service.policy.sparse import NotExact, Refusal, SparseLogits, TailBound, fmt
 from sampler_service.policy.statistics import RawStatistics, raw_statistics
 from sampler_service.policy.resolved import Link
 from sampler_service.state import SequenceState
@@ -63,12 +70,41 @@ def report_rows(logits: torch.Tensor, top_n: Sequence[int],
     """Per row of `logits`: log-normaliser, entropy, varentropy and its `top_n[row]` best raw
     logprobs (best first). `stats`: the rows' statistics when already computed."""
     stats = raw_statistics(logits) if stats is None else stats
-    top_ids, top_values = _top(Candidates(logits), max(top_n, default=0))
+    return _reports(Candidates(logits), top_n, stats)
+
+
+def _reports(raw: Candidates, top_n: Sequence[int], stats: RawStatistics) -> list[RawRowReport]:
+    """`report_rows` of raw rows, dense or sparse (whose top-N are sent: `_raw_top_refusals`)."""
+    top_ids, top_values = _top(raw, max(top_n, default=0))
     return [RawRowReport(norm, h, v, tuple((t, value - norm) for t, value in
                                            zip(top_ids[row][:top_n[row]], top_values[row])))
             for row, (norm, h, v) in enumerate(zip(stats.log_normalizer.tolist(),
                                                    stats.entropy.tolist(),
                                                    stats.varentropy.tolist()))]
+
+
+def _raw_top_refusals(sparse: SparseLogits, top_n: Sequence[int]) -> list[Refusal]:
+    """Sparse rows whose `top_n[row]` best raw logprobs (the `logprobs` setting) are not
+    provably all sent: they are when N ≤ K and the N-th sent logit is above the tail's max
+    (strictly: a tie could rank a tail id first), or when the tail is empty or all −inf."""
+    n = torch.tensor(top_n, dtype=torch.int64, device=sparse.values.device)
+    width = sparse.width
+    nth = sparse.values.gather(1, (n.clamp(min=1, max=width) - 1).unsqueeze(1)).squeeze(1)
+    known = (n == 0) | torch.isneginf(sparse.tail_max) | ((n <= width) & (nth > sparse.tail_max))
+    return [Refusal(row, f"logprobs: the {top_n[row]} best raw tokens are not all among the "
+                         f"K = {width} sent entries (tail max {fmt(sparse.tail_max[row])})")
+            for row in (~known).nonzero().flatten().tolist()]
+
+
+def _check_choosable(states: Sequence[SequenceState], candidates: Candidates) -> None:
+    """FAILED_PRECONDITION naming the first row whose chain masked every token."""
+    emptied = torch.isneginf(candidates.max_values())
+    if bool(emptied.any()):
+        state = states[int(emptied.nonzero()[0])]
+        raise FailedPrecondition(
+            f"policy {state.policy.name or '(flat parameters)'} masked every token of sequence "
+            f"{state.sequence_id!r} at step {state.position} (e.g. min_tokens masked the only "
+            "finite logits): no token can be chosen", "logits")
 
 
 def _top(candidates: Candidates, n: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -102,20 +138,30 @@ class Engine:
                 inputs: RowInputs) -> tuple[Candidates, RowBatch]:
         """Runs the (shared-signature) chain of `states` over `logits`, which it may modify;
         `inputs` holds the untouched raw rows and what else the worker sent for them."""
-        batch = RowBatch(states, self.device, inputs)
         candidates = Candidates(logits)
+        batch = self._run_chain(states, candidates, inputs, None)
+        _check_choosable(states, candidates)
+        return candidates, batch
+
+    def _process_sparse(self, states: Sequence[SequenceState], inputs: RowInputs
+                        ) -> tuple[Candidates, RowBatch, TailBound]:
+        """The chain of `states` over a copy of their sparse rows (`inputs.sparse`), with every
+        stage's exactness rule; the returned bound holds the rows' refusals."""
+        sparse = inputs.sparse
+        candidates = Candidates(sparse.values.clone(), sparse.ids.clone(), sparse.vocab)
+        tail = TailBound(sparse)
+        return candidates, self._run_chain(states, candidates, inputs, tail), tail
+
+    def _run_chain(self, states: Sequence[SequenceState], candidates: Candidates,
+                   inputs: RowInputs, tail: TailBound | None) -> RowBatch:
+        """Applies the chain in place; on sparse rows (`tail` given) each stage's rule first."""
+        batch = RowBatch(states, self.device, inputs)
         for position, link in enumerate(states[0].policy.links):
             args = self._stage_args(link.stage, [s.policy.links[position] for s in states])
-            link.stage.apply(candidates, args, batch)
+            if tail is None or link.stage.sparse_tail(candidates, args, batch, tail):
+                link.stage.apply(candidates, args, batch)
             batch.pristine = False
-        emptied = torch.isneginf(candidates.max_values())
-        if bool(emptied.any()):
-            state = states[int(emptied.nonzero()[0])]
-            raise FailedPrecondition(
-                f"policy {state.policy.name or '(flat parameters)'} masked every token of sequence "
-                f"{state.sequence_id!r} at step {state.position} (e.g. min_tokens masked the only "
-                "finite logits): no token can be chosen", "logits")
-        return candidates, batch
+        return batch
 
     @staticmethod
     def _groups(states: Sequence[SequenceState]) -> list[list[int]]:
@@ -125,14 +171,18 @@ class Engine:
         return list(groups.values())
 
     @torch.inference_mode()
-    def step(self, states: Sequence[SequenceState], logits: torch.Tensor,
+    def step(self, states: Sequence[SequenceState], logits: torch.Tensor | SparseLogits,
              processed_logprobs: bool = False, *, reference: torch.Tensor | None = None,
              signals: dict[str, torch.Tensor] | None = None) -> list[RowOutcome]:
-        """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device;
-        `reference` (same shape) and `signals` (name -> [rows]) are the worker's optional extras."""
+        """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device,
+        or every row sent sparse (`SparseLogits`, see the module docstring: raises `NotExact`
+        naming each refused row by its index in `states`); `reference` ([rows, vocab]) and
+        `signals` (name -> [rows]) are the worker's optional extras."""
         rows = len(states)
-        stats = raw_statistics(logits)
-        inputs = RowInputs(logits, stats, reference, signals)
+        sparse = logits if isinstance(logits, SparseLogits) else None
+        stats = raw_statistics(logits) if sparse is None else sparse.statistics()
+        inputs = RowInputs(None if sparse is not None else logits, stats, reference, signals,
+                           sparse)
         explanations: list[dict[str, Any]] = [{} for _ in range(rows)]
         tokens = torch.empty(rows, dtype=torch.int64, device=self.device)
         processed_chosen = torch.zeros(rows, device=self.device)
@@ -140,16 +190,26 @@ class Engine:
         processed_stats: list[tuple[float, float] | None] = [None] * rows
         memory: list[dict[str, Any]] = [{} for _ in range(rows)]
         top_n = [s.policy.settings["logprobs"] for s in states]
+        refusals = [] if sparse is None else _raw_top_refusals(sparse, top_n)
         groups = self._groups(states)
         for row_list in groups:
             index = torch.tensor(row_list, device=self.device)
             group = [states[i] for i in row_list]
-            # The chain works in place on its own copy: the raw logits are needed below.
             whole = len(groups) == 1
-            own = logits.clone() if whole else logits.index_select(0, index)
-            candidates, batch = self.process(group, own, inputs if whole else inputs.select(index))
+            own_inputs = inputs if whole else inputs.select(index)
             selector = group[0].policy.selector
             args = self._stage_args(selector.stage, [s.policy.selector for s in group])
+            if sparse is None:
+                # The chain works in place on its own copy: the raw logits are needed below.
+                own = logits.clone() if whole else logits.index_select(0, index)
+                candidates, batch = self.process(group, own, own_inputs)
+            else:
+                candidates, batch, tail = self._process_sparse(group, own_inputs)
+                selector.stage.sparse_tail(candidates, args, batch, tail)
+                refusals.extend(replace(r, row=row_list[r.row]) for r in tail.refusals.values())
+                if refusals:
+                    continue  # the step fails: nothing is chosen
+                _check_choosable(group, candidates)
             chosen = selector.stage.select(candidates, args, batch)
             tokens.index_copy_(0, index, chosen)
             for j, i in enumerate(row_list):
@@ -165,8 +225,14 @@ class Engine:
                     processed_top[i] = tuple(zip(ids[j][:top_n[i]], values[j][:top_n[i]]))
                     processed_stats[i] = (h, v)
 
-        reports = report_rows(logits, top_n, stats)
-        chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        if refusals:
+            raise NotExact.of(refusals)
+        if sparse is None:
+            reports = report_rows(logits, top_n, stats)
+            chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        else:  # the rules keep every chosen token among the sent ones
+            reports = _reports(Candidates(sparse.values, sparse.ids, sparse.vocab), top_n, stats)
+            chosen = sparse.logits_at(tokens.unsqueeze(1)).squeeze(1).tolist()
         return [RowOutcome(
             token_id=token, logprob=value - report.log_normalizer,
             top_logprobs=report.top_logprobs, entropy=report.entropy,

@@ -1,25 +1,34 @@
 """Domain errors of the service, independent of gRPC.
 
 The core raises these; the gRPC edge (`sampler_service.server.status`) maps each to its status
-code and, for invalid arguments, a google.rpc.BadRequest field violation naming the field.
+code and a google.rpc.BadRequest with one field violation per offending field.
 """
 from __future__ import annotations
 
 
+def _prefixed(prefix: str, field: str | None) -> str:
+    return f"{prefix}.{field}" if field else prefix
+
+
 class SamplerServiceError(Exception):
-    """Base class. `field` names the offending request field where there is one."""
+    """Base class. `field` names the offending request field where there is one;
+    `violations` lists (field, description) of every offending field (default: `field` with
+    the message), for errors that report several at once (e.g. every sparse row refused)."""
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None,
+                 violations: tuple[tuple[str, str], ...] | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.violations = violations if violations is not None else (
+            ((field, message),) if field else ())
 
     def with_field_prefix(self, prefix: str) -> "SamplerServiceError":
-        """The same error with `prefix` prepended to its field path (e.g. `sequences[2].`)."""
-        field = f"{prefix}.{self.field}" if self.field else prefix
-        return type(self)(self.message, field)
+        """The same error with `prefix` prepended to its field paths (e.g. `sequences[2].`)."""
+        violations = tuple((_prefixed(prefix, f), d) for f, d in self.violations)
+        return type(self)(self.message, _prefixed(prefix, self.field), violations or None)
 
 
 class InvalidArgument(SamplerServiceError):

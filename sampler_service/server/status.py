@@ -10,13 +10,14 @@ from sampler_service.errors import SamplerServiceError
 
 
 def to_rpc_status(error: SamplerServiceError) -> status_pb2.Status:
-    """The google.rpc.Status for a domain error; the field goes into a BadRequest detail."""
+    """The google.rpc.Status for a domain error; its violations (field, description) go into
+    one BadRequest detail, in order."""
     status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message)
-    if error.field:
+    if error.violations:
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field,
-                                                        description=error.message)]))
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in error.violations]))
         status.details.append(detail)
     return status
 

@@ -1,7 +1,11 @@
 """Helpers shared by the unit tests."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from sampler_service.policy.sparse import SparseLogits
 
 
 def random_logits(seed: int, rows: int = 4, vocab: int = 1000, scale: float = 3.0) -> torch.Tensor:
@@ -10,3 +14,27 @@ def random_logits(seed: int, rows: int = 4, vocab: int = 1000, scale: float = 3.
     for row in logits:
         assert len(torch.unique(row)) == vocab
     return logits
+
+
+def sparse_rows(logits: torch.Tensor, k: int):
+    """The reference sparse form of dense rows [S, V]: each row's K best entries (best first)
+    and its tail's statistics (max, log-sum-exp, mean and mean square under the tail's own
+    softmax), summed in float64 as the worker's one pass does."""
+    values, ids = torch.topk(logits, k, dim=1)
+    rest = logits.scatter(1, ids, -math.inf)
+    top = rest.amax(dim=1)
+    shifted = (rest - top.unsqueeze(1)).double()
+    weights = torch.exp(shifted)
+    total = weights.sum(dim=1)
+    shifted = shifted.nan_to_num(neginf=0.0)
+    first = (weights * shifted).sum(dim=1) / total
+    second = (weights * shifted * shifted).sum(dim=1) / total
+    centre = top.double()
+    empty = torch.isneginf(top)
+    zero = torch.zeros_like(first)
+    return SparseLogits(
+        ids=ids, values=values, tail_max=top,
+        tail_lse=torch.where(empty, torch.full_like(first, -math.inf), centre + torch.log(total)),
+        tail_mean=torch.where(empty, zero, centre + first),
+        tail_mean_square=torch.where(empty, zero, centre * centre + 2 * centre * first + second),
+        vocab=logits.shape[1])

@@ -16,6 +16,10 @@ Every dynamic temperature treats a computed T < 1e-5 (0 included) as the `temper
 processor does: the row is marked greedy (the selector takes its argmax, ties to the lowest id)
 and its logits are left as they are. A temperature of exactly 1 leaves the row's values as they
 are too. None of these stages keeps per-sequence state.
+
+On sparse rows the raw entropy is exact (from the tail statistics), and so are the raw top two
+logits; the candidates' entropy is the whole row's only once the tail is excluded. A stage
+whose temperature is known scales the tail's bounds (`TailBound.scale`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch, row_pairs
 from sampler_service.policy.processors.temperature import GREEDY_TEMPERATURE
-from sampler_service.policy.statistics import STATISTICS_BLOCK_ELEMENTS, top_two_logits
+from sampler_service.policy.sparse import TailBound
+from sampler_service.policy.statistics import STATISTICS_BLOCK_ELEMENTS
 
 
 def _apply_temperature(candidates: Candidates, temperature: torch.Tensor, active: torch.Tensor,
@@ -37,10 +42,15 @@ def _apply_temperature(candidates: Candidates, temperature: torch.Tensor, active
     they are); T = 1 divides nothing. T > 0 keeps a sparse batch's order."""
     greedy = active & (temperature < GREEDY_TEMPERATURE)
     batch.greedy |= greedy
-    scaled = active & ~greedy & (temperature != 1.0)
+    scaled = _scaled(temperature, active)
     if bool(scaled.any()):
         divisor = torch.where(scaled, temperature, torch.ones_like(temperature))
         candidates.values.div_(divisor.unsqueeze(1))
+
+
+def _scaled(temperature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """[R] bool: the `active` rows whose logits `_apply_temperature` divides."""
+    return active & ~(temperature < GREEDY_TEMPERATURE) & (temperature != 1.0)
 
 
 def _candidate_entropy(candidates: Candidates, count: bool = False
@@ -106,6 +116,8 @@ class TempExt(Processor):
     Explains `temperature` (the T used; none for a row left as it is), `candidates` (N) and
     `normalized_entropy` (H / ln N), the last two for rows with Δ > 0.
     Off: temperature = 1 and delta = 0.
+    Sparse rows: Δ = 0 is exact; Δ > 0 reads the entropy and number of every candidate, so
+    exact only once an earlier truncation excluded the tail.
     """
 
     key = "temp_ext"
@@ -140,6 +152,16 @@ class TempExt(Processor):
                       candidates=_reported(count, dynamic),
                       normalized_entropy=_reported(normalized, dynamic & ~alone))
 
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """A plain temperature scales the tail; a dynamic one needs the tail excluded."""
+        t0, delta = args["temperature"], args["delta"]
+        dynamic = delta > 0
+        tail.refuse_unless_excluded(dynamic, "temp_ext: a dynamic temperature reads the entropy "
+                                             "and number of every candidate")
+        tail.scale(t0, _scaled(t0, ~dynamic))
+        return True
+
 
 class Edt(Processor):
     """EDT, entropy-based dynamic temperature (Zhang et al. 2024, arXiv 2403.14541):
@@ -156,6 +178,8 @@ class Edt(Processor):
     candidates; no per-sequence state.
     Explains `temperature` (T) and `entropy` (H).
     Off: theta = 0 (or base = 1) with t0 = 1, which gives T = 1.
+    Sparse rows: first in the chain it is exact (the raw entropy is); later it reads the
+    candidates' entropy, exact only once an earlier truncation excluded the tail.
     """
 
     key = "edt"
@@ -168,20 +192,42 @@ class Edt(Processor):
                     exclusive_minimum=True,
                     doc="N, the base (paper: 0.8); 1 = plain temperature T0"))
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    @staticmethod
+    def _active(args: dict[str, torch.Tensor]) -> torch.Tensor:
         t0, theta, base = args["t0"], args["theta"], args["base"]
-        active = ~((t0 == 1.0) & ((theta == 0) | (base == 1.0)))
+        return ~((t0 == 1.0) & ((theta == 0) | (base == 1.0)))
+
+    @staticmethod
+    def _temperature(args: dict[str, torch.Tensor], entropy: torch.Tensor) -> torch.Tensor:
+        """[R] T = T0 · N^(θ / H)."""
+        t0, theta, base = args["t0"], args["theta"], args["base"]
+        # θ / 0 = +inf for θ > 0; θ = 0 means exponent 0 whatever H (not 0 / 0).
+        exponent = torch.where(theta > 0, theta / entropy, torch.zeros_like(theta))
+        return t0 * base.pow(exponent)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        active = self._active(args)
         if not bool(active.any()):
             return
         entropy = (batch.raw_statistics().entropy if batch.pristine
                    else _candidate_entropy(candidates)[0])
         active &= ~entropy.isnan()  # a row without any finite candidate: left to the engine
-        # θ / 0 = +inf for θ > 0; θ = 0 means exponent 0 whatever H (not 0 / 0).
-        exponent = torch.where(theta > 0, theta / entropy, torch.zeros_like(theta))
-        temperature = t0 * base.pow(exponent)
+        temperature = self._temperature(args, entropy)
         _apply_temperature(candidates, temperature, active, batch)
         batch.explain(self.key, temperature=_reported(temperature, active),
                       entropy=_reported(entropy, active))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """First in the chain T comes from the exact raw entropy and scales the tail; later
+        the candidates' entropy is the whole row's only with the tail excluded."""
+        active = self._active(args)
+        if not batch.pristine:
+            tail.refuse_unless_excluded(active, "edt: reads the entropy of the candidates")
+        elif bool(active.any()):
+            temperature = self._temperature(args, batch.raw_statistics().entropy)
+            tail.scale(temperature, _scaled(temperature, active))
+        return True
 
 
 def _previous_tokens(batch: RowBatch) -> torch.Tensor:
@@ -208,6 +254,7 @@ class HotOrCold(Processor):
     Transform; the `entropy` rule reads the raw distribution; no per-sequence state.
     Explains `challenging` (true / false) and `temperature` (the T used).
     Off: hot = cold = 1.
+    Sparse rows: exact (both rules read what is known exactly); the tail is scaled by T.
     """
 
     key = "hot_or_cold"
@@ -225,10 +272,27 @@ class HotOrCold(Processor):
                     doc="raw entropy (nats) above which a token is challenging (rule entropy)"))
 
     def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
-        hot, cold = args["hot"], args["cold"]
-        active = (hot != 1.0) | (cold != 1.0)
+        active = (args["hot"] != 1.0) | (args["cold"] != 1.0)
         if not bool(active.any()):
             return
+        challenging, temperature = self._temperature(args, batch)
+        _apply_temperature(candidates, temperature, active, batch)
+        batch.explain(self.key, challenging=_reported(challenging, active),
+                      temperature=_reported(temperature, active))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The rule reads the previous token or the raw entropy, both exact: T scales the tail."""
+        active = (args["hot"] != 1.0) | (args["cold"] != 1.0)
+        if bool(active.any()):
+            temperature = self._temperature(args, batch)[1]
+            tail.scale(temperature, _scaled(temperature, active))
+        return True
+
+    @staticmethod
+    def _temperature(args: dict[str, Any], batch: RowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(challenging [R] bool, T [R]) of every row."""
+        hot, cold = args["hot"], args["cold"]
         by_entropy = torch.tensor([rule == "entropy" for rule in args["rule"]],
                                   dtype=torch.bool, device=batch.device)
         challenging = torch.zeros(batch.rows, dtype=torch.bool, device=batch.device)
@@ -241,10 +305,7 @@ class HotOrCold(Processor):
             hit = _previous_tokens(batch).index_select(0, rows) == ids
             after_newline = torch.zeros_like(challenging).index_fill_(0, rows[hit], True)
             challenging |= ~by_entropy & after_newline
-        temperature = torch.where(challenging, hot, cold)
-        _apply_temperature(candidates, temperature, active, batch)
-        batch.explain(self.key, challenging=_reported(challenging, active),
-                      temperature=_reported(temperature, active))
+        return challenging, torch.where(challenging, hot, cold)
 
 
 class KlTemperature(Processor):
@@ -265,6 +326,7 @@ class KlTemperature(Processor):
     chain); no per-sequence state.
     Explains `kl` and `temperature`.
     Off: t0 = t_min = 1 (then no reference logits are needed).
+    Sparse rows: never (KL reads every raw logit).
     """
 
     key = "kl_temperature"
@@ -276,9 +338,13 @@ class KlTemperature(Processor):
               Param("scale", "float", default=1.0, off=None, minimum=0.0, exclusive_minimum=True,
                     doc="KL (nats) over which the temperature moves 63% of the way to t_min"))
 
+    @staticmethod
+    def _active(args: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (args["t0"] != 1.0) | (args["t_min"] != 1.0)
+
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
         t0, t_min, scale = args["t0"], args["t_min"], args["scale"]
-        active = (t0 != 1.0) | (t_min != 1.0)
+        active = self._active(args)
         if not bool(active.any()):
             return
         reference = batch.reference_logits(self.key)
@@ -287,6 +353,14 @@ class KlTemperature(Processor):
         _apply_temperature(candidates, temperature, active, batch)
         batch.explain(self.key, kl=_reported(kl, active),
                       temperature=_reported(temperature, active))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """KL(p ‖ p_ref) needs every raw logit: rows that are on are refused (structural)."""
+        active = self._active(args)
+        tail.refuse(active, lambda _: "kl_temperature: KL to the reference reads every raw logit",
+                    structural=True)
+        return not bool(active.any())
 
 
 class Sed(Processor):
@@ -306,6 +380,7 @@ class Sed(Processor):
     constrains a value); no per-sequence state.
     Explains `chaotic` (true / false), `entropy` (H) and `top2_ratio` (r).
     Off: entropy_threshold = 0 and ratio_threshold = 0.
+    Sparse rows: always exact (the raw entropy and top two logits are known exactly).
     """
 
     key = "sed"
@@ -324,9 +399,14 @@ class Sed(Processor):
         if not bool(active.any()):
             return
         entropy = batch.raw_statistics().entropy
-        first, second = top_two_logits(batch.inputs.raw)  # type: ignore[union-attr]
+        first, second = batch.inputs.raw_top_two()  # type: ignore[union-attr]
         ratio = torch.exp(second - first)  # exp(−inf) = 0: a single finite token
         chaotic = ((by_entropy & (entropy > entropy_threshold))
                    | (by_ratio & (ratio > ratio_threshold)))
         batch.explain(self.key, chaotic=_reported(chaotic, active),
                       entropy=_reported(entropy, active), top2_ratio=_reported(ratio, active))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """A monitor of exactly known raw facts: nothing to refuse, nothing changes."""
+        return True

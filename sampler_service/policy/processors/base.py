@@ -12,7 +12,8 @@ from sampler_service.errors import InvalidArgument
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
-from sampler_service.policy.statistics import RawStatistics, raw_statistics
+from sampler_service.policy.sparse import SparseLogits, TailBound
+from sampler_service.policy.statistics import RawStatistics, raw_statistics, top_two_logits
 
 if TYPE_CHECKING:
     from sampler_service.groups.base import Group
@@ -36,28 +37,49 @@ class RowInputs:
     """What a batch's stages may read besides the logits they transform: the untouched raw
     logits [R, V] (and their statistics, when the engine already has them), the worker's
     optional reference logits [R, V] (KL-guided temperature) and per-row signals
-    (name -> [R], entropix)."""
+    (name -> [R], entropix).
 
-    raw: torch.Tensor
+    Rows sent sparse (`sparse`: their K best raw entries and tail statistics) have no `raw`
+    tensor: a stage reads the raw rows through `raw_top_two` and `raw_at`, which answer from
+    either form, and the statistics (exact from the tail statistics); a stage that needs more
+    of the raw row refuses sparse rows in its `sparse_tail` rule."""
+
+    raw: torch.Tensor | None
     statistics: RawStatistics | None = None
     reference: torch.Tensor | None = None
     signals: Mapping[str, torch.Tensor] | None = None
+    sparse: SparseLogits | None = None
 
     def select(self, rows: torch.Tensor) -> "RowInputs":
         """The inputs of a subset of rows (`rows`: int64 indices on the device)."""
         stats = self.statistics
         return RowInputs(
-            raw=self.raw.index_select(0, rows),
+            raw=None if self.raw is None else self.raw.index_select(0, rows),
             statistics=None if stats is None else RawStatistics(
                 *(t.index_select(0, rows) for t in (stats.log_normalizer, stats.entropy,
                                                      stats.varentropy))),
             reference=None if self.reference is None else self.reference.index_select(0, rows),
             signals=None if self.signals is None else {
-                k: v.index_select(0, rows) for k, v in self.signals.items()})
+                k: v.index_select(0, rows) for k, v in self.signals.items()},
+            sparse=None if self.sparse is None else self.sparse.select(rows))
 
     def with_statistics(self) -> "RowInputs":
-        return self if self.statistics is not None else replace(
-            self, statistics=raw_statistics(self.raw))
+        if self.statistics is not None:
+            return self
+        return replace(self, statistics=raw_statistics(self.raw) if self.sparse is None
+                       else self.sparse.statistics())
+
+    def raw_top_two(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's largest and second largest raw logit, [R] each (`top_two_logits`)."""
+        return top_two_logits(self.raw) if self.sparse is None else self.sparse.top_two()
+
+    def raw_at(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits at `tokens` [A, C] of the rows `rows` [A] (all rows when None); a sparse
+        row answers −inf for a token it did not send."""
+        if self.sparse is not None:
+            return self.sparse.logits_at(tokens, rows)
+        raw = self.raw if rows is None else self.raw.index_select(0, rows)
+        return raw.gather(1, tokens)
 
 
 class RowBatch:
@@ -176,6 +198,23 @@ class Stage(ABC):
     #: The flat (vLLM-named) request parameter that sets each spec parameter, if any.
     flat_names: ClassVar[dict[str, str]] = {}
 
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The stage's exactness rule on sparse rows (`sampler_service.policy.sparse`).
+
+        Called before the stage runs on rows sent as their K best entries, with the
+        candidates it is about to see: updates `tail` to what is known of the tails after the
+        stage, refuses (`tail.refuse`) each row whose result could depend on a tail's missing
+        values, and returns whether the stage can run on the batch (False: it is skipped; the
+        step fails with the refusals anyway).
+
+        This default is for a stage without a rule: a row whose tail an earlier stage excluded
+        is exact (its K entries are the whole row, and the stage reads only the candidates);
+        every other row is refused."""
+        live = tail.live()
+        tail.refuse_unless_excluded(live, f"{self.key}: has no sparse rule")
+        return not bool(live.any())
+
 
 class Processor(Stage):
     """One logits transform. `apply` works in place on `candidates` (dense or truncated).
@@ -214,6 +253,13 @@ class GroupSelector(Stage):
     at most `max_rows` rows) and builds the group."""
 
     kind: ClassVar[str]
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Groups rank and fork rows by their whole raw distributions: never on sparse rows."""
+        tail.refuse(torch.ones_like(tail.pristine),
+                    lambda _: f"{self.key}: groups need full rows", structural=True)
+        return False
 
     @abstractmethod
     def new_group(self, root: Any, values: Mapping[str, Any], max_rows: int, field: str,

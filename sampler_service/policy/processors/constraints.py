@@ -8,11 +8,15 @@ into tensors once per distinct value and cached.
 
 Token ids a parameter names must lie inside the vocabulary of the step's logits: a step whose
 vocabulary is smaller fails with INVALID_ARGUMENT on `logits.shape`, as for history ids.
+
+On sparse rows the masks are exact on sent tokens and only lower tail tokens (the tail's max
+bound stays valid); `logit_bias` bounds a lifted tail token as the penalties do.
 """
 from __future__ import annotations
 
 import functools
 import math
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -21,6 +25,8 @@ from sampler_service.errors import InvalidArgument
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch, row_pairs
+from sampler_service.policy.processors.penalties import TokenChange, TokenChangeProcessor
+from sampler_service.policy.sparse import TailBound
 
 if TYPE_CHECKING:
     from sampler_service.state import SequenceState
@@ -64,6 +70,28 @@ def _set(candidates: Candidates, rows: torch.Tensor, tokens: torch.Tensor, value
                                  device=candidates.values.device))
 
 
+class MaskingProcessor(Processor):
+    """A constraint that sets some (row, token) pairs to −inf (`masked`)."""
+
+    @abstractmethod
+    def masked(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, tokens) [P] of `candidates` to mask at this step, or None when none."""
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        pairs = self.masked(candidates, args, batch)
+        if pairs is not None:
+            _set(candidates, *pairs, -math.inf)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Exact: masking only lowers, so the tail's max bound stays valid."""
+        pairs = self.masked(candidates, args, batch)
+        if pairs is not None:
+            tail.mask(*pairs)
+        return True
+
+
 def _tail(state: "SequenceState", k: int) -> tuple[int, ...] | None:
     """The last k ids of prompt + output (None when it holds fewer), without copying the rest."""
     output = state.output_ids
@@ -75,12 +103,13 @@ def _tail(state: "SequenceState", k: int) -> tuple[int, ...] | None:
     return tuple(prompt[len(prompt) - need:]) + tuple(output)
 
 
-class MinTokens(Processor):
+class MinTokens(MaskingProcessor):
     """Masks the sequence's EOS and stop ids to −inf while fewer than `min_tokens` were generated.
 
     Peer: vLLM `min_tokens` (Hugging Face `MinNewTokensLengthLogitsProcessor`). The stop set is
     the sequence's `eos_token_ids` ∪ `stop_token_ids`. Constraint; reads the output length.
     Off: min_tokens = 0.
+    Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
 
     key = "min_tokens"
@@ -89,19 +118,17 @@ class MinTokens(Processor):
                     doc="tokens generated before EOS / stop ids are allowed"),)
     flat_names = {"min_tokens": "min_tokens"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def masked(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         active = batch.positions < args["min_tokens"]
         if not bool(active.any()):
-            return
+            return None
         rows, tokens = batch.stop_token_pairs()
         on = active[rows]
-        rows, tokens = rows[on], tokens[on]
-        present, columns = candidates.locate(rows, tokens)
-        candidates.update(rows[present], columns, torch.full_like(columns, -math.inf,
-                                                                  dtype=candidates.values.dtype))
+        return rows[on], tokens[on]
 
 
-class LogitBias(Processor):
+class LogitBias(TokenChangeProcessor):
     """Adds a bias to the logits of given token ids: l'_t = l_t + bias[t].
 
     Peer: vLLM / OpenAI `logit_bias` (vLLM v1 `LogitBiasLogitsProcessor`). Biases lie in
@@ -109,6 +136,7 @@ class LogitBias(Processor):
     outside it is rejected). −100 in practice bans a token, +100 in practice forces it; a token
     already at −inf stays there. Transform; keeps no per-sequence state.
     Off: an empty map.
+    Sparse rows: exact; a positive bias on a tail token lifts the tail's max bound by it.
     """
 
     key = "logit_bias"
@@ -117,17 +145,16 @@ class LogitBias(Processor):
                     doc="token id -> value added to its logit"),)
     flat_names = {"bias": "logit_bias"}
 
-    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, Any],
+               batch: RowBatch) -> TokenChange | None:
         biases = args["bias"]
         if not any(biases):
-            return
+            return None
         per_row = [_bias(b) if b else (_EMPTY_IDS, torch.empty(0)) for b in biases]
         rows, tokens = row_pairs([ids for ids, _ in per_row], batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         values = torch.cat([b for _, b in per_row]).to(batch.device)
-        present, columns = candidates.locate(rows, tokens)
-        rows = rows[present]
-        candidates.update(rows, columns, candidates.values[rows, columns] + values[present])
+        return TokenChange(rows, tokens, values, lambda v, _, bias: v + bias, values > 0)
 
 
 class AllowedTokenIds(Processor):
@@ -136,6 +163,8 @@ class AllowedTokenIds(Processor):
     Peer: vLLM `allowed_token_ids` (a mask applied before everything else in vLLM v1). Listed ids
     keep their logits; a listed id that an earlier stage masked stays masked. Constraint; keeps
     no per-sequence state. Off: an empty list (every token allowed).
+    Sparse rows: exact; a row whose every listed id was sent excludes its tail, the others
+    keep only the listed tail ids (the tail's max bound stays valid).
     """
 
     key = "allowed_token_ids"
@@ -144,17 +173,30 @@ class AllowedTokenIds(Processor):
                     doc="the only token ids that may be produced; empty = all"),)
     flat_names = {"ids": "allowed_token_ids"}
 
-    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+    def _listed(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows that are on [A], (row, token) pairs listed [P] each)."""
         allowed = args["ids"]
-        if not any(allowed):
-            return
         rows, tokens = row_pairs([_ids(ids) for ids in allowed], batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
         active = torch.tensor([r for r, ids in enumerate(allowed) if ids], device=batch.device)
-        candidates.keep_only(active, rows, tokens)
+        return active, rows, tokens
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        if any(args["ids"]):
+            candidates.keep_only(*self._listed(candidates, args, batch))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The tail keeps the listed ids it holds (none: it is excluded)."""
+        if any(args["ids"]):
+            active, rows, tokens = self._listed(candidates, args, batch)
+            sent, _ = tail.sparse.find(rows, tokens)
+            tail.restrict(tail.rows_mask(active), tail.rows_mask(rows[~sent]))
+        return True
 
 
-class BadWords(Processor):
+class BadWords(MaskingProcessor):
     """Bans token-id sequences: a sequence's last id gets −inf when the text would complete it.
 
     Peer: Hugging Face `NoBadWordsLogitsProcessor`, exactly: a one-token sequence is always
@@ -164,6 +206,7 @@ class BadWords(Processor):
     vLLM v1 matches against the generated tokens only, which differs only while the output is
     shorter than the sequence. Constraint; reads the last len(sequence) − 1 ids of the history,
     no per-sequence state. Off: an empty list.
+    Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
 
     key = "bad_words"
@@ -172,10 +215,11 @@ class BadWords(Processor):
                     doc="token-id sequences that must not be produced"),)
     flat_names = {"sequences": "bad_words"}
 
-    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+    def masked(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         sequences = args["sequences"]
         if not any(sequences):
-            return
+            return None
         per_row = []
         largest = -1
         for state, words in zip(batch.states, sequences):
@@ -190,9 +234,8 @@ class BadWords(Processor):
             per_row.append(torch.tensor(banned, dtype=torch.int64) if banned else _EMPTY_IDS)
         _check_vocab(self.key, largest, candidates.vocab)
         if not any(len(ids) for ids in per_row):
-            return
-        rows, tokens = row_pairs(per_row, batch.device)
-        _set(candidates, rows, tokens, -math.inf)
+            return None
+        return row_pairs(per_row, batch.device)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -215,7 +258,7 @@ class _NGramIndex(NamedTuple):
     table: dict[tuple[int, ...], set[int]]
 
 
-class NoRepeatNGram(Processor):
+class NoRepeatNGram(MaskingProcessor):
     """Bans every token that would complete an n-gram already present in prompt + output.
 
     With n = `size` and h = prompt + output, token t gets −inf when (h[−n+1:], t) occurs in h.
@@ -224,6 +267,7 @@ class NoRepeatNGram(Processor):
     Constraint. Per-sequence state: an index (n−1)-gram -> following ids, extended by the new
     ids at each step (O(n) per step), stored only when the step is accepted; a missing or stale
     index (a new, previewed or copied sequence) is rebuilt from the history. Off: size = 0.
+    Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
 
     key = "no_repeat_ngram"
@@ -231,10 +275,13 @@ class NoRepeatNGram(Processor):
     params = (Param("size", "int", default=0, off=0, minimum=0,
                     doc="n: an n-gram of prompt + output may occur only once; 0 = off"),)
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def masked(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The banned pairs; the rows' extended indexes are remembered (the same ones however
+        often this runs in a step)."""
         size = args["size"]
         if not bool((size > 0).any()):
-            return
+            return None
         memory = batch.memory(self.key, None)
         rows: list[int] = []
         tokens: list[int] = []
@@ -246,9 +293,10 @@ class NoRepeatNGram(Processor):
             rows.extend([row] * len(banned))
             tokens.extend(banned)
         batch.remember(self.key, memory)
-        if rows:
-            _set(candidates, torch.tensor(rows, dtype=torch.int64, device=batch.device),
-                 torch.tensor(tokens, dtype=torch.int64, device=batch.device), -math.inf)
+        if not rows:
+            return None
+        return (torch.tensor(rows, dtype=torch.int64, device=batch.device),
+                torch.tensor(tokens, dtype=torch.int64, device=batch.device))
 
 
 def _extend(index: _NGramIndex | None, state: "SequenceState", n: int) -> _NGramIndex:
@@ -319,13 +367,14 @@ class ExponentialDecayLengthPenalty(Processor):
         candidates.update(rows, columns, boosted.clamp(max=largest))
 
 
-class SuppressTokens(Processor):
+class SuppressTokens(MaskingProcessor):
     """Masks the listed ids to −inf at the listed output positions.
 
     Peer: Hugging Face `SuppressTokensAtBeginLogitsProcessor` (`begin_suppress_tokens`, which
     acts at the first generated position only), generalised to any set of positions: the
     default steps = [0] is HF's behaviour. Constraint; reads the output position, keeps no
     per-sequence state. Off: ids = [] (or steps = []).
+    Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
 
     key = "suppress_tokens"
@@ -334,14 +383,15 @@ class SuppressTokens(Processor):
               Param("steps", "int_list", default=(0,), off=(), range_doc="output positions >= 0",
                     doc="output positions (0 = the first generated token) where they are masked"))
 
-    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+    def masked(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         per_row = [_ids(ids) if ids and state.position in steps else _EMPTY_IDS
                    for state, ids, steps in zip(batch.states, args["ids"], args["steps"])]
         if not any(len(ids) for ids in per_row):
-            return
+            return None
         rows, tokens = row_pairs(per_row, batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
-        _set(candidates, rows, tokens, -math.inf)
+        return rows, tokens
 
 
 class ForcedTokens(Processor):
@@ -353,6 +403,8 @@ class ForcedTokens(Processor):
     HF the forced token is set to 0 even where an earlier stage masked it (a sparse batch gets
     it back). A later stage may still mask it. Constraint; reads the output position, keeps no
     per-sequence state. Off: an empty map.
+    Sparse rows: a forced row excludes its tail; its token must be sent (its raw logprob is
+    reported).
     """
 
     key = "forced_tokens"
@@ -360,7 +412,9 @@ class ForcedTokens(Processor):
     params = (Param("tokens", "int_map", default=(), off=(), minimum=0,
                     doc="output position -> the token id forced there"),)
 
-    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+    def _forced(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows [F], their forced tokens [F]) at this step, or None."""
         forced_rows: list[int] = []
         forced: list[int] = []
         for row, (state, pairs) in enumerate(zip(batch.states, args["tokens"])):
@@ -369,8 +423,29 @@ class ForcedTokens(Processor):
                 forced_rows.append(row)
                 forced.append(token)
         if not forced_rows:
-            return
+            return None
         rows = torch.tensor(forced_rows, dtype=torch.int64, device=batch.device)
         tokens = torch.tensor(forced, dtype=torch.int64, device=batch.device)
         _check_vocab(self.key, tokens, candidates.vocab)
-        candidates.force(rows, tokens)
+        return rows, tokens
+
+    def apply(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch) -> None:
+        forced = self._forced(candidates, args, batch)
+        if forced is not None:
+            candidates.force(*forced)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Forcing keeps one token: the tail is excluded. A forced token that was not sent
+        is chosen without its raw logit, which every choice reports: refused."""
+        forced = self._forced(candidates, args, batch)
+        if forced is None:
+            return True
+        rows, tokens = forced
+        sent, _ = tail.sparse.find(rows, tokens)
+        token = dict(zip(rows.tolist(), tokens.tolist()))
+        tail.refuse(tail.rows_mask(rows[~sent]), lambda r: (
+            f"forced_tokens: the forced token {token[r]} is not among the K sent entries (its "
+            "raw logprob is reported)"), structural=False)
+        tail.exclude(tail.rows_mask(rows))
+        return True

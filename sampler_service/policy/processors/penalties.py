@@ -7,10 +7,16 @@
   output, so a step costs O(rows × window).
 
 All of them touch only the (row, token) pairs that occurred, in one scatter over the batch.
+Each describes its change as a `TokenChange` (the pairs and a map increasing in the logit),
+which `apply` writes into the candidates and, on sparse rows, `sparse_tail` applies to the
+tail's max bound: exact on sent tokens; a tail token it lowers leaves the bound valid, one it
+may raise lifts the bound to the map of it (`TailBound.touch`).
 """
 from __future__ import annotations
 
 import functools
+from abc import abstractmethod
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -18,28 +24,78 @@ import torch
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
+from sampler_service.policy.sparse import TailBound
+
+#: rule(values [P], rows [P], extra [P] or None) -> new values [P] (float32, increasing in values).
+Rule = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _penalise(candidates: Candidates, active: torch.Tensor, rows: torch.Tensor,
-              tokens: torch.Tensor, extra: torch.Tensor | None, rule) -> None:
-    """Applies `rule(values, rows, extra)` at the (row, token) pairs of active rows, in one
-    scatter over the batch (pairs a sparse row lacks are −inf already and stay so)."""
-    on = active[rows]
-    rows, tokens = rows[on], tokens[on]
-    present, columns = candidates.locate(rows, tokens)
-    rows = rows[present]
-    extra = None if extra is None else extra[on][present]
-    values = candidates.values[rows, columns]
-    candidates.update(rows, columns, rule(values, rows, extra))
+class TokenChange(NamedTuple):
+    """A change of the logits at (rows[i], tokens[i]) pairs [P]: `rule(values, rows, extra)`
+    gives their new values (increasing in the values); `extra` [P] is per-pair data for it
+    (counts, biases) or None; `rises` [P] bool says which pairs may be raised."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    extra: torch.Tensor | None
+    rule: Rule
+    rises: torch.Tensor
+
+    @classmethod
+    def of(cls, active: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+           extra: torch.Tensor | None, rule: Rule, rises: torch.Tensor) -> "TokenChange":
+        """The change restricted to the pairs of `active` rows (`rises` is per row [R])."""
+        on = active[rows]
+        rows = rows[on]
+        return cls(rows, tokens[on], None if extra is None else extra[on], rule, rises[rows])
+
+    def _at(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.rows[pairs], None if self.extra is None else self.extra[pairs]
+
+    def apply(self, candidates: Candidates) -> None:
+        """Writes the new values, in one scatter over the batch (pairs a sparse batch lacks
+        are −inf already and stay so)."""
+        present, columns = candidates.locate(self.rows, self.tokens)
+        rows, extra = self._at(present.nonzero().squeeze(1))
+        values = candidates.values[rows, columns]
+        candidates.update(rows, columns, self.rule(values, rows, extra))
+
+    def bound(self, tail: TailBound) -> None:
+        """The pairs in sparse rows' tails, applied to the tail's bounds (`TailBound.touch`)."""
+        tail.touch(self.rows, self.tokens, lambda values, pairs: self.rule(values, *self._at(pairs)),
+                   self.rises)
 
 
-class RepetitionPenalty(Processor):
+class TokenChangeProcessor(Processor):
+    """A processor that changes the logits of some (row, token) pairs (`change`)."""
+
+    @abstractmethod
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
+        """The step's change of `candidates`, or None when every row is off."""
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        change = self.change(candidates, args, batch)
+        if change is not None:
+            change.apply(candidates)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Exact on sent tokens; tail tokens bound as `TokenChange.bound` says."""
+        change = self.change(candidates, args, batch)
+        if change is not None:
+            change.bound(tail)
+        return True
+
+
+class RepetitionPenalty(TokenChangeProcessor):
     """CTRL repetition penalty over prompt ∪ output: l/θ if l > 0 else l·θ.
 
     Applied once per distinct token whatever its count. Peer: vLLM `repetition_penalty`
     (identical to Hugging Face's `RepetitionPenaltyLogitsProcessor` over the full input ids).
     Transform; reads the sequence's distinct prompt and output tokens, which grow by one
     token per accepted step. Off: θ = 1.0.
+    Sparse rows: exact; θ < 1 lifts the tail's max bound M to M/θ (M > 0) or M·θ.
     """
 
     key = "repetition_penalty"
@@ -48,20 +104,24 @@ class RepetitionPenalty(Processor):
                     doc="θ; > 1 discourages repeats"),)
     flat_names = {"penalty": "repetition_penalty"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
         theta = args["penalty"]
         active = theta != 1.0
-        if bool(active.any()):
-            rows, tokens = batch.seen_token_pairs()
-            _penalise(candidates, active, rows, tokens, None,
-                      lambda v, r, _: torch.where(v > 0, v / theta[r], v * theta[r]))
+        if not bool(active.any()):
+            return None
+        rows, tokens = batch.seen_token_pairs()
+        return TokenChange.of(active, rows, tokens, None,
+                              lambda v, r, _: torch.where(v > 0, v / theta[r], v * theta[r]),
+                              theta < 1.0)
 
 
-class FrequencyPenalty(Processor):
+class FrequencyPenalty(TokenChangeProcessor):
     """OpenAI frequency penalty: l − c·f, c = how often the token occurs in the output.
 
     Peer: vLLM `frequency_penalty` (the prompt does not count). Transform; reads the sequence's
     output token counts. Off: f = 0.
+    Sparse rows: exact; f < 0 lifts the tail's max bound by the largest −c·f.
     """
 
     key = "frequency_penalty"
@@ -70,19 +130,23 @@ class FrequencyPenalty(Processor):
                     doc="f, subtracted once per occurrence"),)
     flat_names = {"penalty": "frequency_penalty"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
         f = args["penalty"]
         active = f != 0.0
-        if bool(active.any()):
-            rows, tokens, counts = batch.output_count_pairs()
-            _penalise(candidates, active, rows, tokens, counts, lambda v, r, c: v - c * f[r])
+        if not bool(active.any()):
+            return None
+        rows, tokens, counts = batch.output_count_pairs()
+        return TokenChange.of(active, rows, tokens, counts, lambda v, r, c: v - c * f[r],
+                              f < 0.0)
 
 
-class PresencePenalty(Processor):
+class PresencePenalty(TokenChangeProcessor):
     """OpenAI presence penalty: l − r for every token that occurs in the output.
 
     Peer: vLLM `presence_penalty` (the prompt does not count). Transform; reads the sequence's
     output tokens. Off: r = 0.
+    Sparse rows: exact; r < 0 lifts the tail's max bound by −r.
     """
 
     key = "presence_penalty"
@@ -91,12 +155,14 @@ class PresencePenalty(Processor):
                     doc="r, subtracted once if the token occurred"),)
     flat_names = {"penalty": "presence_penalty"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
         r = args["penalty"]
         active = r != 0.0
-        if bool(active.any()):
-            rows, tokens, _ = batch.output_count_pairs()
-            _penalise(candidates, active, rows, tokens, None, lambda v, rr, _: v - r[rr])
+        if not bool(active.any()):
+            return None
+        rows, tokens, _ = batch.output_count_pairs()
+        return TokenChange.of(active, rows, tokens, None, lambda v, rr, _: v - r[rr], r < 0.0)
 
 
 # -- llama.cpp: penalties over a window, DRY -----------------------------------------------------
@@ -127,7 +193,7 @@ def _distinct(rows: np.ndarray, tokens: np.ndarray, values: np.ndarray | None = 
     return tuple(torch.from_numpy(x).to(device) for x in (keys // stride, keys % stride, counts))
 
 
-class Penalties(Processor):
+class Penalties(TokenChangeProcessor):
     """llama.cpp's penalties sampler: repeat, frequency and presence over the last `last_n` tokens.
 
     For every token with count c > 0 among the last `last_n` tokens of prompt + output:
@@ -145,6 +211,8 @@ class Penalties(Processor):
     Transform. No state of its own: the window is read from the sequence's prompt and output
     ids at each step, so it slides by one token per accepted step.
     Off: `last_n` = 0, or `repeat` = 1 with `frequency` = `presence` = 0.
+    Sparse rows: exact; a change that may raise a tail token lifts the tail's max bound to
+    the penalised bound.
     """
 
     key = "penalties"
@@ -160,17 +228,18 @@ class Penalties(Processor):
               doc="r, subtracted once if the token occurs in the window"),
     )
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
         last_n, theta, f, r = args["last_n"], args["repeat"], args["frequency"], args["presence"]
         active = (last_n != 0) & ((theta != 1.0) | (f != 0.0) | (r != 0.0))
         if not bool(active.any()):
-            return
+            return None
         on = active.nonzero().flatten().tolist()
         windows = [np.array(_window(batch.states[i], n), dtype=np.int64)
                    for i, n in zip(on, last_n[on].tolist())]
         rows = np.repeat(np.array(on, dtype=np.int64), [len(w) for w in windows])
         if not rows.size:
-            return
+            return None
         rows, tokens, counts = _distinct(rows, np.concatenate(windows), device=batch.device)
         counts = counts.to(torch.float32)
 
@@ -178,7 +247,9 @@ class Penalties(Processor):
             t = theta[rows]
             return torch.where(values > 0, values / t, values * t) - (counts * f[rows] + r[rows])
 
-        _penalise(candidates, active, rows, tokens, counts, rule)
+        change = TokenChange.of(active, rows, tokens, counts, rule, theta < 1.0)
+        return change._replace(rises=change.rises | (change.extra * f[change.rows]
+                                                     + r[change.rows] < 0))
 
 
 #: ln of the largest float32: llama.cpp caps DRY's exponent at this / ln(base).
@@ -241,7 +312,7 @@ def _repeat_lengths(flat: np.ndarray, last: np.ndarray, first: np.ndarray,
     return lengths
 
 
-class Dry(Processor):
+class Dry(TokenChangeProcessor):
     """DRY ("Don't Repeat Yourself", p-e-w): penalises tokens that would extend a repeat.
 
     Let w be the last `last_n` tokens of prompt + output. When the m tokens ending at an earlier
@@ -271,6 +342,7 @@ class Dry(Processor):
     Transform. No state of its own: the window is read from the sequence's prompt and output
     ids at each step. Off: `multiplier` = 0, or `base` < 1, or `last_n` = 0 (llama.cpp's
     library rule; its server instead replaces base < 1 with 1.75).
+    Sparse rows: exact; it only lowers logits, so the tail's max bound stays valid.
     """
 
     key = "dry"
@@ -289,11 +361,12 @@ class Dry(Processor):
                   "\"\\\"\", \"*\" in your tokenizer"),
     )
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
+               batch: RowBatch) -> TokenChange | None:
         multiplier, base, allowed = args["multiplier"], args["base"], args["allowed_length"]
         active = (multiplier != 0.0) & (base >= 1.0) & (args["last_n"] != 0)
         if not bool(active.any()):
-            return
+            return None
         # int(FLOAT_MAX_LOG / logf(base)) when base > 1.000001f, else 0 (no cap), in float32.
         steep = base > 1.000001
         max_exponent = torch.where(steep, torch.trunc(_FLOAT_MAX_LOG / torch.log(
@@ -316,7 +389,7 @@ class Dry(Processor):
             windows.append(window)
             limits.append(min(limit, flat_from))
         if not rows:
-            return
+            return None
         flat = np.concatenate(windows)
         last = np.cumsum([len(w) for w in windows]) - 1
         first = last - [len(w) - 1 for w in windows]
@@ -333,7 +406,7 @@ class Dry(Processor):
             free = ~np.isin(row_of * stride + tokens, [i * stride + t for i, t in singles])
             row_of, tokens, lengths = row_of[free], tokens[free], lengths[free]
         if not tokens.size:
-            return
+            return None
         rows, tokens, longest = _distinct(row_of, tokens, lengths, device=batch.device)
 
         def rule(values, rows, longest):
@@ -343,4 +416,5 @@ class Dry(Processor):
             penalty = multiplier[rows].double() * torch.pow(base[rows].double(), exponent)
             return values - penalty.float()
 
-        _penalise(candidates, active, rows, tokens, longest, rule)
+        return TokenChange.of(active, rows, tokens, longest, rule,
+                              torch.zeros_like(active))  # penalties are >= 0

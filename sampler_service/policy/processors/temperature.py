@@ -6,6 +6,7 @@ import torch
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
+from sampler_service.policy.sparse import TailBound
 
 #: Below this temperature a row is decoded greedily (vLLM's `_SAMPLING_EPS`).
 GREEDY_TEMPERATURE = 1e-5
@@ -18,6 +19,7 @@ class Temperature(Processor):
     as they are and the row is marked so the selector takes the argmax (ties to the lowest id),
     as vLLM does for its greedy requests. Transform; keeps no per-sequence state.
     Off: T = 1.0.
+    Sparse rows: always exact; the tail's max bound is divided by T as the logits are.
     """
 
     key = "temperature"
@@ -33,3 +35,11 @@ class Temperature(Processor):
         if bool(((temperature != 1.0) & ~greedy).any()):
             divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
             candidates.values.div_(divisor.unsqueeze(1))  # T > 0 keeps a sparse batch's order
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The tail's max bound is divided by T with the same float32 division as the logits
+        and its mass bounds follow (`TailBound.scale`); greedy rows keep their tail as is."""
+        temperature = args["temperature"]
+        tail.scale(temperature, (temperature != 1.0) & (temperature >= GREEDY_TEMPERATURE))
+        return True

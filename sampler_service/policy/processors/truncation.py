@@ -11,6 +11,11 @@ Processors that keep the tokens above a threshold get it from one helper (`_at_l
 lowers a row's threshold to the value of its `min_keep`-th best token; tokens tied with that
 token stay too, as top-k keeps ties. Typical sampling ranks by typicality and XTC removes the
 best tokens, so those two apply `min_keep` the way their peers do (see their docstrings).
+
+On sparse rows (`sampler_service.policy.sparse`) a truncation that provably keeps the same
+tokens with the tail as without it, all above the tail's max bound, excludes the tail: from
+then on the K entries are the whole row. Each rule compares what running on the K entries
+alone keeps with what the whole row keeps under every tail its bounds allow.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
+from sampler_service.policy.sparse import (ROUNDING, TailBound, candidates_entropy, fmt,
+                                           log_margin, same_probable_set)
 
 #: Top-p's (and typical's) first best-first prefix on a dense batch; grown 4x until it holds
 #: the mass.
@@ -98,6 +105,8 @@ class TopK(Processor):
     Peer: vLLM / Hugging Face `top_k` (`TopKLogitsWarper` keeps max(top_k,
     min_tokens_to_keep) the same way). Filter; no per-sequence state.
     Off: k = 0, or k' ≥ vocabulary size; `min_keep` alone never turns it on.
+    Sparse rows: exact when k' ≤ K and the k'-th best sent logit is above the tail's max
+    bound; the tail is then excluded.
     """
 
     key = "top_k"
@@ -106,10 +115,15 @@ class TopK(Processor):
               MIN_KEEP)
     flat_names = {"k": "top_k"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    @staticmethod
+    def _kept(args: dict[str, torch.Tensor], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k' [R], whether the row is on [R])."""
         k = args["k"]
         k = torch.where(k > 0, torch.maximum(k, _min_keep(args, k)), k)
-        on = (k > 0) & (k < candidates.vocab)
+        return k, (k > 0) & (k < vocab)
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        k, on = self._kept(args, candidates.vocab)
         if not bool(on.any()):
             return
         # One column past the largest k shows whether ties spill over the k-th value.
@@ -119,6 +133,27 @@ class TopK(Processor):
         # A sparse row with fewer than k candidates keeps them all.
         _truncate(candidates, on & (k <= width), kth, best)
 
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The k'-th best sent logit above every tail logit makes the whole row's k' best the
+        sent ones (ties included: none reaches into the tail), so the tail is excluded."""
+        k, on = self._kept(args, candidates.vocab)
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        width = candidates.values.shape[1]
+        values, _ = candidates.best_first(width)
+        kth = values.gather(1, (k.clamp(min=1, max=width) - 1).unsqueeze(1)).squeeze(1)
+        fits = k <= width
+        exact = fits & (kth > tail.max)
+        tail.refuse(live & ~exact, lambda r: (
+            f"top_k: the {int(k[r])}-th best sent logit {fmt(kth[r])} is not above the tail's "
+            f"max bound {fmt(tail.max[r])}" if fits[r] else
+            f"top_k: k = {int(k[r])} is more than the K = {width} sent entries"))
+        tail.exclude(on & exact)
+        return True
+
 
 class MinP(Processor):
     """Keeps tokens with p_i ≥ p · p_max, p the distribution at this point of the chain, and
@@ -127,6 +162,8 @@ class MinP(Processor):
     Computed in logit space, l_i ≥ max(l) + ln(p), which needs no softmax.
     Peer: vLLM `min_p` (Hugging Face `MinPLogitsWarper`, llama.cpp `llama_sampler_min_p`).
     Filter; no per-sequence state. Off: p = 0.
+    Sparse rows: exact when the threshold (lowered for min_keep ≤ K) is above the tail's max
+    bound; the tail is then excluded.
     """
 
     key = "min_p"
@@ -135,12 +172,34 @@ class MinP(Processor):
                     doc="fraction of the best token's probability a token needs"), MIN_KEEP)
     flat_names = {"p": "min_p"}
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    @staticmethod
+    def _threshold(candidates: Candidates, args: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[R] the logit a kept token needs (−inf where p = 0)."""
         p = args["p"]
-        if bool((p > 0).any()):
-            threshold = candidates.max_values() + torch.log(p)  # log 0 = −inf: off
-            threshold, _ = _at_least(candidates, threshold, _min_keep(args, p), bounded=True)
-            candidates.mask_below(threshold)
+        threshold = candidates.max_values() + torch.log(p)  # log 0 = −inf: off
+        return _at_least(candidates, threshold, _min_keep(args, p), bounded=True)[0]
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        if bool((args["p"] > 0).any()):
+            candidates.mask_below(self._threshold(candidates, args))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """A threshold above the tail's max bound is below the best sent logit, which is then
+        the whole row's best: the threshold is the same and no tail token reaches it."""
+        p = args["p"]
+        on = p > 0
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        threshold = self._threshold(candidates, args)
+        exact = (threshold > tail.max) & (_min_keep(args, p) <= candidates.values.shape[1])
+        tail.refuse(live & ~exact, lambda r: (
+            f"min_p: the threshold {fmt(threshold[r])} (best sent logit + ln p) is not above the "
+            f"tail's max bound {fmt(tail.max[r])}"))
+        tail.exclude(on & exact)
+        return True
 
 
 class TopP(Processor):
@@ -155,6 +214,9 @@ class TopP(Processor):
     hold the mass (or from the survivors of an earlier truncation), else from
     `mass_cut_column` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
     Off: p = 1.0.
+    Sparse rows: exact when the nucleus closes inside the K entries with the tail's largest
+    possible mass, keeping the tokens the K entries alone keep, all above the tail's max bound;
+    the tail is then excluded.
     """
 
     key = "top_p"
@@ -189,6 +251,44 @@ class TopP(Processor):
         threshold, best = _at_least(candidates, threshold, _min_keep(args, p), (values, ids),
                                     bounded=True)
         _truncate(candidates, on, threshold, best)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """With the entries best first, w their weights and Z their sum, the K entries alone
+        keep the n entries whose preceding weight is < p·Z; the whole row keeps those whose
+        preceding weight is < p·(Z + T), T the tail's weight (≤ its upper bound). Counting with
+        both (within `ROUNDING`, and the tail after the entries) gives the same n only when the
+        nucleus closes inside the entries whatever T; its last value (lowered for min_keep)
+        above the tail's max bound then keeps the tail out, ties included."""
+        p = args["p"]
+        on = p < 1.0
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        width = candidates.values.shape[1]
+        values = candidates.best_first(width)[0].double()
+        top = values[:, :1]
+        weights = torch.exp(values - top)
+        total = weights.sum(dim=1, keepdim=True)
+        before = torch.cat([weights.cumsum(dim=1) - weights, total], dim=1)
+        tail_weight = torch.exp(tail.lse_high.unsqueeze(1) - top)
+        mass = p.double().unsqueeze(1)
+        alone = (before < mass * total * (1 - ROUNDING)).sum(dim=1).clamp(min=1)
+        whole = (before < mass * (total + tail_weight) * (1 + ROUNDING)).sum(dim=1).clamp(min=1)
+        min_keep = _min_keep(args, p)
+        last = torch.maximum(alone, min_keep).clamp(max=width)
+        threshold = values.gather(1, (last - 1).unsqueeze(1)).squeeze(1)
+        closes = alone == whole
+        exact = closes & (min_keep <= width) & (threshold > tail.max.double())
+        share = (tail_weight / (total + tail_weight)).squeeze(1)
+        tail.refuse(live & ~exact, lambda r: (
+            f"top_p: the kept set does not close inside the K = {width} sent entries (tail mass "
+            f"up to {fmt(share[r])}, p = {fmt(p[r])})" if not closes[r] else
+            f"top_p: the kept set's last logit {fmt(threshold[r])} is not above the tail's max "
+            f"bound {fmt(tail.max[r])}"))
+        tail.exclude(on & exact)
+        return True
 
 
 #: Bins per nat, and nats covered, of the histogram `mass_cut_column` uses; keys beyond 48
@@ -234,6 +334,9 @@ class TypicalP(Processor):
     C_j > p instead and keeps no ties). Only the 1024 most typical tokens are ranked (a top-k
     over s), or `mass_cut_column` runs when they hold less than p; no sort. Filter; no
     per-sequence state. Off: p = 1.0.
+    Sparse rows: exact while the whole row's entropy is known (no stage changed the tail yet)
+    and the typical set, the same with and without the tail, closes inside the K entries
+    before any tail token's distance; the tail is then excluded.
     """
 
     key = "typical_p"
@@ -273,6 +376,62 @@ class TypicalP(Processor):
         cut = torch.maximum(cut, gaps.gather(1, floor))
         _mask_tokens(candidates, (surprise_gap > cut) & on.unsqueeze(1))
 
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """The whole row's typical set, computed in float64 from the exact entropy H and
+        log-normaliser L, must equal the one of the K entries alone (both robust to rounding:
+        see `_typical_set`) and close inside them: every tail token has a surprise ≥ L − M
+        (M the tail's max bound), so its distance is ≥ L − M − H, which must exceed the cut."""
+        p = args["p"]
+        on = p < 1.0
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        tail.refuse(live & ~tail.known_entropy(), lambda _: (
+            "typical_p: needs the whole row's entropy, unknown once a stage changed the tail"))
+        values = candidates.values.double()
+        min_keep = _min_keep(args, p)
+        lse_k, lse, _ = tail.row_lse(candidates.values)
+        entropy = tail.entropy(candidates.values)
+        kept, robust, cut, closes = _typical_set(values - lse.unsqueeze(1), entropy, p, min_keep)
+        kept_k, robust_k, _, _ = _typical_set(values - lse_k.unsqueeze(1),
+                                              candidates_entropy(candidates.values), p, min_keep)
+        tail_gap = lse - tail.max.double() - entropy
+        exact = (robust & robust_k & closes & (kept == kept_k).all(dim=1)
+                 & (tail_gap > cut + log_margin(cut)) & (min_keep <= values.shape[1]))
+        tail.refuse(live & ~exact, lambda r: (
+            "typical_p: the typical set does not provably close inside the K sent entries (the "
+            "same with and without the tail, before the tail's distance "
+            f"{fmt(max(float(tail_gap[r]), 0.0))})"))
+        tail.exclude(on & exact)
+        return True
+
+
+def _typical_set(log_p: torch.Tensor, entropy: torch.Tensor, p: torch.Tensor,
+                 min_keep: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Typical sampling's kept set over `log_p` [S, K] (float64 log-probabilities) with the
+    entropy [S]: (kept [S, K], robust [S], cut [S], closes [S]).
+
+    robust: the decision holds under rounding (no cumulative mass within `ROUNDING` of p, and
+    no other distance within `log_margin` of the cut); closes: the mass reaches p inside the
+    K entries."""
+    gap = (-log_p - entropy.unsqueeze(1)).abs()
+    gaps, order = torch.sort(gap, dim=1)
+    cumulative = torch.exp(log_p).gather(1, order).cumsum(dim=1)
+    mass = p.double().unsqueeze(1)
+    width = gap.shape[1]
+    first = (cumulative < mass * (1 - ROUNDING)).sum(dim=1)
+    stable = first == (cumulative < mass * (1 + ROUNDING)).sum(dim=1)
+    last = first.clamp(max=width - 1).unsqueeze(1)
+    floor = (min_keep.clamp(max=width) - 1).unsqueeze(1)
+    cut = torch.maximum(gaps.gather(1, last), gaps.gather(1, floor)).squeeze(1)
+    below = gaps.masked_fill(gaps >= cut.unsqueeze(1), -math.inf).amax(dim=1)
+    above = gaps.masked_fill(gaps <= cut.unsqueeze(1), math.inf).amin(dim=1)
+    separated = (cut - below > log_margin(cut)) & (above - cut > log_margin(cut))
+    return gap <= cut.unsqueeze(1), stable & separated, cut, first < width
+
 
 class EpsilonCutoff(Processor):
     """Epsilon sampling (Hewitt et al. 2022): keeps tokens with p_i ≥ ε, and at least the
@@ -281,6 +440,8 @@ class EpsilonCutoff(Processor):
     p = softmax of the row at this point of the chain. Peer: Hugging Face
     `EpsilonLogitsWarper` (which keeps the min_tokens_to_keep best and their ties the same
     way). Filter; no per-sequence state. Off: ε = 0.
+    Sparse rows: exact when the kept tokens are the same with the tail's mass (within its
+    bounds) as without it and no tail token can reach ε; the tail is then excluded.
     """
 
     key = "epsilon_cutoff"
@@ -288,13 +449,35 @@ class EpsilonCutoff(Processor):
     params = (Param("epsilon", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
                     doc="probability a token needs (paper: 3e-4 to 9e-4)"), MIN_KEEP)
 
+    @staticmethod
+    def _threshold(candidates: Candidates, args: dict[str, torch.Tensor]) -> torch.Tensor:
+        epsilon = args["epsilon"]
+        probs = torch.softmax(candidates.values, dim=1)
+        return _probable_threshold(candidates, probs >= epsilon.unsqueeze(1),
+                                   _min_keep(args, epsilon))
+
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        on = args["epsilon"] > 0
+        if bool(on.any()):
+            _mask_rows(candidates, on, self._threshold(candidates, args))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """p_i ≥ ε is l_i ≥ ln ε + L, L the log-normaliser: the K entries alone use their own
+        L_K, the whole row an L within the tail's bounds (`same_probable_set`)."""
         epsilon = args["epsilon"]
         on = epsilon > 0
-        if bool(on.any()):
-            probs = torch.softmax(candidates.values, dim=1)
-            _keep_probable(candidates, on, probs >= epsilon.unsqueeze(1),
-                           _min_keep(args, epsilon))
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        lse_k, low, high = tail.row_lse(candidates.values)
+        log_epsilon = torch.log(epsilon.double())
+        same, below = same_probable_set(candidates.values, log_epsilon + lse_k, log_epsilon + low,
+                                        log_epsilon + high, tail)
+        _refuse_probable(candidates, args, tail, live, same & below,
+                         self._threshold(candidates, args), "epsilon_cutoff")
+        return True
 
 
 class EtaCutoff(Processor):
@@ -304,6 +487,9 @@ class EtaCutoff(Processor):
     p and H are of the row at this point of the chain. Peer: Hugging Face `EtaLogitsWarper`
     (its code's formula; its docstring's √(ε·e^(−H)) differs from it). Filter; no per-sequence
     state. Off: ε = 0.
+    Sparse rows: exact while the whole row's entropy is known (no stage changed the tail yet),
+    when the kept tokens are the same with the tail as without it and no tail token reaches
+    η; the tail is then excluded.
     """
 
     key = "eta_cutoff"
@@ -311,27 +497,68 @@ class EtaCutoff(Processor):
     params = (Param("epsilon", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
                     doc="ε (paper: 3e-4 to 2e-3)"), MIN_KEEP)
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    @staticmethod
+    def _eta(epsilon: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))
+
+    def _threshold(self, candidates: Candidates, args: dict[str, torch.Tensor]) -> torch.Tensor:
         epsilon = args["epsilon"]
-        on = epsilon > 0
-        if not bool(on.any()):
-            return
         values = candidates.values
         probs = torch.softmax(values, dim=1)
         log_probs = torch.log_softmax(values, dim=1).clamp(min=torch.finfo(values.dtype).min)
         entropy = -(log_probs * probs).sum(dim=1)
-        eta = torch.minimum(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))
-        _keep_probable(candidates, on, probs >= eta.unsqueeze(1), _min_keep(args, epsilon))
+        eta = self._eta(epsilon, entropy)
+        return _probable_threshold(candidates, probs >= eta.unsqueeze(1), _min_keep(args, epsilon))
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        on = args["epsilon"] > 0
+        if bool(on.any()):
+            _mask_rows(candidates, on, self._threshold(candidates, args))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """As epsilon's rule, with η from the whole row's exact entropy (known while the tail
+        is pristine) against η from the K entries' own entropy."""
+        epsilon = args["epsilon"]
+        on = epsilon > 0
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        tail.refuse(live & ~tail.known_entropy(), lambda _: (
+            "eta_cutoff: needs the whole row's entropy, unknown once a stage changed the tail"))
+        lse_k, lse, _ = tail.row_lse(candidates.values)
+        wide = epsilon.double()
+        log_eta = torch.log(self._eta(wide, tail.entropy(candidates.values)))
+        log_eta_k = torch.log(self._eta(wide, candidates_entropy(candidates.values)))
+        same, below = same_probable_set(candidates.values, log_eta_k + lse_k, log_eta + lse,
+                                        log_eta + lse, tail)
+        _refuse_probable(candidates, args, tail, live, same & below,
+                         self._threshold(candidates, args), "eta_cutoff")
+        return True
 
 
-def _keep_probable(candidates: Candidates, on: torch.Tensor, probable: torch.Tensor,
-                   min_keep: torch.Tensor) -> None:
-    """Keeps, in the rows that are `on`, the tokens marked `probable` [R, K] (a set closed
-    upwards in value, as p ≥ cut is) and at least the `min_keep` best."""
+def _probable_threshold(candidates: Candidates, probable: torch.Tensor,
+                        min_keep: torch.Tensor) -> torch.Tensor:
+    """[R] the threshold that keeps the tokens marked `probable` [R, K] (a set closed upwards
+    in value, as p ≥ cut is) and at least the `min_keep` best."""
     values = candidates.values
     lowest = values.masked_fill(~probable, math.inf).amin(dim=1)  # +inf: none probable
-    threshold, _ = _at_least(candidates, lowest, min_keep)
-    _mask_rows(candidates, on, threshold)
+    return _at_least(candidates, lowest, min_keep)[0]
+
+
+def _refuse_probable(candidates: Candidates, args: dict[str, torch.Tensor], tail: TailBound,
+                     live: torch.Tensor, same: torch.Tensor, threshold: torch.Tensor,
+                     key: str) -> None:
+    """Epsilon's and eta's verdict: rows whose probable set is `same` with and without the
+    tail, and whose threshold on the K entries (lowered for min_keep ≤ K) is above the tail's
+    max bound, exclude the tail; the other `live` rows are refused."""
+    fits = _min_keep(args, threshold) <= candidates.values.shape[1]
+    exact = same & fits & (threshold > tail.max)
+    tail.refuse(live & ~exact, lambda r: (
+        f"{key}: the kept tokens are not provably the same with the tail's mass (threshold "
+        f"{fmt(threshold[r])}, tail max bound {fmt(tail.max[r])})"))
+    tail.exclude(live & exact)
 
 
 def finite_std(values: torch.Tensor) -> torch.Tensor:
@@ -358,6 +585,8 @@ class TopNSigma(Processor):
     sides). After a truncation σ is over the surviving tokens only, as llama.cpp computes it
     over its current candidates. Peer: llama.cpp `llama_sampler_top_n_sigma` (no `min_keep`
     there; 1 matches it). Filter; no per-sequence state. Off: n ≤ 0 (llama.cpp's default −1).
+    Sparse rows: σ is over every finite logit, so exact only once an earlier truncation
+    excluded the tail.
     """
 
     key = "top_n_sigma"
@@ -375,6 +604,12 @@ class TopNSigma(Processor):
         threshold, _ = _at_least(candidates, threshold, _min_keep(args, n), bounded=True)
         _mask_rows(candidates, on, threshold)
 
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """σ over the K entries is σ over the whole row only when the tail is all −inf."""
+        tail.refuse_unless_excluded(args["n"] > 0, "top_n_sigma: σ is over every finite logit")
+        return True
+
 
 class Xtc(Processor):
     """XTC, "exclude top choices": with probability `probability` per step, removes every
@@ -391,6 +626,8 @@ class Xtc(Processor):
     Peer: llama.cpp `llama_sampler_xtc` (`llama_sample_xtc_apply`). Filter; keeps no
     per-sequence state (the draw is keyed by position, not by an RNG that advances).
     Off: probability = 0 or threshold > 0.5 (llama.cpp's off values).
+    Sparse rows: exact when the top choices are the same with the tail's mass (within its
+    bounds) as without it and no tail token can be one (min_keep 1); the tail stays as it is.
     """
 
     key = "xtc"
@@ -403,16 +640,22 @@ class Xtc(Processor):
                     doc="seed of the per-step decision; -1 uses the sequence's seed"),
               MIN_KEEP)
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+    @staticmethod
+    def _cut_rows(args: dict[str, torch.Tensor], batch: RowBatch) -> torch.Tensor:
+        """[R] bool: the rows XTC cuts at this step (on, and their per-step draw says so)."""
         probability, threshold = args["probability"], args["threshold"]
         on = (probability > 0) & (threshold <= 0.5)
         if not bool(on.any()):
-            return
+            return on
         seeds = torch.where(args["seed"] >= 0, args["seed"], batch.seeds)
         coordinate = torch.full((batch.rows, 1), XTC_NOISE_TOKEN, dtype=torch.int64,
                                 device=seeds.device)
         chance = uniform_noise(seeds, batch.positions, coordinate).squeeze(1)
-        on &= chance <= probability.to(torch.float64)
+        return on & (chance <= probability.to(torch.float64))
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        threshold = args["threshold"]
+        on = self._cut_rows(args, batch)
         if not bool(on.any()):
             return
         # At most 1/threshold tokens reach the threshold: a short best-first prefix holds them
@@ -427,7 +670,7 @@ class Xtc(Processor):
         # The top choices but the least likely one and its ties: none when fewer than two.
         remove = values > least
         cut = on
-        min_keep = _min_keep(args, probability)
+        min_keep = _min_keep(args, threshold)
         if int(min_keep.max()) > 1:
             left = (candidates.values > -math.inf).sum(dim=1) - remove.sum(dim=1)
             cut &= left >= min_keep
@@ -437,6 +680,23 @@ class Xtc(Processor):
         candidates.update(rows, located, torch.full(rows.shape, -math.inf,
                                                     dtype=candidates.values.dtype,
                                                     device=rows.device))
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """p_i ≥ threshold is l_i ≥ ln threshold + L (`same_probable_set`, as epsilon's rule);
+        min_keep > 1 counts the row's finite tokens, tail included, so it is refused."""
+        live = tail.live(self._cut_rows(args, batch))
+        if not bool(live.any()):
+            return True
+        lse_k, low, high = tail.row_lse(candidates.values)
+        log_threshold = torch.log(args["threshold"].double())
+        same, below = same_probable_set(candidates.values, log_threshold + lse_k,
+                                        log_threshold + low, log_threshold + high, tail)
+        counted = _min_keep(args, args["threshold"]) > 1
+        tail.refuse(live & counted, lambda _: "xtc: min_keep > 1 counts the tail's tokens")
+        tail.refuse(live & ~(same & below), lambda _: (
+            "xtc: its top choices are not provably the same with the tail's mass"))
+        return True
 
 
 class TopH(Processor):
@@ -450,6 +710,8 @@ class TopH(Processor):
     min_keep = 1 matches it). Filter; no per-sequence state.
     Off: top_h = 0 (Hugging Face accepts (0, 1] and has no off value but leaving it unset; 1.0
     still keeps only the 100 best).
+    Sparse rows: exact when the row's max(100, min_keep) best are sent and above the tail's
+    max bound; the tail is then excluded.
     """
 
     key = "top_h"
@@ -474,3 +736,25 @@ class TopH(Processor):
         threshold, best = _at_least(candidates, threshold, _min_keep(args, top_h),
                                     (values, ids), bounded=True)
         _truncate(candidates, on, threshold, best)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Top-H reads only the 100 best logits (renormalised over them) and keeps a prefix of
+        them (or of the min_keep best): when those are sent and above every tail logit, the
+        result is the same and the tail is out."""
+        top_h = args["top_h"]
+        on = top_h > 0
+        tail.mark_truncated(on)
+        live = tail.live(on)
+        if not bool(live.any()):
+            return True
+        width = candidates.values.shape[1]
+        needed = _min_keep(args, top_h).clamp(min=TOP_H_CANDIDATES)
+        values, _ = candidates.best_first(width)
+        last = values.gather(1, (needed.clamp(max=width) - 1).unsqueeze(1)).squeeze(1)
+        exact = (needed <= width) & (last > tail.max)
+        tail.refuse(live & ~exact, lambda r: (
+            f"top_h: its {int(needed[r])} best tokens are not all sent above the tail's max "
+            f"bound (K = {width})"))
+        tail.exclude(on & exact)
+        return True

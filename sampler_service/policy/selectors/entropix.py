@@ -15,6 +15,7 @@ from sampler_service.policy.processors.base import RowBatch, Selector
 from sampler_service.policy.processors.temperature import GREEDY_TEMPERATURE, Temperature
 from sampler_service.policy.processors.truncation import MinP, TopK, TopP
 from sampler_service.policy.selectors.sample import ROW_UNIFORM_TOKEN, token_id_order
+from sampler_service.policy.sparse import TailBound, fmt
 
 LN2 = math.log(2.0)
 
@@ -113,6 +114,9 @@ class Entropix(Selector):
 
     Selects. Keeps no per-sequence state (the treading rule reads the last output token).
     A selector has no off value: choose `sample` to sample without the quadrant rules.
+    Sparse rows: H and V are exact; argmax rows need their best candidate above the tail's max
+    bound, a clarifying token must be sent (its raw logprob is reported), and drawn rows need
+    their adjusted top-k to exclude the tail (k ≤ K, the k-th best candidate above the bound).
     """
 
     key = "entropix"
@@ -156,7 +160,7 @@ class Entropix(Selector):
         columns = draw_columns(values, batch, int(plan.samples.max()))
         drawn = columns if ids is None else ids.gather(1, columns)
         if drawn.shape[1] > 1:  # best of n: the highest raw logit (= raw log p), first on ties
-            score = batch.inputs.raw.gather(1, drawn)  # type: ignore[union-attr]
+            score = batch.inputs.raw_at(drawn)  # type: ignore[union-attr]
             counted = torch.arange(drawn.shape[1], device=drawn.device) < plan.samples.unsqueeze(1)
             score = score.masked_fill(~counted, -math.inf)
             drawn = drawn.gather(1, score.argmax(dim=1, keepdim=True))
@@ -174,14 +178,35 @@ class Entropix(Selector):
         if several.numel():
             rows_q = dist.values.index_select(0, several)
             ids = dist.token_ids().index_select(0, several)
-            raw = batch.inputs.raw  # type: ignore[union-attr]
-            raw = raw.index_select(0, several).gather(1, ids)
+            raw = batch.inputs.raw_at(ids, several)  # type: ignore[union-attr]
             law = best_of_n_log_probs(rows_q, raw, plan.samples.index_select(0, several))
             dist.values = dist.values.index_copy(0, several, law)
         points = (~plan.drawn).nonzero().squeeze(1)
         if points.numel():
             dist.force(points, self._point_tokens(candidates, plan).index_select(0, points))
         return dist
+
+    def sparse_tail(self, candidates: Candidates, args: dict, batch: RowBatch,
+                    tail: TailBound) -> bool:
+        """Once a drawn row's top-k excluded the tail, its draws and their raw scores are over
+        sent tokens only; an argmax row needs no tail token to reach its best candidate."""
+        plan = self._plan(candidates, args, batch)
+        tail.refuse_unless_best_above(candidates.max_values(), plan.action == ARGMAX, self.key)
+        rows = torch.arange(batch.rows, device=batch.device)
+        sent, _ = tail.sparse.find(rows, plan.clarifying.clamp(min=0))
+        tail.refuse((plan.action == CLARIFY) & ~sent, lambda r: (
+            f"entropix: the clarifying token {int(plan.clarifying[r])} is not among the K sent "
+            "entries (its raw logprob is reported)"), structural=False)
+        width = candidates.values.shape[1]
+        k = plan.top_k
+        kth = candidates.best_first(width)[0].gather(
+            1, (k.clamp(min=1, max=width) - 1).unsqueeze(1)).squeeze(1)
+        fits = k <= width
+        tail.refuse(tail.live(plan.drawn) & ~(fits & (kth > tail.max)), lambda r: (
+            f"entropix: its {QUADRANTS[int(plan.quadrant[r])]} rule's top-k {int(k[r])} does not "
+            f"exclude the tail (K = {width}, k-th best {fmt(kth[r])}, tail max bound "
+            f"{fmt(tail.max[r])})"), structural=False)
+        return True
 
     # -- the plan -------------------------------------------------------------------------------
     @staticmethod

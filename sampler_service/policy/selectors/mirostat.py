@@ -8,7 +8,9 @@ import torch
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import RowBatch, Selector
-from sampler_service.policy.selectors.sample import draw_inverse_cdf, token_id_order
+from sampler_service.policy.selectors.sample import (draw_inverse_cdf,
+                                                     refuse_unless_drawn_exactly, token_id_order)
+from sampler_service.policy.sparse import TailBound
 
 LN2 = math.log(2.0)
 #: `SequenceState.processor_state` key of a sequence's mu (a float, in bits).
@@ -46,6 +48,9 @@ class Mirostat(Selector):
     Selects. State: μ per sequence, under `mirostat` in the sequence's processor state; it
     changes only when a step's token is accepted (a retried step does not update it twice).
     Mirostat has no off value: choose `sample` for untruncated sampling.
+    Sparse rows: drawn rows need the tail excluded by an earlier truncation (v1's k and v2's
+    cut read the whole distribution); greedy rows need their best candidate above the tail's
+    max bound.
     """
 
     key = "mirostat"
@@ -78,6 +83,11 @@ class Mirostat(Selector):
             return Candidates(log_q, None, candidates.vocab)
         log_q, order = torch.sort(log_q, dim=1, descending=True)
         return Candidates(log_q, ids.gather(1, order), candidates.vocab)
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        refuse_unless_drawn_exactly(self.key, candidates, batch, tail)
+        return True
 
     # -- the truncation -------------------------------------------------------------------------
     @staticmethod

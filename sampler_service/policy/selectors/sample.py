@@ -6,6 +6,7 @@ import torch
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.processors.base import RowBatch, Selector
+from sampler_service.policy.sparse import TailBound
 
 #: The token-id coordinate of the one uniform a row draws per step.
 ROW_UNIFORM_TOKEN = -1
@@ -43,6 +44,15 @@ def draw_inverse_cdf(values: torch.Tensor, batch: RowBatch) -> tuple[torch.Tenso
     return column.squeeze(1), log_prob.squeeze(1)
 
 
+def refuse_unless_drawn_exactly(key: str, candidates: Candidates, batch: RowBatch,
+                                tail: TailBound) -> None:
+    """The rule of a selector that draws from the candidates' distribution and takes the argmax
+    of greedy rows: greedy rows need their best candidate above the tail's max bound, drawn
+    rows need the tail excluded (the draw's CDF runs over every token)."""
+    tail.refuse_unless_best_above(candidates.max_values(), batch.greedy, key)
+    tail.refuse_unless_excluded(~batch.greedy, f"{key}: draws from the whole distribution")
+
+
 class Sample(Selector):
     """Draws a token from softmax(l) by inverting its CDF with one uniform per row.
 
@@ -53,6 +63,8 @@ class Sample(Selector):
     Rows the temperature processor marked greedy take the argmax. Peer: vLLM's random
     sampling (same law; vLLM draws exponential noise from torch generators). Selects; keeps no
     state besides the seed.
+    Sparse rows: drawn rows need the tail excluded by an earlier truncation; greedy rows need
+    their best candidate above the tail's max bound.
     """
 
     key = "sample"
@@ -74,3 +86,8 @@ class Sample(Selector):
             point = candidates.one_hot(candidates.argmax())
             dist.values = torch.where(batch.greedy.unsqueeze(1), point.values, dist.values)
         return dist
+
+    def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
+                    tail: TailBound) -> bool:
+        refuse_unless_drawn_exactly(self.key, candidates, batch, tail)
+        return True
