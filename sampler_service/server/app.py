@@ -37,13 +37,16 @@ from sampler_service.server.admin import ADMIN_SERVICE, PolicyAdminServicer
 from sampler_service.server.batcher import StepBatcher
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
+from sampler_service.server.shared_memory import SharedMemoryServicer
 from sampler_service.server.steps import StepRunner
 from sampler_service.service import SamplerCore
 from sampler_service.state import SequenceStore
+from sampler_service.transport.regions import RegionRegistry
 
 log = logging.getLogger(__name__)
 
 SAMPLER_SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["Sampler"].full_name
+SHARED_MEMORY_SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["SharedMemory"].full_name
 #: Room for 64 rows of a 128256-token vocabulary in fp32 (32.8 MB) with headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -134,6 +137,7 @@ class SamplerServer:
                                 on_row=lambda policy, record: self.metrics.observe_row(
                                     policy, record.explanation))
         self.shared_memory = config.shared_memory_allowed()
+        self.regions = RegionRegistry(self.core.device)
         self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sampler-grpc",
@@ -166,17 +170,21 @@ class SamplerServer:
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self.batcher = StepBatcher(StepRunner(self.core), self.engine_executor,
-                                   config.batch_window_us * 1e-6, config.max_batch_rows)
-        self.servicer = SamplerServicer(self.core, self.metrics, self.batcher,
+        runner = StepRunner(self.core, self.regions if self.shared_memory else None)
+        self.batcher = StepBatcher(runner, self.engine_executor, config.batch_window_us * 1e-6,
+                                   config.max_batch_rows)
+        self.servicer = SamplerServicer(self.core, self.metrics, runner, self.batcher,
                                         self.engine_executor, config.max_streams)
         self._server = grpc.aio.server(options=options)
         sampler_pb2_grpc.add_SamplerServicer_to_server(self.servicer, self._server)
+        sampler_pb2_grpc.add_SharedMemoryServicer_to_server(
+            SharedMemoryServicer(self.regions, self.metrics, self.shared_memory), self._server)
         self.health = health.aio.HealthServicer()
         for service in ("", SAMPLER_SERVICE):  # SERVING only once every port is bound
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        services = [SAMPLER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [SAMPLER_SERVICE, SHARED_MEMORY_SERVICE, health.SERVICE_NAME,
+                    reflection.SERVICE_NAME]
         if config.admin_token is not None:
             sampler_pb2_grpc.add_PolicyAdminServicer_to_server(PolicyAdminServicer(
                 PolicyAdministration(self.core.registry, self.core.store), config.admin_token,
@@ -231,6 +239,7 @@ class SamplerServer:
         self._call(self._stop(self.config.grace_s if grace_s is None else grace_s))
         self._close_loop()
         self.engine_executor.shutdown(wait=True)
+        self.regions.close()
         self.metrics.stop()
         if self.config.uds is not None and self.config.uds.exists():
             self.config.uds.unlink()

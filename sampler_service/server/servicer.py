@@ -17,7 +17,7 @@ from sampler_service.server.error_mapping import abort, as_service_error, map_er
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.status import to_rpc_status
 from sampler_service.service import SamplerCore
-from sampler_service.transport.codec import decode_tensor
+from sampler_service.server.steps import StepRunner
 
 T = TypeVar("T")
 
@@ -31,9 +31,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     """`max_streams` bounds open StepStream calls (RESOURCE_EXHAUSTED beyond it); an open
     stream holds no thread while it waits for its next message."""
 
-    def __init__(self, core: SamplerCore, metrics: ServiceMetrics, batcher: StepBatcher,
-                 executor: Executor, max_streams: int = 1024):
+    def __init__(self, core: SamplerCore, metrics: ServiceMetrics, runner: StepRunner,
+                 batcher: StepBatcher, executor: Executor, max_streams: int = 1024):
         self.core = core
+        self.runner = runner
         self.metrics = metrics
         self.batcher = batcher
         self.executor = executor
@@ -104,18 +105,20 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     @map_errors
     async def Preview(self, request, context):
         which = request.WhichOneof("policy_source")
-        device = self.core.device
+        decode = self.runner.decode_tensor
 
         def preview():
-            return self.core.preview(
-                policy=request.policy if which == "policy" else "",
-                policy_spec=convert.struct_to_dict(request.policy_spec) if which == "policy_spec" else None,
-                params=convert.params_from_pb(request.params),
-                logits=decode_tensor(request.logits, "logits", device),
-                history=list(request.history), prompt_ids=list(request.prompt_ids),
-                eos_token_ids=list(request.eos_token_ids),
-                reference=(decode_tensor(request.reference_logits, "reference_logits", device)
-                           if request.HasField("reference_logits") else None))
+            with self.runner.hold(request):
+                return self.core.preview(
+                    policy=request.policy if which == "policy" else "",
+                    policy_spec=(convert.struct_to_dict(request.policy_spec)
+                                 if which == "policy_spec" else None),
+                    params=convert.params_from_pb(request.params),
+                    logits=decode(request.logits, "logits"),
+                    history=list(request.history), prompt_ids=list(request.prompt_ids),
+                    eos_token_ids=list(request.eos_token_ids),
+                    reference=(decode(request.reference_logits, "reference_logits")
+                               if request.HasField("reference_logits") else None))
 
         ids, probs = await self._in_engine_thread(preview)
         limit = request.max_candidates or len(ids)

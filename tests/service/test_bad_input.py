@@ -180,8 +180,9 @@ def test_token_id_outside_the_vocabulary(client, bystander):
 
 
 def test_oversize_message(start_server):
+    """Inline bytes past --max-message-bytes (shared memory would carry them in a region)."""
     small = start_server(max_message_bytes=64 * 1024)
-    with SamplerClient(small.address) as client:
+    with SamplerClient(small.address, transport="inline") as client:
         seq = client.create_sequence(policy="greedy")
         with pytest.raises(ResourceExhaustedError) as err:
             seq.step(torch.randn(64 * 1024))

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import FailedPrecondition, InvalidArgument, NotFound
 from sampler_service.transport.codec import ELEMENT_SIZE, decode_tensor, region_refs
-from tests.unit.transport.test_regions import (  # noqa: F401 (fixtures)
-    cpu_regions, cuda_exporter, cuda_regions, requires_cuda, shm_objects)
+from tests.unit.transport.conftest import requires_cuda
 
 CPU = torch.device("cpu")
 DTYPES = [pb.FP32, pb.FP16, pb.BF16]
