@@ -35,8 +35,11 @@ import torch
 from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.statistics import RawStatistics
 
-#: Relative margin of float64 decisions about float32 sums (masses; nats in log space).
-ROUNDING = 2e-4
+#: Relative margin of float64 decisions about float32 sums of a few terms (masses; nats in
+#: log space): well above the error of float32 pairwise sums over a vocabulary.
+ROUNDING = 1e-5
+#: What one float32 operation may add to a relative error (2 units in the last place).
+FLOAT32_STEP = 2.0 ** -23
 #: Relative slack on the tail's log-sum-exp bounds for float32 rounding of transformed logits.
 FLOAT32_SLACK = 1e-6
 
@@ -44,6 +47,13 @@ FLOAT32_SLACK = 1e-6
 def log_margin(x: torch.Tensor) -> torch.Tensor:
     """Margin of a log-space boundary at `x` (nats): `ROUNDING` plus float32 rounding of |x|."""
     return ROUNDING + 1e-6 * x.abs()
+
+
+def cumulative_margin(width: int, device: torch.device) -> torch.Tensor:
+    """[1, width] relative margin of the float32 running sums of `width` positive terms: a
+    sequential sum's i-th partial sum is off by at most i float32 steps, plus `ROUNDING`."""
+    steps = torch.arange(1, width + 1, dtype=torch.float64, device=device)
+    return (ROUNDING + steps * FLOAT32_STEP).unsqueeze(0)
 
 
 def _combine(values: torch.Tensor, tail_lse: torch.Tensor, tail_mean: torch.Tensor,

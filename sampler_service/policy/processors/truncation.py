@@ -15,7 +15,10 @@ best tokens, so those two apply `min_keep` the way their peers do (see their doc
 On sparse rows (`sampler_service.policy.sparse`) a truncation that provably keeps the same
 tokens with the tail as without it, all above the tail's max bound, excludes the tail: from
 then on the K entries are the whole row. Each rule compares what running on the K entries
-alone keeps with what the whole row keeps under every tail its bounds allow.
+alone keeps with what the whole row keeps under every tail its bounds allow. The rules that
+decide on sums (masses, entropies, σ) also refuse a row whose decision lies within rounding
+of its boundary once the tail is excluded: the K columns are summed in another order than
+the dense row, so only a margin makes the float32 result the same.
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import Processor, RowBatch
-from sampler_service.policy.sparse import (ROUNDING, TailBound, candidates_entropy, fmt,
-                                           log_margin, same_probable_set)
+from sampler_service.policy.sparse import (TailBound, candidates_entropy, cumulative_margin,
+                                           fmt, log_margin, same_probable_set)
 
 #: Top-p's (and typical's) first best-first prefix on a dense batch; grown 4x until it holds
 #: the mass.
@@ -257,14 +260,14 @@ class TopP(Processor):
         """With the entries best first, w their weights and Z their sum, the K entries alone
         keep the n entries whose preceding weight is < p·Z; the whole row keeps those whose
         preceding weight is < p·(Z + T), T the tail's weight (≤ its upper bound). Counting with
-        both (within `ROUNDING`, and the tail after the entries) gives the same n only when the
+        both (the tail after the entries) gives the same n only when the
         nucleus closes inside the entries whatever T; its last value (lowered for min_keep)
-        above the tail's max bound then keeps the tail out, ties included."""
+        above the tail's max bound then keeps the tail out, ties included. Both counts allow
+        for the running sums' rounding (`cumulative_margin`)."""
         p = args["p"]
         on = p < 1.0
         tail.mark_truncated(on)
-        live = tail.live(on)
-        if not bool(live.any()):
+        if not bool(on.any()):
             return True
         width = candidates.values.shape[1]
         values = candidates.best_first(width)[0].double()
@@ -274,17 +277,19 @@ class TopP(Processor):
         before = torch.cat([weights.cumsum(dim=1) - weights, total], dim=1)
         tail_weight = torch.exp(tail.lse_high.unsqueeze(1) - top)
         mass = p.double().unsqueeze(1)
-        alone = (before < mass * total * (1 - ROUNDING)).sum(dim=1).clamp(min=1)
-        whole = (before < mass * (total + tail_weight) * (1 + ROUNDING)).sum(dim=1).clamp(min=1)
+        margin = cumulative_margin(width + 1, values.device)
+        alone = (before < mass * total * (1 - margin)).sum(dim=1).clamp(min=1)
+        whole = (before < mass * (total + tail_weight) * (1 + margin)).sum(dim=1).clamp(min=1)
         min_keep = _min_keep(args, p)
         last = torch.maximum(alone, min_keep).clamp(max=width)
         threshold = values.gather(1, (last - 1).unsqueeze(1)).squeeze(1)
         closes = alone == whole
-        exact = closes & (min_keep <= width) & (threshold > tail.max.double())
+        exact = closes & (tail.excluded | (min_keep <= width) & (threshold > tail.max.double()))
         share = (tail_weight / (total + tail_weight)).squeeze(1)
-        tail.refuse(live & ~exact, lambda r: (
+        tail.refuse(on & ~exact, lambda r: (
             f"top_p: the kept set does not close inside the K = {width} sent entries (tail mass "
-            f"up to {fmt(share[r])}, p = {fmt(p[r])})" if not closes[r] else
+            f"up to {fmt(share[r])}, p = {fmt(p[r])}; or its boundary is within rounding)"
+            if not closes[r] else
             f"top_p: the kept set's last logit {fmt(threshold[r])} is not above the tail's max "
             f"bound {fmt(tail.max[r])}"))
         tail.exclude(on & exact)
@@ -385,10 +390,9 @@ class TypicalP(Processor):
         p = args["p"]
         on = p < 1.0
         tail.mark_truncated(on)
-        live = tail.live(on)
-        if not bool(live.any()):
+        if not bool(on.any()):
             return True
-        tail.refuse(live & ~tail.known_entropy(), lambda _: (
+        tail.refuse(on & ~tail.known_entropy(), lambda _: (
             "typical_p: needs the whole row's entropy, unknown once a stage changed the tail"))
         values = candidates.values.double()
         min_keep = _min_keep(args, p)
@@ -398,12 +402,13 @@ class TypicalP(Processor):
         kept_k, robust_k, _, _ = _typical_set(values - lse_k.unsqueeze(1),
                                               candidates_entropy(candidates.values), p, min_keep)
         tail_gap = lse - tail.max.double() - entropy
-        exact = (robust & robust_k & closes & (kept == kept_k).all(dim=1)
-                 & (tail_gap > cut + log_margin(cut)) & (min_keep <= values.shape[1]))
-        tail.refuse(live & ~exact, lambda r: (
+        exact = robust & robust_k & (tail.excluded | closes & (kept == kept_k).all(dim=1)
+                                     & (tail_gap > cut + log_margin(cut))
+                                     & (min_keep <= values.shape[1]))
+        tail.refuse(on & ~exact, lambda r: (
             "typical_p: the typical set does not provably close inside the K sent entries (the "
             "same with and without the tail, before the tail's distance "
-            f"{fmt(max(float(tail_gap[r]), 0.0))})"))
+            f"{fmt(max(float(tail_gap[r]), 0.0))}; or its boundary is within rounding)"))
         tail.exclude(on & exact)
         return True
 
@@ -414,16 +419,17 @@ def _typical_set(log_p: torch.Tensor, entropy: torch.Tensor, p: torch.Tensor,
     """Typical sampling's kept set over `log_p` [S, K] (float64 log-probabilities) with the
     entropy [S]: (kept [S, K], robust [S], cut [S], closes [S]).
 
-    robust: the decision holds under rounding (no cumulative mass within `ROUNDING` of p, and
-    no other distance within `log_margin` of the cut); closes: the mass reaches p inside the
-    K entries."""
+    robust: the decision holds under rounding (no cumulative mass within `cumulative_margin`
+    of p, and no other distance within `log_margin` of the cut); closes: the mass reaches p
+    inside the K entries."""
     gap = (-log_p - entropy.unsqueeze(1)).abs()
     gaps, order = torch.sort(gap, dim=1)
     cumulative = torch.exp(log_p).gather(1, order).cumsum(dim=1)
     mass = p.double().unsqueeze(1)
     width = gap.shape[1]
-    first = (cumulative < mass * (1 - ROUNDING)).sum(dim=1)
-    stable = first == (cumulative < mass * (1 + ROUNDING)).sum(dim=1)
+    margin = cumulative_margin(width, log_p.device)
+    first = (cumulative < mass * (1 - margin)).sum(dim=1)
+    stable = first == (cumulative < mass * (1 + margin)).sum(dim=1)
     last = first.clamp(max=width - 1).unsqueeze(1)
     floor = (min_keep.clamp(max=width) - 1).unsqueeze(1)
     cut = torch.maximum(gaps.gather(1, last), gaps.gather(1, floor)).squeeze(1)
@@ -468,14 +474,13 @@ class EpsilonCutoff(Processor):
         epsilon = args["epsilon"]
         on = epsilon > 0
         tail.mark_truncated(on)
-        live = tail.live(on)
-        if not bool(live.any()):
+        if not bool(on.any()):
             return True
         lse_k, low, high = tail.row_lse(candidates.values)
         log_epsilon = torch.log(epsilon.double())
         same, below = same_probable_set(candidates.values, log_epsilon + lse_k, log_epsilon + low,
                                         log_epsilon + high, tail)
-        _refuse_probable(candidates, args, tail, live, same & below,
+        _refuse_probable(candidates, args, tail, on, same & below,
                          self._threshold(candidates, args), "epsilon_cutoff")
         return True
 
@@ -522,10 +527,9 @@ class EtaCutoff(Processor):
         epsilon = args["epsilon"]
         on = epsilon > 0
         tail.mark_truncated(on)
-        live = tail.live(on)
-        if not bool(live.any()):
+        if not bool(on.any()):
             return True
-        tail.refuse(live & ~tail.known_entropy(), lambda _: (
+        tail.refuse(on & ~tail.known_entropy(), lambda _: (
             "eta_cutoff: needs the whole row's entropy, unknown once a stage changed the tail"))
         lse_k, lse, _ = tail.row_lse(candidates.values)
         wide = epsilon.double()
@@ -533,7 +537,7 @@ class EtaCutoff(Processor):
         log_eta_k = torch.log(self._eta(wide, candidates_entropy(candidates.values)))
         same, below = same_probable_set(candidates.values, log_eta_k + lse_k, log_eta + lse,
                                         log_eta + lse, tail)
-        _refuse_probable(candidates, args, tail, live, same & below,
+        _refuse_probable(candidates, args, tail, on, same & below,
                          self._threshold(candidates, args), "eta_cutoff")
         return True
 
@@ -548,17 +552,18 @@ def _probable_threshold(candidates: Candidates, probable: torch.Tensor,
 
 
 def _refuse_probable(candidates: Candidates, args: dict[str, torch.Tensor], tail: TailBound,
-                     live: torch.Tensor, same: torch.Tensor, threshold: torch.Tensor,
+                     on: torch.Tensor, same: torch.Tensor, threshold: torch.Tensor,
                      key: str) -> None:
     """Epsilon's and eta's verdict: rows whose probable set is `same` with and without the
-    tail, and whose threshold on the K entries (lowered for min_keep ≤ K) is above the tail's
-    max bound, exclude the tail; the other `live` rows are refused."""
+    tail (and robust to rounding), and whose threshold on the K entries (lowered for
+    min_keep ≤ K) is above the tail's max bound, exclude the tail; the other `on` rows are
+    refused."""
     fits = _min_keep(args, threshold) <= candidates.values.shape[1]
-    exact = same & fits & (threshold > tail.max)
-    tail.refuse(live & ~exact, lambda r: (
+    exact = same & (tail.excluded | fits & (threshold > tail.max))
+    tail.refuse(on & ~exact, lambda r: (
         f"{key}: the kept tokens are not provably the same with the tail's mass (threshold "
-        f"{fmt(threshold[r])}, tail max bound {fmt(tail.max[r])})"))
-    tail.exclude(live & exact)
+        f"{fmt(threshold[r])}, tail max bound {fmt(tail.max[r])}; or within rounding)"))
+    tail.exclude(on & exact)
 
 
 def finite_std(values: torch.Tensor) -> torch.Tensor:
@@ -606,8 +611,24 @@ class TopNSigma(Processor):
 
     def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
                     tail: TailBound) -> bool:
-        """σ over the K entries is σ over the whole row only when the tail is all −inf."""
-        tail.refuse_unless_excluded(args["n"] > 0, "top_n_sigma: σ is over every finite logit")
+        """σ over the K entries is σ over the whole row only when the tail is all −inf; then
+        no candidate may lie within rounding of the threshold (σ is summed in float64 here)."""
+        n = args["n"]
+        on = n > 0
+        tail.refuse_unless_excluded(on, "top_n_sigma: σ is over every finite logit")
+        if bool(on.any()):
+            values = candidates.values.double()
+            finite = torch.isfinite(values)
+            count = finite.sum(dim=1).clamp(min=1)
+            mean = torch.where(finite, values, torch.zeros_like(values)).sum(dim=1) / count
+            spread = torch.where(finite, values - mean.unsqueeze(1), torch.zeros_like(values))
+            sigma = torch.sqrt(spread.square().sum(dim=1) / count)
+            threshold = values.amax(dim=1) - n.double() * sigma
+            margin = log_margin(threshold) * (1 + n.double())
+            near = ((values - threshold.unsqueeze(1)).abs() < margin.unsqueeze(1)).any(dim=1)
+            tail.refuse(on & near, lambda r: (
+                f"top_n_sigma: a logit lies within rounding of the threshold {fmt(threshold[r])}"),
+                structural=False)
         return True
 
 
@@ -685,17 +706,19 @@ class Xtc(Processor):
                     tail: TailBound) -> bool:
         """p_i ≥ threshold is l_i ≥ ln threshold + L (`same_probable_set`, as epsilon's rule);
         min_keep > 1 counts the row's finite tokens, tail included, so it is refused."""
-        live = tail.live(self._cut_rows(args, batch))
-        if not bool(live.any()):
+        on = self._cut_rows(args, batch)
+        if not bool(on.any()):
             return True
         lse_k, low, high = tail.row_lse(candidates.values)
         log_threshold = torch.log(args["threshold"].double())
         same, below = same_probable_set(candidates.values, log_threshold + lse_k,
                                         log_threshold + low, log_threshold + high, tail)
         counted = _min_keep(args, args["threshold"]) > 1
-        tail.refuse(live & counted, lambda _: "xtc: min_keep > 1 counts the tail's tokens")
-        tail.refuse(live & ~(same & below), lambda _: (
-            "xtc: its top choices are not provably the same with the tail's mass"))
+        tail.refuse(tail.live(on) & counted, lambda _: "xtc: min_keep > 1 counts the tail's "
+                                                       "tokens", structural=False)
+        tail.refuse(on & ~(same & below), lambda _: (
+            "xtc: its top choices are not provably the same with the tail's mass (or within "
+            "rounding)"), structural=False)
         return True
 
 
