@@ -160,3 +160,21 @@ def test_take_and_message_carry_the_chosen_rows():
     assert tail.max == 0.0
     assert tail.log_sum_exp == pytest.approx(second.log_sum_exp[0])
     assert (tail.mean, tail.mean_square) == (second.mean[0], second.mean_square[0])
+
+
+@pytest.mark.parametrize("source", ["numpy-fp32", "torch-bf16"])
+def test_rows_computed_in_blocks_equal_rows_computed_alone(source):
+    """19 rows of 100000 span two host blocks: each row picks what it picks alone, and its
+    statistics differ at most by float32 summation order."""
+    values = (np.random.default_rng(1).standard_normal((19, 100_000)) * 3).astype(np.float32)
+    values[4, :50_000] = -np.inf
+    made = SOURCES[source](values)
+    together = top_k_with_tail(wire_tensor(made), 40)
+    for r in (0, 4, 9, 10, 18):
+        alone = top_k_with_tail(wire_tensor(made[r:r + 1]), 40)
+        np.testing.assert_array_equal(together.token_ids[r], alone.token_ids[0])
+        assert together.max[r] == alone.max[0]
+        for name in ("log_sum_exp", "mean", "mean_square"):
+            assert getattr(together, name)[r] == pytest.approx(getattr(alone, name)[0], rel=1e-6)
+    assert together.values.raw() == b"".join(
+        top_k_with_tail(wire_tensor(made[r:r + 1]), 40).values.raw() for r in range(19))
