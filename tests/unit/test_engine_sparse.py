@@ -18,7 +18,7 @@ from sampler_service.policy.processors import PROCESSORS
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.selectors import SELECTORS
-from sampler_service.policy.sparse import NotExact
+from sampler_service.policy.sparse import NotExact, SparseLogits
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState
 from tests.unit.helpers import sparse_rows
@@ -259,3 +259,18 @@ def test_random_chains_choose_as_on_full_rows(case, k, scale, quantum, masked):
     chain, select = case
     generate([inline(chain, select, logprobs=3)] * 3 + [resolve_flat({"temperature": 0.0})],
              k=k, steps=3, scale=scale, quantum=quantum, masked=masked)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["greedy", "creative", "edt", "entropix"])
+def test_cuda_chooses_on_sparse_rows_what_the_cpu_chooses(name):
+    logits = step_logits(0, vocab=4096, scale=6.0)
+    sparse = sparse_rows(logits, 256)
+    on_cuda = SparseLogits(*(t.cuda() for t in (sparse.ids, sparse.values, sparse.tail_max,
+                                                 sparse.tail_lse, sparse.tail_mean,
+                                                 sparse.tail_mean_square)), vocab=sparse.vocab)
+    cpu = Engine(CPU).step(make_states([shipped(name)] * ROWS), sparse)
+    cuda = Engine(torch.device("cuda")).step(make_states([shipped(name)] * ROWS), on_cuda)
+    assert [o.token_id for o in cuda] == [o.token_id for o in cpu]
+    assert [o.entropy for o in cuda] == pytest.approx([o.entropy for o in cpu], abs=1e-4)

@@ -333,6 +333,8 @@ class ExponentialDecayLengthPenalty(Processor):
     the EOS becomes certain where HF's row turns +inf or NaN (an EOS logit of 0 stays 0).
     Transform; reads the output length, keeps no per-sequence state.
     Off: factor = 1.0 (start then does nothing).
+    Sparse rows: no rule (|l| makes the boost of a tail EOS unbounded): exact only once an
+    earlier truncation excluded the tail.
     """
 
     key = "exponential_decay_length_penalty"
