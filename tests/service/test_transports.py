@@ -240,15 +240,16 @@ def test_cuda_ipc_gives_the_inline_tokens(tmp_path, dtype):
     """CUDA IPC needs two processes (a handle cannot be opened by the process that exported
     it): the service runs in a subprocess on the same GPU, over a Unix socket."""
     pytest.importorskip("cupy")
-    path = tmp_path / "sampler.sock"
-    service = subprocess.Popen([sys.executable, "-m", "sampler_service", "serve", "--no-tcp",
-                                "--uds", str(path), "--device", "cuda"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path, log = tmp_path / "sampler.sock", tmp_path / "service.log"
+    with open(log, "wb") as output:
+        service = subprocess.Popen([sys.executable, "-m", "sampler_service", "serve", "--no-tcp",
+                                    "--uds", str(path), "--device", "cuda"],
+                                   stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not path.exists() and time.monotonic() < deadline and service.poll() is None:
             time.sleep(0.2)
-        assert path.exists(), service.stderr.read().decode() if service.poll() is not None else ""
+        assert path.exists(), log.read_text()
         with SamplerClient(f"unix://{path}", transport="inline") as inline:
             inline.wait_ready()
             expected = generate(inline, dtype=DTYPES[dtype])
