@@ -82,7 +82,7 @@ def _combine(values: torch.Tensor, tail_lse: torch.Tensor, tail_mean: torch.Tens
     return lse, lse - top - mean, varentropy
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SparseLogits:
     """S rows of a V-token vocabulary, each as its K best raw logits and its tail's statistics.
 
@@ -175,6 +175,10 @@ class Refusal:
         return f"rows[{self.row}].policy" if self.structural else f"rows[{self.row}]"
 
 
+#: Refused rows a `NotExact` message names (the violations list them all).
+MESSAGE_ROWS = 8
+
+
 class NotExact(FailedPrecondition):
     """Sparse rows whose policy's result could depend on their tails' missing values: resend
     them in full. One violation per row (`Refusal.field`, the rule that refused it)."""
@@ -183,10 +187,15 @@ class NotExact(FailedPrecondition):
 
     @classmethod
     def of(cls, refusals: Iterable[Refusal]) -> "NotExact":
+        """The error of `refusals` (at least one). The message names the first rows only: the
+        reasons travel once, in the violations (a status's details share the response's
+        metadata budget, 8 KiB by default on gRPC clients)."""
         ordered = tuple(sorted(refusals))
-        listed = "; ".join(f"{r.field}: {r.description}" for r in ordered)
+        named = ", ".join(r.field for r in ordered[:MESSAGE_ROWS])
+        more = f" and {len(ordered) - MESSAGE_ROWS} more" if len(ordered) > MESSAGE_ROWS else ""
         error = cls(f"{len(ordered)} sparse row(s) cannot be sampled exactly from their K sent "
-                    f"entries; resend them with full logits ({listed})", ordered[0].field,
+                    f"entries; resend them with full logits: {named}{more} (each violation "
+                    "says why)", ordered[0].field,
                     violations=tuple((r.field, r.description) for r in ordered))
         error.refusals = ordered
         return error
@@ -196,7 +205,7 @@ class NotExact(FailedPrecondition):
         return NotExact.of(replace(r, row=request_rows[r.row]) for r in self.refusals)
 
 
-def fmt(value: float) -> str:
+def fmt(value: float | torch.Tensor) -> str:
     """A number in a refusal's description."""
     return f"{value:.4g}"
 
@@ -250,8 +259,7 @@ class TailBound:
 
     def refuse_unless_excluded(self, rows: torch.Tensor, rule: str) -> None:
         """Refuses the `rows` whose tail is not excluded: `rule` says why they need that."""
-        self.refuse(self.live(rows), lambda _: f"{rule} (exact only once an earlier truncation "
-                                               "excluded the tail)")
+        self.refuse(self.live(rows), lambda _: f"{rule}; needs the tail excluded first")
 
     def refuse_unless_best_above(self, best: torch.Tensor, rows: torch.Tensor, key: str) -> None:
         """Refuses the `rows` [S] bool that take an argmax whose best candidate `best` [S] is not

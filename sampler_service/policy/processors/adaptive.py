@@ -157,8 +157,8 @@ class TempExt(Processor):
         """A plain temperature scales the tail; a dynamic one needs the tail excluded."""
         t0, delta = args["temperature"], args["delta"]
         dynamic = delta > 0
-        tail.refuse_unless_excluded(dynamic, "temp_ext: a dynamic temperature reads the entropy "
-                                             "and number of every candidate")
+        tail.refuse_unless_excluded(dynamic, "temp_ext: a dynamic temperature reads every "
+                                             "candidate")
         tail.scale(t0, _scaled(t0, ~dynamic))
         return True
 

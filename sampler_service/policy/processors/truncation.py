@@ -151,8 +151,8 @@ class TopK(Processor):
         fits = k <= width
         exact = fits & (kth > tail.max)
         tail.refuse(live & ~exact, lambda r: (
-            f"top_k: the {int(k[r])}-th best sent logit {fmt(kth[r])} is not above the tail's "
-            f"max bound {fmt(tail.max[r])}" if fits[r] else
+            f"top_k: the k-th best sent logit (k = {int(k[r])}) {fmt(kth[r])} is not above the "
+            f"tail's max bound {fmt(tail.max[r])}" if fits[r] else
             f"top_k: k = {int(k[r])} is more than the K = {width} sent entries"))
         tail.exclude(on & exact)
         return True
@@ -287,9 +287,9 @@ class TopP(Processor):
         exact = closes & (tail.excluded | (min_keep <= width) & (threshold > tail.max.double()))
         share = (tail_weight / (total + tail_weight)).squeeze(1)
         tail.refuse(on & ~exact, lambda r: (
+            "top_p: the kept set's boundary lies within rounding of p" if not share[r] else
             f"top_p: the kept set does not close inside the K = {width} sent entries (tail mass "
-            f"up to {fmt(share[r])}, p = {fmt(p[r])}; or its boundary is within rounding)"
-            if not closes[r] else
+            f"up to {fmt(share[r])}, p = {fmt(p[r])})" if not closes[r] else
             f"top_p: the kept set's last logit {fmt(threshold[r])} is not above the tail's max "
             f"bound {fmt(tail.max[r])}"))
         tail.exclude(on & exact)
@@ -406,9 +406,8 @@ class TypicalP(Processor):
                                      & (tail_gap > cut + log_margin(cut))
                                      & (min_keep <= values.shape[1]))
         tail.refuse(on & ~exact, lambda r: (
-            "typical_p: the typical set does not provably close inside the K sent entries (the "
-            "same with and without the tail, before the tail's distance "
-            f"{fmt(max(float(tail_gap[r]), 0.0))}; or its boundary is within rounding)"))
+            "typical_p: the typical set is not provably the same inside the K sent entries "
+            f"(or within rounding; tail distance ≥ {fmt(max(float(tail_gap[r]), 0.0))})"))
         tail.exclude(on & exact)
         return True
 
@@ -561,8 +560,8 @@ def _refuse_probable(candidates: Candidates, args: dict[str, torch.Tensor], tail
     fits = _min_keep(args, threshold) <= candidates.values.shape[1]
     exact = same & (tail.excluded | fits & (threshold > tail.max))
     tail.refuse(on & ~exact, lambda r: (
-        f"{key}: the kept tokens are not provably the same with the tail's mass (threshold "
-        f"{fmt(threshold[r])}, tail max bound {fmt(tail.max[r])}; or within rounding)"))
+        f"{key}: the kept set is not provably the same with the tail's mass (or within "
+        f"rounding; threshold {fmt(threshold[r])}, tail max ≤ {fmt(tail.max[r])})"))
     tail.exclude(on & exact)
 
 

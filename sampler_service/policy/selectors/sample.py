@@ -50,7 +50,7 @@ def refuse_unless_drawn_exactly(key: str, candidates: Candidates, batch: RowBatc
     of greedy rows: greedy rows need their best candidate above the tail's max bound, drawn
     rows need the tail excluded (the draw's CDF runs over every token)."""
     tail.refuse_unless_best_above(candidates.max_values(), batch.greedy, key)
-    tail.refuse_unless_excluded(~batch.greedy, f"{key}: draws from the whole distribution")
+    tail.refuse_unless_excluded(~batch.greedy, f"{key}: draws from the whole row")
 
 
 class Sample(Selector):

@@ -141,7 +141,7 @@ def test_rules_accept_what_they_can_prove(chain):
     ([{"top_k": {"k": 4}}], "sample", "rows[0]", "top_k: k = 4 is more than the K = 3"),
     ([{"min_p": {"p": 0.01}}], "sample", "rows[0]", "min_p: the threshold"),
     ([{"top_p": {"p": 0.99}}], "sample", "rows[0]", "top_p: the kept set does not close"),
-    ([], "sample", "rows[0].policy", "sample: draws from the whole distribution"),
+    ([], "sample", "rows[0].policy", "sample: draws from the whole row; needs the tail excluded"),
     ([{"temperature": {"temperature": 0.5}}], "sample", "rows[0].policy", "sample:"),
     ([{"top_p": {"p": 0.99}}, {"top_k": {"k": 2}}], "sample", "rows[0]", "top_p:"),
     ([{"temperature": {"temperature": 0.9}}, {"typical_p": {"p": 0.5}}], "sample", "rows[0]",
@@ -155,7 +155,7 @@ def test_rules_accept_what_they_can_prove(chain):
      "edt: reads the entropy"),
     # a lift carries the tail over the cut: 2 / 0.5 = 4 ties the second best sent logit
     ([{"repetition_penalty": {"penalty": 0.5}}, {"top_k": {"k": 2}}], "sample", "rows[0]",
-     "top_k: the 2-th best sent logit 4 is not above the tail's max bound 4"),
+     "top_k: the k-th best sent logit (k = 2) 4 is not above the tail's max bound 4"),
     ([{"logit_bias": {"bias": {3: 3.0}}}, {"top_k": {"k": 1}}], "sample", "rows[0]", "top_k:"),
     ([{"forced_tokens": {"tokens": {0: 5}}}], "greedy", "rows[0]",
      "forced_tokens: the forced token 5 is not among the K sent entries"),
@@ -198,7 +198,8 @@ def test_one_error_lists_every_refused_row_and_translates_to_request_rows():
     assert [f for f, _ in error.violations] == ["rows[1]", "rows[3]"]
     moved = error.for_request([4, 7, 9, 12])
     assert [f for f, _ in moved.violations] == ["rows[7]", "rows[12]"]
-    assert "rows[7]: top_k: the 3-th best sent logit 3" in moved.message
+    assert moved.violations[0][1].startswith("top_k: the k-th best sent logit (k = 3) 3 ")
+    assert "resend them with full logits: rows[7], rows[12]" in moved.message
     status = to_rpc_status(moved)
     detail = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(detail)
