@@ -43,8 +43,8 @@ class TopKWithTail:
     token_ids : int32 [n, K], each row's K distinct best ids, best first.
     values : WireTensor [n, K], their logits, in the rows' wire dtype and on their device.
     max, log_sum_exp, mean, mean_square : float64 [n], the tail statistics.
-    sendable : bool [n], False where the row holds NaN or +inf (such a row goes dense, so the
-        service answers it with its own precise error).
+    sendable : bool [n], False where the row holds NaN or +inf or no finite logit at all (such
+        a row goes dense, so the service answers it with its own precise error).
     """
 
     token_ids: np.ndarray
@@ -66,8 +66,8 @@ class TopKWithTail:
         """`StepRequest.sparse` for these rows, which are `rows` of the request; `values` is
         `self.values` placed by a transport."""
         return pb.SparseRows(
-            rows=list(rows), vocab_size=vocab_size, token_ids=self.token_ids.astype("<i4").tobytes(),
-            logits=values,
+            rows=list(rows), vocab_size=vocab_size,
+            token_ids=self.token_ids.astype("<i4").tobytes(), logits=values,
             tails=[pb.TailStats(max=m, log_sum_exp=lse, mean=mean, mean_square=square)
                    for m, lse, mean, square in zip(self.max.tolist(), self.log_sum_exp.tolist(),
                                                    self.mean.tolist(), self.mean_square.tolist())])
@@ -130,7 +130,8 @@ def _numpy_top_k_sums(rows: np.ndarray, k: int, source: np.ndarray):
         first = weights.sum(axis=1)
         weights *= tail
         second = weights.sum(axis=1)
-    unsendable = (np.isnan(top) | np.isposinf(top)).any(axis=1)
+    unsendable = ((np.isnan(top) | np.isposinf(top)).any(axis=1)
+                  | ~np.isfinite(top).any(axis=1))
     return ids, np.take_along_axis(source, ids, axis=1), \
         np.stack([tail_max, total, first, second, unsendable.astype(np.float32)])
 
@@ -147,6 +148,7 @@ def _torch_top_k_sums(rows: Any, k: int, source: Any):
     total = weights.sum(dim=1)
     first = weights.mul_(tail).sum(dim=1)
     second = weights.mul_(tail).sum(dim=1)
-    unsendable = (torch.isnan(top) | torch.isposinf(top)).any(dim=1)
+    unsendable = ((torch.isnan(top) | torch.isposinf(top)).any(dim=1)
+                  | ~torch.isfinite(top).any(dim=1))
     summary = torch.stack([tail_max, total, first, second, unsendable.to(torch.float32)])
     return ids.cpu().numpy(), source.gather(1, ids), summary.cpu().numpy()

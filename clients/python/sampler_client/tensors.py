@@ -109,7 +109,8 @@ class TorchWire(WireTensor):
         self.tensor = tensor.detach()
         self._torch_dtype = {torch.bfloat16: torch.bfloat16,
                              torch.float16: torch.float16}.get(self.tensor.dtype, torch.float32)
-        self.dtype = {torch.bfloat16: pb.BF16, torch.float16: pb.FP16}.get(self._torch_dtype, pb.FP32)
+        self.dtype = {torch.bfloat16: pb.BF16,
+                      torch.float16: pb.FP16}.get(self._torch_dtype, pb.FP32)
         self.shape = tuple(self.tensor.shape)
         self.cuda_device = self.tensor.device.index if self.tensor.is_cuda else None
 

@@ -62,7 +62,7 @@ def assert_matches_reference(source, k: int) -> None:
     seen = np.asarray(seen if isinstance(seen, np.ndarray) else seen.numpy(), dtype=np.float32)
     top = top_k_with_tail(wire, k)
     assert top.token_ids.shape == (seen.shape[0], k) and top.token_ids.dtype == np.int32
-    assert top.sendable.all()
+    assert top.sendable.tolist() == [bool(np.isfinite(row).any()) for row in seen]
     assert top.values.dtype == wire.dtype and top.values.shape == (seen.shape[0], k)
     values = top.values.float32()
     values = values if isinstance(values, np.ndarray) else values.numpy()
@@ -136,13 +136,15 @@ def test_hand_computed_tail():
 
 
 @pytest.mark.parametrize("source", ["numpy-fp32", "torch-fp32"])
-def test_rows_holding_nan_or_plus_infinity_are_not_sendable(source):
+def test_rows_holding_nan_or_plus_infinity_or_no_finite_logit_are_not_sendable(source):
     values = np.array([[0.0, 1.0, 2.0, 3.0],
                        [0.0, np.nan, 2.0, 3.0],
                        [0.0, 1.0, np.inf, 3.0],
-                       [np.nan, np.nan, np.nan, 3.0]], np.float32)
+                       [np.nan, np.nan, np.nan, 3.0],
+                       [-np.inf, -np.inf, -np.inf, -np.inf],
+                       [-np.inf, -np.inf, -np.inf, 1.0]], np.float32)
     top = top_k_with_tail(wire_tensor(SOURCES[source](values)), 2)
-    assert top.sendable.tolist() == [True, False, False, False]
+    assert top.sendable.tolist() == [True, False, False, False, False, True]
 
 
 def test_take_and_message_carry_the_chosen_rows():
