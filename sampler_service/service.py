@@ -21,6 +21,7 @@ from sampler_service.groups.fork import ForkGroup
 from sampler_service.policy.processors.base import SIGNAL_NAMES, GroupSelector, RowInputs
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
+from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.step_logits import StepLogits
@@ -260,6 +261,7 @@ class SamplerCore:
         """Plans every fresh unit of the calls; changes nothing."""
         plans: dict[int, list[_Commit]] = {index: [] for index in prepared}
         shared: dict[tuple, list[tuple[int, _Unit]]] = {}
+        refusals: list[Refusal] = []  # sparse rows that need full logits, all reported at once
         for index, p in prepared.items():
             for unit in p.units:
                 if unit.retry:
@@ -267,14 +269,26 @@ class SamplerCore:
                 elif unit.entry.shares_engine_call:
                     shared.setdefault(self._engine_call_key(index, p.call, unit), []).append(
                         (index, unit))
+                elif any(p.call.logits.is_sparse(row) for row in unit.rows):
+                    refusals += [Refusal(row, "groups need full rows: beam search, forks and CoT "
+                                         "decoding rank every token of the vocabulary",
+                                         structural=True)
+                                 for row in unit.rows if p.call.logits.is_sparse(row)]
                 else:
                     plans[index].append(self._plan_group(p.call, unit))
         for key, members in shared.items():
             calls = [prepared[index].call for index, _ in members]
-            outcomes = self._run_engine(key, calls, [unit for _, unit in members])
+            units = [unit for _, unit in members]
+            try:
+                outcomes = self._run_engine(key, calls, units)
+            except NotExact as exc:  # numbered by the engine's rows: renumber by the request's
+                refusals += exc.for_request([unit.start for unit in units]).refusals
+                continue
             for (index, unit), outcome in zip(members, outcomes):
                 vocab = prepared[index].call.logits.vocab
                 plans[index].append((unit, lambda s=unit.entry, o=outcome: s.record_step(o, vocab)))
+        if refusals:
+            raise NotExact.of(refusals)
         return plans
 
     @staticmethod
@@ -291,13 +305,9 @@ class SamplerCore:
         states = [unit.entry for unit in units]
         processed = calls[0].processed_logprobs
         if key[0] == "sparse":
-            sparse = calls[0].logits.sparse_of(rows)
             extras = calls[0].extras(rows)
-            try:
-                return self.engine.step(states, sparse, processed, reference=extras.reference,
-                                        signals=extras.signals)
-            except SamplerServiceError as exc:
-                raise exc.at_rows(rows) if hasattr(exc, "at_rows") else exc
+            return self.engine.step(states, calls[0].logits.sparse_of(rows), processed,
+                                    reference=extras.reference, signals=extras.signals)
         parts: list[tuple[StepCall, list[int]]] = []  # runs of consecutive units of one call
         for call, row in zip(calls, rows):
             if parts and parts[-1][0] is call:
@@ -314,12 +324,6 @@ class SamplerCore:
                                 signals=inputs.signals)
 
     def _plan_group(self, call: StepCall, unit: _Unit) -> _Commit:
-        sparse = [row for row in unit.rows if call.logits.is_sparse(row)]
-        if sparse:
-            raise FailedPrecondition(f"groups need full rows: sequence {unit.state.sequence_id!r} "
-                                     "is a group (beam search, forks and CoT decoding rank every "
-                                     "token of the vocabulary); send its rows in full",
-                                     f"rows[{sparse[0]}].policy")
         group_step = unit.entry.plan(self.engine, call.extras(unit.rows), call.processed_logprobs)
         return unit, lambda: unit.entry.commit(group_step)
 
@@ -386,11 +390,13 @@ class SamplerCore:
         rows, logits = call.rows, call.logits
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
-        if logits.rows != len(rows):
+        dense_rows = 0 if logits.dense is None else logits.dense.shape[0]
+        if logits.rows != len(rows) or dense_rows != len(logits.dense_rows) or (
+                logits.dense is not None and logits.dense.dim() != 2):
             shape = [] if logits.dense is None else list(logits.dense.shape)
-            raise InvalidArgument(f"logits shape {shape} with {len(logits.sparse_rows)} sparse rows "
-                                  f"must give {len(rows)} rows (one per entry of `rows`): the dense "
-                                  "logits are [rows not sent sparse, vocab]", "logits.shape")
+            raise InvalidArgument(f"logits shape {shape} must be [rows, vocab] with rows = "
+                                  f"{len(logits.dense_rows)}: one per entry of `rows` not sent in "
+                                  f"`sparse` ({len(logits.sparse_rows)} are)", "logits.shape")
         vocab = logits.vocab
         if logits.dense is not None and logits.sparse is not None and logits.sparse.vocab != vocab:
             raise InvalidArgument(f"sparse.vocab_size {logits.sparse.vocab} differs from the dense "

@@ -35,7 +35,15 @@ class _Pending(Generic[Item]):
     rows: int
     keys: frozenset[str]
     future: asyncio.Future
+    #: Called once the item was run (or dropped at close), even if its caller went away.
+    release: Callable[[], None] | None = None
     arrived: float = field(default_factory=time.perf_counter)
+
+    def done(self, result: Any) -> None:
+        if self.release is not None:
+            self.release()
+        if not self.future.done():  # the caller may have gone away
+            self.future.set_result(result)
 
 
 class StepBatcher(Generic[Item]):
@@ -69,12 +77,15 @@ class StepBatcher(Generic[Item]):
         finally:
             self.callers -= 1
 
-    async def submit(self, item: Item, rows: int, keys: frozenset[str]) -> Any:
-        """Queues `item` (`rows` rows of sequences `keys`) and returns its result."""
+    async def submit(self, item: Item, rows: int, keys: frozenset[str],
+                     release: Callable[[], None] | None = None) -> Any:
+        """Queues `item` (`rows` rows of sequences `keys`) and returns its result. `release`
+        is called once the item has run, whether or not its caller still waits: what the
+        item reads (a shared-memory region) must outlive a caller that went away."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._feed())
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, rows, keys, future))
+        self._queue.append(_Pending(item, rows, keys, future, release))
         self._arrival.set()
         return await future
 
@@ -86,6 +97,7 @@ class StepBatcher(Generic[Item]):
                 await self._task
         for pending in self._queue:
             pending.future.cancel()
+            pending.done(None)
         self._queue.clear()
 
     async def _feed(self) -> None:
@@ -106,8 +118,7 @@ class StepBatcher(Generic[Item]):
             self.batches += 1
             self.requests += len(batch)
             for pending, result in zip(batch, results):
-                if not pending.future.done():  # the caller may have gone away
-                    pending.future.set_result(result)
+                pending.done(result)
 
     async def _wait_for_others(self) -> None:
         """Waits up to the window while a caller with nothing queued may still send."""

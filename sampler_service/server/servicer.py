@@ -4,6 +4,7 @@ and health answers whatever the load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import Executor
 from typing import AsyncIterator, Callable, TypeVar
@@ -66,7 +67,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         """One request through the batcher: its response, or its error raised."""
         started = time.perf_counter()
-        result = await self.batcher.submit(request, len(request.rows), step_keys(request))
+        regions = contextlib.ExitStack()  # its regions stay registered until it has run
+        regions.enter_context(self.runner.hold(request))
+        result = await self.batcher.submit(request, len(request.rows), step_keys(request),
+                                           release=regions.close)
         if isinstance(result, Exception):
             raise result
         elapsed = time.perf_counter() - started

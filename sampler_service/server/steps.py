@@ -1,7 +1,7 @@
 """Runs a batch of StepRequests in the engine's thread: decode every request, step them all as
 one batch (`SamplerCore.step_calls`), encode each answer. A request that cannot be decoded or
-stepped gets its exception; the others are answered. The shared-memory and CUDA IPC regions a
-request reads are held (cannot be unregistered) until the batch is answered."""
+stepped gets its exception; the others are answered. The caller holds the shared-memory and
+CUDA IPC regions a request reads (`hold`) from its arrival until it is answered."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,7 @@ from sampler_service.service import SamplerCore, StepCall
 from sampler_service.step_logits import StepLogits
 from sampler_service.transport.codec import decode_tensor, region_refs
 from sampler_service.transport.regions import RegionRegistry
+from sampler_service.transport.sparse import decode_sparse
 
 
 class StepRunner:
@@ -27,7 +28,7 @@ class StepRunner:
         return decode_tensor(tensor, field, self.core.device, self.regions)
 
     def hold(self, request) -> contextlib.AbstractContextManager:
-        """Keeps the regions `request` reads registered while the step runs."""
+        """Keeps the regions `request` reads registered (NOT_FOUND for an unknown one)."""
         if self.regions is None:
             return contextlib.nullcontext()
         return self.regions.hold(region_refs(request))
@@ -35,7 +36,15 @@ class StepRunner:
     def decode(self, request: pb.StepRequest) -> StepCall:
         """The request out of its proto, its tensors on the engine's device."""
         rows = convert.step_rows_from_pb(request.rows)
-        logits = StepLogits.of_dense(self.decode_tensor(request.logits, "logits"))
+        sparse_rows, sparse = ((), None)
+        if request.HasField("sparse"):
+            sparse_rows, sparse = decode_sparse(request.sparse, len(rows), self.core.device,
+                                                self.decode_tensor)
+        dense = (self.decode_tensor(request.logits, "logits")
+                 if request.HasField("logits") or sparse is None else None)
+        listed = set(sparse_rows)
+        logits = StepLogits(dense, tuple(r for r in range(len(rows)) if r not in listed),
+                            sparse, tuple(sparse_rows))
         reference = (self.decode_tensor(request.reference_logits, "reference_logits")
                      if request.HasField("reference_logits") else None)
         return StepCall(rows, logits, request.processed_logprobs, reference,
@@ -44,14 +53,12 @@ class StepRunner:
     def __call__(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
         results: list[pb.StepResponse | Exception | None] = [None] * len(requests)
         calls: dict[int, StepCall] = {}
-        with contextlib.ExitStack() as holds:
-            for index, request in enumerate(requests):
-                try:
-                    holds.enter_context(self.hold(request))
-                    calls[index] = self.decode(request)
-                except Exception as exc:
-                    results[index] = exc
-            stepped = self.core.step_calls(list(calls.values()))
+        for index, request in enumerate(requests):
+            try:
+                calls[index] = self.decode(request)
+            except Exception as exc:
+                results[index] = exc
+        stepped = self.core.step_calls(list(calls.values()))
         for (index, call), answers in zip(calls.items(), stepped):
             results[index] = answers if isinstance(answers, Exception) else self.encode(
                 requests[index], call, answers)
