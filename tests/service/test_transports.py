@@ -264,3 +264,15 @@ def test_cuda_ipc_gives_the_inline_tokens(tmp_path, dtype):
     finally:
         service.terminate()
         service.wait(timeout=30)
+
+
+def test_a_refusal_listing_hundreds_of_rows_reaches_the_sdk_and_is_resent(server):
+    """256 refused rows make trailers past gRPC's default 16 KiB metadata limit."""
+    logits = step_logits(0, rows=256)
+    with SamplerClient(server.address, transport="inline", sparse_top_k=8) as sparse, \
+            SamplerClient(server.address, transport="inline") as inline:
+        expected = [c.token_id for c in inline.step(
+            inline.create_sequences([dict(policy="default", seed=i) for i in range(256)]), logits)]
+        handles = sparse.create_sequences([dict(policy="default", seed=i) for i in range(256)])
+        assert [c.token_id for c in sparse.step(handles, logits)] == expected
+        assert all(h.dense_only for h in handles)  # refused as a policy: full rows from now on

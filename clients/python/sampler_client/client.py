@@ -21,9 +21,16 @@ from sampler_client.types import Choice, GroupResult, RegionInfo, SequenceInfo
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+#: Room for an error's trailers: a refused sparse step lists every refused row (about 90
+#: bytes each), past gRPC's default 8 KiB soft / 16 KiB hard metadata limits.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES)]
 
 
 class SequenceHandle:
