@@ -156,8 +156,8 @@ class Engine:
                    inputs: RowInputs, tail: TailBound | None) -> RowBatch:
         """Applies the chain in place; on sparse rows (`tail` given) each stage's rule first."""
         batch = RowBatch(states, self.device, inputs)
-        for position, link in enumerate(states[0].policy.links):
-            args = self._stage_args(link.stage, [s.policy.links[position] for s in states])
+        for position, link in enumerate(states[0].policy.active_links):
+            args = self._stage_args(link.stage, [s.policy.active_links[position] for s in states])
             if tail is None or link.stage.sparse_tail(candidates, args, batch, tail):
                 link.stage.apply(candidates, args, batch)
             batch.pristine = False

@@ -49,12 +49,22 @@ class Link:
     def spec(self) -> dict[str, Any]:
         return {self.stage.key: {p.name: p.plain(self.values[p.name]) for p in self.stage.params}}
 
+    @property
+    def is_off(self) -> bool:
+        """Every parameter that has an off value holds it, so the stage leaves every row
+        bit-identical (and the stage may be dropped: `Processor.drops_when_off`)."""
+        declared = [p for p in self.stage.params if p.off is not None]
+        return (bool(declared) and getattr(self.stage, "drops_when_off", False)
+                and all(self.values[p.name] == p.off for p in declared))
+
 
 @dataclass(frozen=True)
 class ResolvedPolicy:
     """What a sequence pinned at creation: policy name and version, chain, selector, settings.
 
-    Sequences whose `signature` is equal run as one batch through the same stages.
+    `active_links` is the chain the engine runs: `links` without the stages whose values are
+    all off (a plan drops them once, not every step). Sequences whose `signature` is equal run
+    as one batch through the same stages.
     """
 
     name: str
@@ -68,16 +78,18 @@ class ResolvedPolicy:
     follow_latest: bool = False
     #: The request's overrides, applied again when a follow_latest sequence moves.
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    active_links: tuple[Link, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert all(isinstance(l.stage, Processor) for l in self.links)
         assert isinstance(self.selector.stage, (Selector, GroupSelector))
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        object.__setattr__(self, "active_links", tuple(l for l in self.links if not l.is_off))
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        return tuple(l.stage.key for l in self.links) + (self.selector.stage.key,)
+        return tuple(l.stage.key for l in self.active_links) + (self.selector.stage.key,)
 
     def spec(self) -> dict[str, Any]:
         """The resolved values as a policy spec (reported by GetSequence)."""

@@ -122,6 +122,7 @@ class TempExt(Processor):
 
     key = "temp_ext"
     role = "transform"
+    drops_when_off = False  # explains its decision for every row
     params = (Param("temperature", "float", default=1.0, off=1.0, minimum=0.0,
                     doc="T0, the centre of the range; with delta = 0 the plain temperature "
                         "(< 1e-5 means greedy)"),
@@ -184,6 +185,7 @@ class Edt(Processor):
 
     key = "edt"
     role = "transform"
+    drops_when_off = False  # explains its decision for every row
     params = (Param("t0", "float", default=1.0, off=1.0, minimum=0.0,
                     doc="T0, the temperature at H → ∞ (the largest EDT gives)"),
               Param("theta", "float", default=1.0, off=0.0, minimum=0.0,
@@ -259,6 +261,7 @@ class HotOrCold(Processor):
 
     key = "hot_or_cold"
     role = "transform"
+    drops_when_off = False  # explains its decision for every row
     params = (Param("hot", "float", default=1.0, off=1.0, minimum=0.0,
                     doc="temperature of a challenging token"),
               Param("cold", "float", default=1.0, off=1.0, minimum=0.0,
@@ -331,6 +334,7 @@ class KlTemperature(Processor):
 
     key = "kl_temperature"
     role = "transform"
+    drops_when_off = False  # explains its decision for every row
     params = (Param("t0", "float", default=1.0, off=1.0, minimum=0.0,
                     doc="temperature at KL = 0"),
               Param("t_min", "float", default=0.1, off=1.0, minimum=0.0,
@@ -385,6 +389,7 @@ class Sed(Processor):
 
     key = "sed"
     role = "monitor"
+    drops_when_off = False  # explains its decision for every row
     params = (Param("entropy_threshold", "float", default=2.0, off=0.0, minimum=0.0,
                     doc="raw entropy (nats) above which a step is chaotic; 0 = this criterion off"),
               Param("ratio_threshold", "float", default=0.5, off=0.0, minimum=0.0, maximum=1.0,

@@ -226,6 +226,9 @@ class Processor(Stage):
     #: "filter" (masks tokens to -inf), "transform" (changes values), "constraint", or
     #: "monitor" (changes nothing; only explains, e.g. SED's chaotic points).
     role: ClassVar[str]
+    #: A link whose parameters are all at their off values is left out of the chain the
+    #: engine runs. Stages that explain or remember something even when off say False.
+    drops_when_off: ClassVar[bool] = True
 
     @abstractmethod
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:

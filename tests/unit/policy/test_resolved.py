@@ -1,0 +1,59 @@
+"""ResolvedPolicy's plan: stages whose values are all off are left out of the chain the engine
+runs, and leaving them out changes no token, logprob or statistic."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sampler_service.engine import Engine
+from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.policy.resolved import PolicyVersion
+from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
+from sampler_service.state import SequenceState
+from tests.unit.helpers import random_logits
+
+CPU = torch.device("cpu")
+
+
+def keys(policy) -> list[str]:
+    return [link.stage.key for link in policy.active_links]
+
+
+def test_off_stages_leave_the_plan_and_the_spec_keeps_them():
+    greedy, _, _ = PolicyRegistry.from_files().get("greedy")
+    policy = resolve(greedy, PolicyVersion(1, "x"), {})
+    assert keys(policy) == []
+    assert len(policy.spec()["chain"]) == len(policy.links) == 7
+    penalised = resolve(greedy, PolicyVersion(1, "x"), {"repetition_penalty": 1.2})
+    assert keys(penalised) == ["repetition_penalty"]
+    assert policy.signature != penalised.signature
+
+
+def test_flat_parameters_plan_only_what_is_on():
+    assert keys(resolve_flat({"temperature": 0.7, "top_k": 40})) == ["temperature", "top_k"]
+    assert keys(resolve_flat({})) == []
+
+
+def test_adaptive_stages_stay_even_when_off():
+    """They explain their decision for every row, off or not."""
+    spec = parse_policy("adaptive", {"chain": [{"edt": {"t0": 1.0, "theta": 0.0, "base": 1.0}},
+                                               {"top_k": {"k": 0}}], "select": "sample"})
+    assert keys(resolve(spec, PolicyVersion(1, "x"), {})) == ["edt"]
+
+
+def test_dropped_stages_change_nothing():
+    """The shipped `default` chain (every stage off) run as planned, and run whole."""
+    default, _, _ = PolicyRegistry.from_files().get("default")
+    planned = resolve(default, PolicyVersion(1, "x"), {"logprobs": 3})
+    whole = dataclasses.replace(planned)
+    object.__setattr__(whole, "active_links", whole.links)  # the chain as written
+    assert keys(planned) == [] and len(keys(whole)) == 11
+    logits = random_logits(3, rows=6, vocab=500)
+
+    def outcomes(policy):
+        states = [SequenceState(f"s{i}", policy, (1, 2), seed=i, eos_token_ids=frozenset({7}),
+                                output_ids=[4, 4, 9]) for i in range(6)]
+        return Engine(CPU).step(states, logits.clone(), processed_logprobs=True)
+
+    assert outcomes(planned) == outcomes(whole)
