@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,15 @@ def administer(args: argparse.Namespace) -> int:
     return 0
 
 
+#: OpenMP threads that spin after each parallel region would burn the cores (and the CPU
+#: quota) a sidecar shares with its model worker, and slow both: 2-core p99 of a one-row step
+#: 5.0 -> 1.9 ms. Set before torch loads; an explicit setting wins.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def serve(args: argparse.Namespace) -> int:
+    for name, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     from sampler_service.errors import SamplerServiceError
     from sampler_service.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve_forever
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
