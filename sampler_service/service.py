@@ -316,7 +316,7 @@ class SamplerCore:
                 parts.append((call, [row]))
         extras = [call.extras(call_rows) for call, call_rows in parts]
         inputs = extras[0] if len(extras) == 1 else RowInputs(
-            raw=torch.cat([e.raw for e in extras]),
+            raw=_joined_rows([e.raw for e in extras]),
             reference=None if extras[0].reference is None else torch.cat(
                 [e.reference for e in extras]),
             signals=_joined_signals(extras))
@@ -438,14 +438,14 @@ class SamplerCore:
             if largest >= vocab:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
-        if logits.dense is not None:
-            self._validate_values([rows[r] for r in logits.dense_rows], logits.dense)
+        if logits.dense is not None and not logits.checked:
+            self.validate_values([rows[r] for r in logits.dense_rows], logits.dense)
         if call.reference is not None:
-            self._validate_values(rows, call.reference, "reference_logits")
+            self.validate_values(rows, call.reference, "reference_logits")
         return units
 
     @staticmethod
-    def _validate_values(rows: Sequence[StepRow], logits: torch.Tensor,
+    def validate_values(rows: Sequence[StepRow], logits: torch.Tensor,
                          field_name: str = "logits") -> None:
         """No NaN or +inf anywhere, and no row without a finite logit: one max per row tells
         (a row's max is NaN if it holds a NaN, +inf with a +inf, −inf if all are −inf)."""
@@ -486,7 +486,7 @@ class SamplerCore:
                                       f"have {logits.shape[0]}", "reference_logits.shape")
         for tensor, name in ((logits, "logits"), (reference, "reference_logits")):
             if tensor is not None:
-                self._validate_values([StepRow("preview")], tensor.unsqueeze(0), name)
+                self.validate_values([StepRow("preview")], tensor.unsqueeze(0), name)
         log_probs = self.engine.distribution(state, logits, reference)
         ids = torch.isfinite(log_probs).nonzero().squeeze(1)  # ascending ids
         values, order = torch.sort(log_probs.index_select(0, ids), descending=True, stable=True)
@@ -500,3 +500,16 @@ def _joined_signals(parts: Sequence[RowInputs]) -> dict[str, torch.Tensor] | Non
     return {name: torch.cat([p.signals[name] if p.signals is not None else
                              torch.zeros(p.raw.shape[0], device=p.raw.device) for p in parts])
             for name in SIGNAL_NAMES}
+
+
+def _joined_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[R, V] parts as one tensor: a view when they lie one after another in one buffer (the
+    step runner decodes a batch's requests so), else a copy."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if not (part.is_contiguous() and part.untyped_storage().data_ptr()
+                == first.untyped_storage().data_ptr() and part.storage_offset() == offset):
+            return torch.cat(list(parts))
+        offset += part.numel()
+    return first.as_strided((sum(p.shape[0] for p in parts), first.shape[1]), first.stride())

@@ -24,6 +24,8 @@ class StepLogits:
     dense_rows: tuple[int, ...]
     sparse: "SparseLogits | None" = None
     sparse_rows: tuple[int, ...] = ()
+    #: The caller checked the dense values already (no NaN or +inf, a finite logit per row).
+    checked: bool = False
 
     @classmethod
     def of_dense(cls, logits: torch.Tensor) -> "StepLogits":

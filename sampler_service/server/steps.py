@@ -5,15 +5,22 @@ CUDA IPC regions a request reads (`hold`) from its arrival until it is answered.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_service.errors import SamplerServiceError
 from sampler_service.server import convert
 from sampler_service.service import SamplerCore, StepCall
 from sampler_service.step_logits import StepLogits
-from sampler_service.transport.codec import decode_tensor, region_refs
+from sampler_service.transport.codec import decode_tensor, region_refs, wire_tensor
 from sampler_service.transport.regions import RegionRegistry
 from sampler_service.transport.sparse import decode_sparse
+
+if TYPE_CHECKING:
+    from sampler_service.policy.sparse import SparseLogits
 
 
 class StepRunner:
@@ -33,31 +40,71 @@ class StepRunner:
             return contextlib.nullcontext()
         return self.regions.hold(region_refs(request))
 
-    def decode(self, request: pb.StepRequest) -> StepCall:
-        """The request out of its proto, its tensors on the engine's device."""
+    def decode(self, request: pb.StepRequest) -> "_Decoded":
+        """Everything of the request but its dense logits' values, which stay as they travel
+        (`wire`) until `__call__` copies every request's into one batch buffer."""
         rows = convert.step_rows_from_pb(request.rows)
         sparse_rows, sparse = ((), None)
         if request.HasField("sparse"):
             sparse_rows, sparse = decode_sparse(request.sparse, len(rows), self.core.device,
                                                 self.decode_tensor)
-        dense = (self.decode_tensor(request.logits, "logits")
-                 if request.HasField("logits") or sparse is None else None)
-        listed = set(sparse_rows)
-        logits = StepLogits(dense, tuple(r for r in range(len(rows)) if r not in listed),
-                            sparse, tuple(sparse_rows))
+        wire = (wire_tensor(request.logits, "logits", self.regions)
+                if request.HasField("logits") or sparse is None else None)
         reference = (self.decode_tensor(request.reference_logits, "reference_logits")
                      if request.HasField("reference_logits") else None)
-        return StepCall(rows, logits, request.processed_logprobs, reference,
-                        convert.signals_from_pb(request, self.core.device))
+        return _Decoded(rows, wire, tuple(sparse_rows), sparse, request.processed_logprobs,
+                        reference, convert.signals_from_pb(request, self.core.device))
+
+    def dense_logits(self, decoded: dict[int, "_Decoded"]) -> dict[int, torch.Tensor | Exception]:
+        """Each request's dense logits as float32 rows of one buffer per vocabulary size (one
+        copy from the wire, and adjacent rows the engine can take without another), checked
+        in one pass: a request with NaN, +inf or an all -inf row gets its error instead."""
+        out: dict[int, torch.Tensor | Exception] = {}
+        by_vocab: dict[int, list[int]] = {}
+        for index, item in decoded.items():
+            if item.wire is None:
+                continue
+            if item.wire.dim() == 2:
+                by_vocab.setdefault(item.wire.shape[1], []).append(index)
+            else:  # the core names the wrong shape
+                out[index] = item.wire.to(device=self.core.device, dtype=torch.float32)
+        for vocab, members in by_vocab.items():
+            buffer = torch.empty(sum(decoded[i].wire.shape[0] for i in members), vocab,
+                                 device=self.core.device)
+            start = 0
+            for index in members:
+                end = start + decoded[index].wire.shape[0]
+                out[index] = buffer[start:end]
+                out[index].copy_(decoded[index].wire)
+                start = end
+            bad = ~torch.isfinite(buffer.amax(dim=1))
+            if bool(bad.any()):
+                for index in members:
+                    try:
+                        dense_rows = decoded[index].dense_rows
+                        self.core.validate_values([decoded[index].rows[r] for r in dense_rows],
+                                                  out[index])
+                    except SamplerServiceError as exc:
+                        out[index] = exc
+        return out
 
     def __call__(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
         results: list[pb.StepResponse | Exception | None] = [None] * len(requests)
-        calls: dict[int, StepCall] = {}
+        decoded: dict[int, _Decoded] = {}
         for index, request in enumerate(requests):
             try:
-                calls[index] = self.decode(request)
+                decoded[index] = self.decode(request)
             except Exception as exc:
                 results[index] = exc
+        dense = self.dense_logits(decoded)
+        calls: dict[int, StepCall] = {}
+        for index, item in decoded.items():
+            values = dense.get(index)
+            if isinstance(values, Exception):
+                results[index] = values
+            else:
+                calls[index] = item.call(values, checked=item.wire is not None
+                                         and item.wire.dim() == 2)
         stepped = self.core.step_calls(list(calls.values()))
         for (index, call), answers in zip(calls.items(), stepped):
             results[index] = answers if isinstance(answers, Exception) else self.encode(
@@ -70,3 +117,27 @@ class StepRunner:
         for answer in answers:
             convert.answer_pb(response, call.rows[answer[0]].sequence_id, answer)
         return response
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A decoded request whose dense logits are still `wire` (as they travel)."""
+
+    rows: list
+    wire: torch.Tensor | None
+    sparse_rows: tuple[int, ...]
+    sparse: "SparseLogits | None"
+    processed_logprobs: bool
+    reference: torch.Tensor | None
+    signals: dict | None
+
+    @property
+    def dense_rows(self) -> tuple[int, ...]:
+        listed = set(self.sparse_rows)
+        return tuple(r for r in range(len(self.rows)) if r not in listed)
+
+    def call(self, dense: torch.Tensor | None, checked: bool) -> StepCall:
+        """The StepCall with `dense` as its dense logits (`checked`: their values are)."""
+        logits = StepLogits(dense, self.dense_rows, self.sparse, self.sparse_rows,
+                            checked=checked)
+        return StepCall(self.rows, logits, self.processed_logprobs, self.reference, self.signals)

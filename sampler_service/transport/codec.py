@@ -36,7 +36,18 @@ def decode_tensor(tensor: pb.Tensor, field: str, device: torch.device,
                   regions: RegionRegistry | None = None) -> torch.Tensor:
     """The tensor as float32 [shape] on `device`: a fresh tensor, except FP32 in a CUDA
     region, which comes back as a view of the region (read it, never write it, and only
-    inside the step's `hold`).
+    inside the step's `hold`). Errors: see `wire_tensor`."""
+    typed = wire_tensor(tensor, field, regions)
+    if typed.is_cuda:  # already on a device: a view (FP32) or a cast there
+        return typed.to(device=device, dtype=torch.float32)
+    return _float32_copy(typed, device)
+
+
+def wire_tensor(tensor: pb.Tensor, field: str,
+                regions: RegionRegistry | None = None) -> torch.Tensor:
+    """The tensor's elements as they travel: a view in the wire dtype [shape] of the message's
+    bytes, the mapped region or the CUDA allocation (no copy; read it only inside the step's
+    `hold`). `decode_tensor` copies from it, and so does the step runner, into one batch buffer.
 
     `regions` are the registered regions (None: the service runs without shared memory).
     Raises InvalidArgument naming the offending part of `field` (dtype, shape, raw size,
@@ -60,13 +71,10 @@ def decode_tensor(tensor: pb.Tensor, field: str, device: torch.device,
         raw = tensor.raw  # every access copies the bytes out of the message: once only
         if len(raw) != expected:
             raise InvalidArgument(f"raw holds {len(raw)} bytes but {need}", f"{field}.raw")
-        return _float32_copy(_typed(host_bytes_tensor(raw), tensor.dtype, shape), device)
+        return _typed(host_bytes_tensor(raw), tensor.dtype, shape)
     wire = _region_bytes(getattr(tensor, which), which, f"{field}.{which}", expected, need,
                          regions)
-    typed = _typed(wire, tensor.dtype, shape)
-    if which == "cuda_ipc":  # already on the device: a view (FP32) or a cast there
-        return typed.to(device=device, dtype=torch.float32)
-    return _float32_copy(typed, device)
+    return _typed(wire, tensor.dtype, shape)
 
 
 def region_refs(request: pb.StepRequest | pb.PreviewRequest) -> list[tuple[str, str]]:

@@ -1,0 +1,55 @@
+"""StepRunner: a batch of requests decoded into one buffer, checked in one pass, stepped as
+one engine call; each request answered as if alone, a bad one failing alone."""
+from __future__ import annotations
+
+import torch
+
+from sampler_client.requests import step_request
+from sampler_service.engine import Engine
+from sampler_service.errors import InvalidArgument
+from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.server.steps import StepRunner
+from sampler_service.service import SamplerCore, SequenceRequest
+from sampler_service.state import SequenceStore
+
+VOCAB = 300
+
+
+def runner_with(ids: list[str], policy: str = "creative") -> StepRunner:
+    core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")))
+    core.create_sequences([SequenceRequest(sid, policy=policy, params={"seed": ord(sid[-1])})
+                           for sid in ids])  # a sequence's seed depends on its id alone
+    return StepRunner(core, None)
+
+
+def requests_for(ids: list[str], logits: list[torch.Tensor]):
+    return [step_request([(sid, None, None)], row, processed_logprobs=True)
+            for sid, row in zip(ids, logits)]
+
+
+def test_a_batch_answers_what_each_request_gets_alone():
+    ids = [f"s{i}" for i in range(5)]
+    logits = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)).to(dtype)
+              for i, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16,
+                                         torch.float32, torch.float32])]
+    together = runner_with(ids)(requests_for(ids, logits))
+    alone = runner_with(ids)
+    for request, answer in zip(requests_for(ids, logits), together):
+        assert alone([request])[0] == answer
+
+
+def test_a_bad_request_fails_alone_and_the_others_are_answered():
+    ids = ["a", "b", "c"]
+    logits = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    logits[1][0, 7] = float("nan")
+    answers = runner_with(ids)(requests_for(ids, logits))
+    assert isinstance(answers[1], InvalidArgument) and answers[1].field == "logits"
+    clean = runner_with(["a", "c"])(requests_for(["a", "c"], [logits[0], logits[2]]))
+    assert [answers[0], answers[2]] == clean
+
+
+def test_requests_of_different_vocabularies_share_a_batch():
+    ids = ["a", "b"]
+    logits = [torch.randn(1, VOCAB), torch.randn(1, VOCAB + 5)]
+    answers = runner_with(ids, "greedy")(requests_for(ids, logits))
+    assert [a.choices[0].token_id for a in answers] == [int(l.argmax()) for l in logits]
