@@ -2,10 +2,12 @@
 same bytes and the in-process engine alone, all measured in this run.
 
 The service and the echo server run as processes of their own (as in a pod); the client runs
-here. For 64 x 128256 (fp32 and bf16) it prints the median round trip of one `Step` by inline
-bytes over TCP and over a Unix socket, by shared memory, and as sparse rows with K = 64 and
-1024, next to the echo of the inline request and the in-process engine (decode + step). For
-1 x 49152 greedy over one StepStream it prints p50 / p99 next to a bare bidirectional echo.
+here. For 64 x 128256 Zipf-shaped logits (fp32 and bf16) it prints the median round trip of
+one `Step` by inline bytes over TCP and over a Unix socket, by shared memory, and as sparse
+rows with K = 64 and 1024 (through the SDK, which computes the top-K on this CPU, and with the
+rows built beforehand, as a GPU worker would hand them over), next to the echo of the inline
+request and the in-process engine (decode + step). For 1 x 49152 greedy over one StepStream
+it prints p50 / p99 next to a bare bidirectional echo.
 
     python benchmarks/transport.py [--policy creative] [--repeats 15] [--stream-steps 2000]
 """
@@ -20,10 +22,14 @@ import time
 import grpc
 import torch
 
-from common import median_ms, print_table, spawn, spawn_service
+from common import median_ms, print_table, spawn, spawn_service, zipf_logits
 from sampler_client import SamplerClient
 from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from sampler_client.errors import from_rpc_error
 from sampler_client.requests import step_request
+from sampler_client.sparse import top_k_with_tail
+from sampler_client.tensors import inline_tensor, wire_tensor
+from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.engine import Engine
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.service import SamplerCore, SequenceRequest, StepRow
@@ -101,6 +107,38 @@ def step_ms(address: str, policy: str, logits: torch.Tensor, repeats: int, **cli
         return median_ms(step, repeats=repeats)
 
 
+def prebuilt_sparse_ms(address: str, policy: str, logits: torch.Tensor, k: int,
+                       repeats: int) -> tuple[float, float, int]:
+    """(round trip of a Step whose sparse rows were built beforehand, as a GPU worker hands
+    them over: its device's top-K costs ~0.1 ms; the SDK's top-K + tail on this CPU, ms; rows
+    the service refused over all steps, resent in full as the SDK does)."""
+    wire = wire_tensor(logits)
+    worker_ms = median_ms(lambda: top_k_with_tail(wire, k), repeats=repeats)
+    rows = top_k_with_tail(wire, k)
+    with SamplerClient(address, transport="inline") as client:
+        sequences = client.create_sequences([dict(policy=policy, seed=i)
+                                             for i in range(logits.shape[0])])
+        ids = [(s.sequence_id, None, None) for s in sequences]
+        step = client._stub.Step  # the SDK's own call, minus the worker's top-K
+
+        def request(dense: list[int]) -> pb.StepRequest:
+            sent = [r for r in range(len(ids)) if r not in dense]
+            return step_request(ids, logits[dense] if dense else None, sparse=rows.take(
+                sent).message(sent, logits.shape[1], inline_tensor(rows.values.take_rows(sent))))
+
+        prepared, refused = request([]), [0]
+
+        def sparse_step():
+            try:
+                step(prepared)
+            except grpc.RpcError as error:  # resend the refused rows in full, as the SDK does
+                dense = sorted({int(f[5:].split("]")[0]) for f in from_rpc_error(error).fields})
+                refused[0] += len(dense)
+                step(request(dense))
+
+        return median_ms(sparse_step, repeats=repeats), worker_ms, refused[0]
+
+
 def engine_ms(policy: str, logits: torch.Tensor, repeats: int) -> float:
     """The in-process engine: decode the inline request, then the core's step."""
     core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")))
@@ -114,7 +152,7 @@ def engine_ms(policy: str, logits: torch.Tensor, repeats: int) -> float:
 
 
 def large_table(args, service: str, uds: str, echo: grpc.Channel, dtype: torch.dtype) -> None:
-    logits = (torch.randn(64, 128256, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    logits = zipf_logits(64, 128256).to(dtype)  # shaped like a model's: top-p closes early
     payload = step_request([(f"s{i}", None, None) for i in range(64)], logits).SerializeToString()
     echo_call = echo.unary_unary(f"/{ECHO_SERVICE}/Echo")
     echo_ms = median_ms(lambda: echo_call(payload), repeats=args.repeats)
@@ -127,13 +165,19 @@ def large_table(args, service: str, uds: str, echo: grpc.Channel, dtype: torch.d
                                                          transport="inline")),
              ("Step, shared memory", step_ms(service, args.policy, logits, args.repeats,
                                              transport="shm"))]
+    worker = []
     for k in (64, 1024):
-        cases.append((f"Step, sparse K = {k} (inline)", step_ms(
+        cases.append((f"Step, sparse K = {k} (SDK, top-K on this CPU)", step_ms(
             service, args.policy, logits, args.repeats, transport="inline", sparse_top_k=k)))
+        prebuilt, worker_ms, refused = prebuilt_sparse_ms(service, args.policy, logits, k,
+                                                          args.repeats)
+        cases.append((f"Step, sparse K = {k} (rows prebuilt; {refused} rows resent)", prebuilt))
+        worker.append(f"K = {k}: {worker_ms:.1f} ms")
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     print_table(f"64 x 128256 {name} ({len(payload) / 1e6:.1f} MB inline), policy {args.policy}",
                 [(label, ms, f"{ms / engine:.2f}x engine, {inline / ms:.1f}x faster than inline")
                  for label, ms in cases])
+    print(f"  (the SDK's top-K + tail statistics on this CPU: {', '.join(worker)})")
 
 
 def stream_table(args, service: str, uds: str, echo: grpc.Channel) -> None:
