@@ -7,7 +7,7 @@ PROTO_SRC := protos/sampler/v1/sampler.proto
 STUBS_DIR := clients/python
 STUBS_PKG := $(STUBS_DIR)/sampler_proto
 
-.PHONY: venv proto check-proto docs check-docs test demo serve bench clean
+.PHONY: venv proto check-proto docs check-docs test test-gpu demo serve bench clean
 
 # torch==2.13.0 first (the CPU build on this disk): pyproject's torch range is then satisfied.
 # The example plug-in package is installed too: `make test` runs its test and uses its entry point.
@@ -49,6 +49,12 @@ check-docs: $(STAMP)
 
 test: $(STAMP) check-proto check-docs
 	$(BIN)/python -m pytest -q
+
+# The GPU tests (CUDA engine, CUDA IPC regions and transport); they skip without CUDA. Needs a
+# CUDA build of torch in the venv; installs cupy (the `gpu` extra) for CUDA IPC.
+test-gpu: $(STAMP)
+	$(BIN)/pip install -q -e '.[gpu]'
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 demo: $(STAMP)
 	$(BIN)/python examples/smollm2_demo.py
