@@ -23,6 +23,7 @@ import mmap
 import os
 import stat
 import threading
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -241,19 +242,27 @@ class CudaMapping:
 
 @dataclass
 class _Region:
-    name: str
-    kind: str
-    key: str
-    offset: int
-    byte_size: int
-    device_id: int
-    client_id: str
+    """A registered region: what was registered (`registered.in_use` unused), its mapping and
+    how many steps read it now."""
+
+    registered: RegionInfo
     mapping: SystemMapping | CudaMapping
     in_use: int = 0
 
+    @property
+    def name(self) -> str:
+        return self.registered.name
+
+    @property
+    def kind(self) -> str:
+        return self.registered.kind
+
+    @property
+    def client_id(self) -> str:
+        return self.registered.client_id
+
     def info(self) -> RegionInfo:
-        return RegionInfo(self.name, self.kind, self.key, self.offset, self.byte_size,
-                          self.device_id, self.client_id, self.in_use)
+        return dataclasses.replace(self.registered, in_use=self.in_use)
 
 
 class RegionRegistry:
@@ -281,7 +290,8 @@ class RegionRegistry:
         if byte_size <= 0:
             raise InvalidArgument("byte_size must be > 0", "byte_size")
         mapping = SystemMapping(key, offset, byte_size)
-        self._insert(_Region(name, SYSTEM, key, offset, byte_size, 0, client_id, mapping))
+        self._insert(_Region(RegionInfo(name, SYSTEM, key, offset, byte_size, 0, client_id, 0),
+                             mapping))
 
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
                       client_id: str) -> None:
@@ -307,7 +317,8 @@ class RegionRegistry:
                                      f"(cuda:{self._cuda_index}): allocate the region there",
                                      "device_id")
         mapping = CudaMapping(raw_handle, self._cuda_index, byte_size)
-        self._insert(_Region(name, CUDA, "", 0, byte_size, device_id, client_id, mapping))
+        self._insert(_Region(RegionInfo(name, CUDA, "", 0, byte_size, device_id, client_id, 0),
+                             mapping))
 
     def unregister(self, name: str, client_id: str) -> list[str]:
         """Forgets region `name`, or (empty `name`) every region registered with `client_id`;

@@ -43,10 +43,18 @@ def test_the_installed_entry_point_registers_the_processor():
 
 
 def test_capped_logits_equal_the_hand_values_and_an_off_row_is_untouched():
+    """One batch with a row at cap 2 and a row at cap 0 (off). (A policy at cap 0 leaves the
+    stage out of its plan altogether; the stage itself must still leave such a row alone.)"""
     logits = torch.tensor([LOGITS, LOGITS])
-    candidates, _ = Engine(CPU).process(states([2.0, 0.0]), logits.clone(), RowInputs(logits))
+    candidates = Candidates(logits.clone())
+    LogitSoftcap().apply(candidates, {"cap": torch.tensor([2.0, 0.0])}, RowBatch([], CPU))
     assert candidates.values[0].tolist() == pytest.approx(CAPPED_AT_2, abs=1e-6)
     assert torch.equal(candidates.values[1], logits[1])  # cap 0 is off: bit-identical
+
+
+def test_a_policy_at_cap_zero_plans_no_stage():
+    assert sequence("off", 0.0).policy.active_links == ()
+    assert len(sequence("on", 2.0).policy.active_links) == 1
 
 
 def test_capped_logits_stay_within_the_cap_in_order():
