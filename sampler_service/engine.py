@@ -20,7 +20,7 @@ A step with refused rows chooses nothing and raises `NotExact` listing every one
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -31,28 +31,9 @@ from sampler_service.policy.processors.base import RowBatch, RowInputs, Selector
 from sampler_service.policy.sparse import NotExact, Refusal, SparseLogits, TailBound, fmt
 from sampler_service.policy.statistics import RawStatistics, raw_statistics
 from sampler_service.policy.resolved import Link
-from sampler_service.state import SequenceState
+from sampler_service.state import RowOutcome, SequenceState, TopList
 
 _TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
-TopList = tuple[tuple[int, float], ...]
-
-
-@dataclass(frozen=True)
-class RowOutcome:
-    """What the engine chose for one row and what it measured."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: TopList
-    entropy: float
-    varentropy: float
-    processed_logprob: float | None = None
-    processed_top_logprobs: TopList = ()
-    processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
-    #: Per-sequence state the stages asked to keep (e.g. mirostat's mu), by stage key.
-    memory: dict[str, Any] = field(default_factory=dict)
-    #: What the adaptive stages decided for this row: {stage key: {field: value}}.
-    explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

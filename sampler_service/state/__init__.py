@@ -1,7 +1,9 @@
 """Per-sequence state (`SequenceState`) and the map of live sequences (`SequenceStore`)."""
 
 from sampler_service.state.history import TokenHistory
-from sampler_service.state.sequence import FinishReason, SequenceState, StepRecord
+from sampler_service.state.sequence import (FinishReason, RowOutcome, SequenceState, StepRecord,
+                                            TopList)
 from sampler_service.state.store import SequenceStore
 
-__all__ = ["FinishReason", "SequenceState", "SequenceStore", "StepRecord", "TokenHistory"]
+__all__ = ["FinishReason", "RowOutcome", "SequenceState", "SequenceStore", "StepRecord",
+           "TokenHistory", "TopList"]

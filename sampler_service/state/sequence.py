@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sampler_service.state.history import TokenHistory
 
 if TYPE_CHECKING:
-    from sampler_service.engine import RowOutcome
     from sampler_service.policy.resolved import ResolvedPolicy
 
 
@@ -23,6 +22,28 @@ class FinishReason(enum.IntEnum):
 
 #: Weight of the newest step in the entropy moving averages (`SequenceState.ema_entropy`).
 ENTROPY_EMA_ALPHA = 0.2
+
+
+TopList = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What the engine chose for one row and what it measured: a step's outcome, which
+    `SequenceState.record_step` turns into the sequence's `StepRecord`."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: TopList
+    entropy: float
+    varentropy: float
+    processed_logprob: float | None = None
+    processed_top_logprobs: TopList = ()
+    processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
+    #: Per-sequence state the stages asked to keep (e.g. mirostat's mu), by stage key.
+    memory: dict[str, Any] = field(default_factory=dict)
+    #: What the adaptive stages decided for this row: {stage key: {field: value}}.
+    explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,7 +173,7 @@ class SequenceState:
         other.history = self.history.copy()
         return other
 
-    def record_step(self, outcome: "RowOutcome", vocab: int, parent: int = 0,
+    def record_step(self, outcome: RowOutcome, vocab: int, parent: int = 0,
                     score: float = 0.0) -> StepRecord:
         """Accepts what the engine chose for this sequence (token, stage memory, statistics)
         and returns the step's record, kept as `last_record` for retries."""
