@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ class SystemRegion:
         self.byte_size = byte_size
         self._memory = shared_memory.SharedMemory(name=name, create=True, size=byte_size)
         self._free = weakref.finalize(self, _close_and_unlink, self._memory)
+        try:  # reserve the pages now: a full /dev/shm is an OSError here, not a SIGBUS mid-write
+            os.posix_fallocate(self._memory._fd, 0, byte_size)
+        except OSError:
+            self._free()
+            raise
 
     @property
     def key(self) -> str:

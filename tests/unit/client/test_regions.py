@@ -34,6 +34,12 @@ def new_region():
         region.free()
 
 
+def test_a_system_region_reserves_its_pages_when_made(new_region):
+    """A full /dev/shm fails the creation (and auto falls back), never a later write (SIGBUS)."""
+    region = new_region(1 << 20)
+    assert os.stat(shm_path(region)).st_blocks * 512 >= 1 << 20
+
+
 def test_alignment_and_capacity():
     assert [aligned(n) for n in (0, 1, ALIGNMENT, ALIGNMENT + 1)] == [0, ALIGNMENT, ALIGNMENT,
                                                                        2 * ALIGNMENT]
