@@ -68,8 +68,9 @@ class StepCall:
     def extras(self, rows: Sequence[int]) -> RowInputs:
         """The reference logits and signals of request rows `rows`, with their dense logits
         when every one of them is dense (else `raw` is None)."""
-        index = torch.tensor(list(rows), device=self.logits.device)
         dense = all(not self.logits.is_sparse(r) for r in rows)
+        index = (None if self.reference is None and self.signals is None
+                 else torch.tensor(list(rows), device=self.logits.device))
         return RowInputs(
             raw=self.logits.dense_of(rows) if dense else None,
             reference=None if self.reference is None else self.reference.index_select(0, index),

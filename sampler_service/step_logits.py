@@ -7,6 +7,7 @@ which keeps a single-kind request's tensor as it is (no copy) when it asks for e
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -47,11 +48,11 @@ class StepLogits:
     def is_sparse(self, row: int) -> bool:
         return row in self._sparse_index
 
-    @property
+    @functools.cached_property
     def _sparse_index(self) -> dict[int, int]:
         return {row: i for i, row in enumerate(self.sparse_rows)}
 
-    @property
+    @functools.cached_property
     def _dense_index(self) -> dict[int, int]:
         return {row: i for i, row in enumerate(self.dense_rows)}
 
