@@ -2,6 +2,7 @@
 one engine call; each request answered as if alone, a bad one failing alone."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sampler_client.requests import step_request
@@ -53,3 +54,13 @@ def test_requests_of_different_vocabularies_share_a_batch():
     logits = [torch.randn(1, VOCAB), torch.randn(1, VOCAB + 5)]
     answers = runner_with(ids, "greedy")(requests_for(ids, logits))
     assert [a.choices[0].token_id for a in answers] == [int(l.argmax()) for l in logits]
+
+
+def test_small_batches_run_on_one_intra_op_thread_and_the_count_comes_back():
+    from sampler_service.server.steps import intra_op_threads
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("the count comes back even so")
+    assert torch.get_num_threads() == before
