@@ -92,9 +92,11 @@ class StepRunner:
         return out
 
     def __call__(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
+        rows = sum(len(r.rows) for r in requests)
         elements = sum(math.prod(r.logits.shape) + math.prod(r.sparse.logits.shape)
                        for r in requests)
-        with intra_op_threads(1 if elements < SINGLE_THREAD_ELEMENTS else self.threads):
+        small = rows < SINGLE_THREAD_ROWS and elements < SINGLE_THREAD_ELEMENTS
+        with intra_op_threads(1 if small else self.threads):
             return self._run(requests)
 
     def _run(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
@@ -128,9 +130,11 @@ class StepRunner:
         return response
 
 
-#: A batch with fewer logits than this runs on one intra-op thread: waking a second one costs
-#: more than it saves (engine thread, 2 cores, one 1 x 49152 greedy step: 0.69 ms on two
-#: threads, 0.43 on one; 4 rows 1.07 / 0.99; 8 rows 1.62 / 1.84; 64 x 128256 52 / 82 ms).
+#: A batch of fewer rows and logits than these runs on one intra-op thread: waking a second
+#: one costs more than it saves (engine thread, 2 cores, 1 x 49152 greedy: 0.69 ms on two
+#: threads, 0.43 on one; 4 rows 1.07 / 0.99; 8 rows 1.62 / 1.84; 64 x 128256 creative 52 /
+#: 82 ms; 64 sparse rows of K = 1024, 65k logits, 10-13 / 12-20 ms).
+SINGLE_THREAD_ROWS = 8
 SINGLE_THREAD_ELEMENTS = 1 << 18
 
 
