@@ -122,8 +122,16 @@ class TorchWire(WireTensor):
         return host.numpy().tobytes()
 
     def write_to_host(self, buffer: memoryview, offset: int) -> None:
+        """A host tensor of the wire dtype is copied by NumPy: one thread, no OpenMP team to
+        wake (or left spinning beside the service); a cast or a GPU tensor goes through torch."""
         import torch
         count = math.prod(self.shape)
+        if self.tensor.device.type == "cpu" and self.tensor.dtype == self._torch_dtype:
+            bits = self.tensor.view(torch.int16) if self.dtype == pb.BF16 else self.tensor
+            source = bits.numpy()
+            np.copyto(np.frombuffer(buffer, dtype=source.dtype, count=count, offset=offset)
+                      .reshape(self.shape), source)
+            return
         torch.frombuffer(buffer, dtype=self._torch_dtype, count=count, offset=offset) \
             .view(self.shape).copy_(self.tensor)
 

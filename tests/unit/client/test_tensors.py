@@ -28,6 +28,10 @@ SOURCES = {  # name: (make, wire dtype, the little-endian bytes expected)
     "torch-fp16": (_torch_source("float16"), pb.FP16, VALUES.astype("<f2").tobytes()),
     "torch-fp64-strided": (_torch_source("float64", strided=True), pb.FP32,
                            VALUES.astype("<f4").tobytes()),
+    "torch-fp32-strided": (_torch_source("float32", strided=True), pb.FP32,
+                           VALUES.astype("<f4").tobytes()),
+    "torch-fp16-strided": (_torch_source("float16", strided=True), pb.FP16,
+                           VALUES.astype("<f2").tobytes()),
 }
 
 
@@ -48,9 +52,11 @@ def test_inline_and_host_buffer_bytes_are_the_wire_encoding(name):
     assert buffer[:32] == b"\xff" * 32 and buffer[32 + len(expected):] == b"\xff" * 8
 
 
-def test_bf16_travels_as_its_bits_inline_and_in_a_buffer():
+@pytest.mark.parametrize("strided", [False, True])
+def test_bf16_travels_as_its_bits_inline_and_in_a_buffer(strided):
     torch = pytest.importorskip("torch")
-    wire = wire_tensor(torch.from_numpy(VALUES).bfloat16())
+    tensor = torch.from_numpy(VALUES).bfloat16()
+    wire = wire_tensor(tensor.t().contiguous().t() if strided else tensor)
     expected = _bf16_bytes()
     assert (wire.dtype, wire.raw()) == (pb.BF16, expected)
     buffer = bytearray(len(expected))
