@@ -94,8 +94,9 @@ TRANSPORTS = [  # (label, target: "tcp" or "uds", SamplerClient options)
 
 
 def show_transports(model, tokenizer, targets: dict[str, str]) -> None:
-    """The same greedy generation by every transport: identical tokens, the sidecar's cost."""
-    prompt = RUNS[0][0]
+    """The same greedy generation by every transport: identical tokens, the sidecar's cost
+    (a poem: long enough that the first step's region registration is amortised)."""
+    prompt = RUNS[1][0]
     input_ids = chat_ids(tokenizer, prompt)
     print(f"[transports, greedy] {prompt}")
     outputs = []
