@@ -23,6 +23,7 @@ the dense row, so only a margin makes the float32 result the same.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 
@@ -438,7 +439,21 @@ def _typical_set(log_p: torch.Tensor, entropy: torch.Tensor, p: torch.Tensor,
     return gap <= cut.unsqueeze(1), stable & separated, cut, first < width
 
 
-class EpsilonCutoff(Processor):
+class _ProbableCutoff(Processor):
+    """A cut that keeps the tokens whose probability reaches a row's threshold (`_threshold`:
+    the logit each row keeps down to), on the rows whose `epsilon` is on (> 0)."""
+
+    @abstractmethod
+    def _threshold(self, candidates: Candidates, args: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[R] the smallest logit each row keeps."""
+
+    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
+        on = args["epsilon"] > 0
+        if bool(on.any()):
+            _mask_rows(candidates, on, self._threshold(candidates, args))
+
+
+class EpsilonCutoff(_ProbableCutoff):
     """Epsilon sampling (Hewitt et al. 2022): keeps tokens with p_i ≥ ε, and at least the
     `min_keep` best.
 
@@ -461,10 +476,6 @@ class EpsilonCutoff(Processor):
         return _probable_threshold(candidates, probs >= epsilon.unsqueeze(1),
                                    _min_keep(args, epsilon))
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
-        on = args["epsilon"] > 0
-        if bool(on.any()):
-            _mask_rows(candidates, on, self._threshold(candidates, args))
 
     def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
                     tail: TailBound) -> bool:
@@ -484,7 +495,7 @@ class EpsilonCutoff(Processor):
         return True
 
 
-class EtaCutoff(Processor):
+class EtaCutoff(_ProbableCutoff):
     """Eta sampling (Hewitt et al. 2022): keeps tokens with p_i ≥ η, η = min(ε, √ε · e^(−H)),
     H = −Σ p log p in nats, and at least the `min_keep` best.
 
@@ -514,10 +525,6 @@ class EtaCutoff(Processor):
         eta = self._eta(epsilon, entropy)
         return _probable_threshold(candidates, probs >= eta.unsqueeze(1), _min_keep(args, epsilon))
 
-    def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
-        on = args["epsilon"] > 0
-        if bool(on.any()):
-            _mask_rows(candidates, on, self._threshold(candidates, args))
 
     def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
                     tail: TailBound) -> bool:

@@ -2,6 +2,7 @@
 CUDA allocations exported by another process (skipped without CUDA and cupy)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from multiprocessing import shared_memory
@@ -85,3 +86,17 @@ def cuda_regions():
     registry.close()
 
 
+
+
+@pytest.fixture
+def shrunk_region(shm_objects, cpu_regions):
+    """`cpu_regions` with region "r" (bytes 4096-8191 of an object) whose object the worker
+    then shrank to 4096 bytes: the registered range lies past its end."""
+    shm = shm_objects(bytes(8192))
+    cpu_regions.register_system("r", shm.name, 4096, 4096, "")
+    fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
+    try:
+        os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+    return cpu_regions

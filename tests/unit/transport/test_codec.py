@@ -5,7 +5,6 @@ without CUDA and cupy."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -185,17 +184,10 @@ def test_a_byte_size_that_is_not_the_shape_is_invalid(shm_objects, cpu_regions, 
     assert field_of(excinfo) == "logits.shared_memory.byte_size"
 
 
-def test_a_shrunk_object_is_a_failed_precondition(shm_objects, cpu_regions):
-    shm = shm_objects(bytes(8192))
-    cpu_regions.register_system("r", shm.name, 4096, 4096, "")
-    fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
-    try:
-        os.ftruncate(fd, 4096)
-    finally:
-        os.close(fd)
+def test_a_shrunk_object_is_a_failed_precondition(shrunk_region):
     with pytest.raises(FailedPrecondition, match="register the region again") as excinfo:
         decode_tensor(region_tensor(pb.FP32, (1, 4), "shared_memory", "r", 0), "logits", CPU,
-                      cpu_regions)
+                      shrunk_region)
     assert field_of(excinfo) == "logits.shared_memory.region"
 
 

@@ -164,16 +164,9 @@ def test_the_region_cap_is_resource_exhausted(shm_objects):
         registry.close()
 
 
-def test_a_shrunk_object_is_a_failed_precondition_not_a_crash(shm_objects, cpu_regions):
-    shm = shm_objects(bytes(8192))
-    cpu_regions.register_system("r", shm.name, 4096, 4096, "")
-    fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
-    try:
-        os.ftruncate(fd, 4096)
-    finally:
-        os.close(fd)
+def test_a_shrunk_object_is_a_failed_precondition_not_a_crash(shrunk_region):
     with pytest.raises(FailedPrecondition, match="shrank to 4096 bytes") as excinfo:
-        cpu_regions.region_bytes("r", SYSTEM, "logits.shared_memory.region")
+        shrunk_region.region_bytes("r", SYSTEM, "logits.shared_memory.region")
     assert field_of(excinfo) == "logits.shared_memory.region"
 
 
