@@ -27,7 +27,8 @@ import torch
 
 from sampler_service.errors import FailedPrecondition
 from sampler_service.policy.candidates import Candidates
-from sampler_service.policy.processors.base import RowBatch, RowInputs, Selector, Stage
+from sampler_service.policy.processors.base import (PLUGIN_KEYS, RowBatch, RowInputs, Selector,
+                                                    Stage)
 from sampler_service.policy.sparse import NotExact, Refusal, SparseLogits, TailBound, fmt
 from sampler_service.policy.statistics import RawStatistics, raw_statistics
 from sampler_service.policy.resolved import Link
@@ -50,13 +51,18 @@ def report_rows(logits: torch.Tensor, top_n: Sequence[int],
                 stats: RawStatistics | None = None) -> list[RawRowReport]:
     """Per row of `logits`: log-normaliser, entropy, varentropy and its `top_n[row]` best raw
     logprobs (best first). `stats`: the rows' statistics when already computed."""
-    stats = raw_statistics(logits) if stats is None else stats
+    stats = raw_statistics(logits, max(top_n, default=0)) if stats is None else stats
     return _reports(Candidates(logits), top_n, stats)
 
 
 def _reports(raw: Candidates, top_n: Sequence[int], stats: RawStatistics) -> list[RawRowReport]:
-    """`report_rows` of raw rows, dense or sparse (whose top-N are sent: `_raw_top_refusals`)."""
-    top_ids, top_values = _top(raw, max(top_n, default=0))
+    """`report_rows` of raw rows, dense or sparse (whose top-N are sent: `_raw_top_refusals`);
+    the N best come from `stats` when it holds enough of them."""
+    n = max(top_n, default=0)
+    if stats.top_values is not None and stats.top_values.shape[1] >= min(n, raw.vocab):
+        top_ids, top_values = _finite_lists(stats.top_values[:, :n], stats.top_ids[:, :n])
+    else:
+        top_ids, top_values = _top(raw, n)
     return [RawRowReport(norm, h, v, tuple((t, value - norm) for t, value in
                                            zip(top_ids[row][:top_n[row]], top_values[row])))
             for row, (norm, h, v) in enumerate(zip(stats.log_normalizer.tolist(),
@@ -95,7 +101,12 @@ def _top(candidates: Candidates, n: int) -> tuple[list[list[int]], list[list[flo
     if n == 0:
         return [[] for _ in range(rows)], [[] for _ in range(rows)]
     values, columns = torch.topk(candidates.values, n, dim=1)
-    ids = columns if candidates.ids is None else candidates.ids.gather(1, columns)
+    return _finite_lists(values, columns if candidates.ids is None
+                         else candidates.ids.gather(1, columns))
+
+
+def _finite_lists(values: torch.Tensor, ids: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    """(ids, values) [R, N] as Python lists per row, −inf entries dropped."""
     finite = torch.isfinite(values).tolist()
     return ([[t for t, f in zip(r, ok) if f] for r, ok in zip(ids.tolist(), finite)],
             [[v for v, f in zip(r, ok) if f] for r, ok in zip(values.tolist(), finite)])
@@ -116,10 +127,11 @@ class Engine:
                 for p in stage.params}
 
     def process(self, states: Sequence[SequenceState], logits: torch.Tensor,
-                inputs: RowInputs) -> tuple[Candidates, RowBatch]:
-        """Runs the (shared-signature) chain of `states` over `logits`, which it may modify;
-        `inputs` holds the untouched raw rows and what else the worker sent for them."""
-        candidates = Candidates(logits)
+                inputs: RowInputs, shared: bool = False) -> tuple[Candidates, RowBatch]:
+        """Runs the (shared-signature) chain of `states` over `logits`, which it may modify
+        unless `shared` (then the first write copies them); `inputs` holds the untouched raw
+        rows and what else the worker sent for them."""
+        candidates = Candidates(logits, shared=shared)
         batch = self._run_chain(states, candidates, inputs, None)
         _check_choosable(states, candidates)
         return candidates, batch
@@ -140,6 +152,8 @@ class Engine:
         for position, link in enumerate(states[0].policy.active_links):
             args = self._stage_args(link.stage, [s.policy.active_links[position] for s in states])
             if tail is None or link.stage.sparse_tail(candidates, args, batch, tail):
+                if link.stage.key in PLUGIN_KEYS:  # may write into `values` itself
+                    candidates.writable()
                 link.stage.apply(candidates, args, batch)
             batch.pristine = False
         return batch
@@ -161,7 +175,9 @@ class Engine:
         `signals` (name -> [rows]) are the worker's optional extras."""
         rows = len(states)
         sparse = logits if isinstance(logits, SparseLogits) else None
-        stats = raw_statistics(logits) if sparse is None else sparse.statistics()
+        top_n = [s.policy.settings["logprobs"] for s in states]
+        stats = (raw_statistics(logits, max(top_n, default=0)) if sparse is None
+                 else sparse.statistics())
         inputs = RowInputs(None if sparse is not None else logits, stats, reference, signals,
                            sparse)
         explanations: list[dict[str, Any]] = [{} for _ in range(rows)]
@@ -170,7 +186,6 @@ class Engine:
         processed_top: list[TopList] = [()] * rows
         processed_stats: list[tuple[float, float] | None] = [None] * rows
         memory: list[dict[str, Any]] = [{} for _ in range(rows)]
-        top_n = [s.policy.settings["logprobs"] for s in states]
         refusals = [] if sparse is None else _raw_top_refusals(sparse, top_n)
         groups = self._groups(states)
         for row_list in groups:
@@ -181,9 +196,10 @@ class Engine:
             selector = group[0].policy.selector
             args = self._stage_args(selector.stage, [s.policy.selector for s in group])
             if sparse is None:
-                # The chain works in place on its own copy: the raw logits are needed below.
-                own = logits.clone() if whole else logits.index_select(0, index)
-                candidates, batch = self.process(group, own, own_inputs)
+                # The chain works on its own copy (made at its first write when the group is
+                # the whole batch): the raw logits are needed below.
+                own = logits if whole else logits.index_select(0, index)
+                candidates, batch = self.process(group, own, own_inputs, shared=whole)
             else:
                 candidates, batch, tail = self._process_sparse(group, own_inputs)
                 selector.stage.sparse_tail(candidates, args, batch, tail)
@@ -231,7 +247,7 @@ class Engine:
         `reference` [vocab]: the reference logits, for policies that read them."""
         raw = logits.unsqueeze(0)
         inputs = RowInputs(raw, reference=None if reference is None else reference.unsqueeze(0))
-        candidates, batch = self.process([state], raw.clone(), inputs)
+        candidates, batch = self.process([state], raw, inputs, shared=True)
         selector = state.policy.selector
         if not isinstance(selector.stage, Selector):  # a group selector ranks the chain's output
             return candidates.log_softmax().to_dense().squeeze(0)

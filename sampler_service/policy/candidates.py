@@ -6,6 +6,10 @@ row's surviving logits sorted best first and `ids` [R, K] their token ids; every
 listed is −inf. Later stages then cost O(R·K) instead of O(R·V) — the "top-k first" path — and
 need no full-vocabulary sort or mask. Processors use the methods here and never care which
 form they got; the results are the same either way.
+
+A batch may start on values it does not own (`shared=True`: the raw logits, which the engine
+still needs): the first write copies them, so a chain that writes nothing (greedy over an
+empty chain) costs no copy.
 """
 from __future__ import annotations
 
@@ -24,15 +28,28 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
     return torch.argmax(values, dim=1)
 
 
+#: The most tokens per row that `Candidates.mask_below` compacts a dense batch into (0: never).
+COMPACT_WIDTH = 1024
+
+
 class Candidates:
     """Logits of R rows over a vocabulary of `vocab` tokens (see the module docstring)."""
 
     def __init__(self, values: torch.Tensor, ids: torch.Tensor | None = None,
-                 vocab: int | None = None):
+                 vocab: int | None = None, shared: bool = False):
         self.values = values
         self.ids = ids
         self.vocab = values.shape[1] if vocab is None else vocab
         self._sorted = ids is not None
+        self._shared = shared
+
+    def writable(self) -> torch.Tensor:
+        """`values`, copied first if they belong to someone else: what a stage that writes
+        into them itself (a plug-in) must hold, where built-in stages call the methods here."""
+        if self._shared:
+            self.values = self.values.clone()
+            self._shared = False
+        return self.values
 
     @property
     def dense(self) -> bool:
@@ -60,7 +77,7 @@ class Candidates:
 
     def update(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
         """Writes values at (rows, columns) from `locate`; a sparse batch is re-sorted lazily."""
-        self.values[rows, columns] = values
+        self.writable()[rows, columns] = values
         if self.ids is not None:
             self._sorted = False
 
@@ -69,13 +86,13 @@ class Candidates:
         present, columns = self.locate(rows, tokens)
         rows = rows[present]
         kept = self.values[rows, columns]
-        self.values.index_fill_(0, active, -math.inf)  # a row all −inf is still best first
+        self.writable().index_fill_(0, active, -math.inf)  # a row all −inf is still best first
         self.update(rows, columns, kept)
 
     def force(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Row rows[i] keeps only tokens[i], with logit 0, even where a stage had masked it; a
         sparse row that lacks the token takes it in its first column."""
-        self.values.index_fill_(0, rows, -math.inf)
+        self.writable().index_fill_(0, rows, -math.inf)
         present, columns = self.locate(rows, tokens)
         missing = ~present
         if bool(missing.any()):
@@ -88,12 +105,49 @@ class Candidates:
 
     # -- truncation -----------------------------------------------------------------------------
     def mask_below(self, threshold: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """values < threshold[r] become −inf, for `rows` (all rows when None). Keeps the order."""
+        """values < threshold[r] become −inf, for `rows` (all rows when None). Keeps the order
+        of the values it keeps; a dense batch may turn sparse (`_compact`)."""
         if rows is None:
-            self.values.masked_fill_(self.values < threshold.unsqueeze(1), -math.inf)
+            if not self._compact(threshold):
+                self.mask(self.values < threshold.unsqueeze(1))
             return
         part = self.values.index_select(0, rows)
-        self.values.index_copy_(0, rows, part.masked_fill(part < threshold.unsqueeze(1), -math.inf))
+        self.writable().index_copy_(0, rows, part.masked_fill(part < threshold.unsqueeze(1),
+                                                               -math.inf))
+
+    def _compact(self, threshold: torch.Tensor) -> bool:
+        """Turns a dense float32 CPU batch sparse, keeping values ≥ threshold[r] (in token-id
+        order), when that keeps at most `COMPACT_WIDTH` tokens in every row: one pass
+        (`sampler_service.kernels.cpu_compact`) instead of a mask pass, and every later stage
+        costs O(R·K). Equal to masking in place: `to_dense()` gives the same [R, V]. False
+        (nothing done) where it does not apply."""
+        if (self.ids is not None or COMPACT_WIDTH <= 0 or self.vocab <= COMPACT_WIDTH
+                or self.values.device.type != "cpu" or self.values.dtype != torch.float32
+                or threshold.dtype != torch.float32):
+            return False
+        try:
+            from sampler_service.kernels.cpu_compact import compact_at_least
+        except ImportError:  # numba absent: the `server` extra is not installed
+            return False
+        values, ids, kept = compact_at_least(self.values.contiguous().numpy(),
+                                             threshold.contiguous().numpy(), COMPACT_WIDTH,
+                                             torch.get_num_threads())
+        most = int(kept.max())
+        if most > COMPACT_WIDTH:
+            return False
+        width = max(most, 1)
+        self.values = torch.from_numpy(values[:, :width])
+        self.ids = torch.from_numpy(ids[:, :width])
+        self._sorted, self._shared = False, False
+        return True
+
+    def mask(self, remove: torch.Tensor) -> None:
+        """Entries where `remove` [R, C] is True become −inf. Keeps the order."""
+        self.writable().masked_fill_(remove, -math.inf)
+
+    def divide(self, divisor: torch.Tensor) -> None:
+        """Row r's values divided by divisor[r] > 0 (temperature). Keeps the order."""
+        self.writable().div_(divisor.unsqueeze(1))
 
     def best_first(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of each row's `width` best tokens, sorted best first."""
@@ -106,14 +160,17 @@ class Candidates:
 
     def restrict(self, threshold: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Keeps values ≥ threshold[r] in every row, given `best` = `best_first(W)` for a W that
-        holds them all unless ties at the W-th value spill over (then W grows to fit)."""
+        holds them all unless ties at the W-th value spill over (then W grows to fit).
+        Masked (−inf) values never spill: a row with fewer finite values than W keeps them."""
         values, ids = best
         width = values.shape[1]
-        if self.ids is None and width < self.vocab and bool((values[:, -1] >= threshold).any()):
-            needed = int((self.values >= threshold.unsqueeze(1)).sum(dim=1).max())
-            values, ids = torch.topk(self.values, needed, dim=1)
+        last = values[:, -1]
+        if (self.ids is None and width < self.vocab
+                and bool(((last >= threshold) & (last > -math.inf)).any())):
+            kept = (self.values >= threshold.unsqueeze(1)) & (self.values > -math.inf)
+            values, ids = torch.topk(self.values, int(kept.sum(dim=1).max()), dim=1)
         if self.ids is None:
-            self.values, self.ids, self._sorted = values, ids, True
+            self.values, self.ids, self._sorted, self._shared = values, ids, True, False
         self.mask_below(threshold)
 
     def max_values(self) -> torch.Tensor:
@@ -126,7 +183,7 @@ class Candidates:
         if not self._sorted:
             self.values, order = torch.sort(self.values, dim=1, descending=True)
             self.ids = self.ids.gather(1, order)
-            self._sorted = True
+            self._sorted, self._shared = True, False
 
     # -- selection helpers ----------------------------------------------------------------------
     def argmax(self) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Iterable
 
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import PROCESSORS
-from sampler_service.policy.processors.base import Processor, Selector, Stage
+from sampler_service.policy.processors.base import PLUGIN_KEYS, Processor, Selector, Stage
 from sampler_service.policy.selectors import SELECTORS
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def load_plugins(found: Iterable[EntryPoint] | None = None) -> dict[str, type[St
         if key not in PLUGINS:
             (PROCESSORS if issubclass(stage, Processor) else SELECTORS)[key] = stage
             PLUGINS[key] = stage
+            PLUGIN_KEYS.add(key)
             log.info("plug-in %s %r loaded from %s", _kind(stage), key, _origin(stage))
     return stages
 

@@ -1,26 +1,44 @@
-"""Entropy and varentropy of whole rows of logits, in a few cache-friendly passes.
+"""Raw statistics of whole rows of logits: the log-normaliser, entropy and varentropy that
+every choice reports, each row's best token and its N best raw entries.
 
+`raw_statistics` runs two passes over each float32 CPU row (NumPy's vectorised argmax, then
+the fused numba kernel `sampler_service.kernels.cpu_statistics` for the moments), and `raw_statistics_reference` (torch, a few
+cache-blocked vectorised passes) elsewhere; the reference is what the kernel is tested against.
 Used by the engine for every choice's statistics and by the adaptive processors (EDT,
 entropix, ...) that read the raw distribution's uncertainty.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
+
+from sampler_service.policy.candidates import first_argmax
 
 
 @dataclass(frozen=True)
 class RawStatistics:
-    """Per-row statistics of the raw distribution p = softmax(l), [R] float32 each."""
+    """Per-row statistics of the raw distribution p = softmax(l), [R] float32 each, and
+    (when computed from the whole rows) each row's first argmax [R] int64 and its N best
+    entries, best first: `top_values` [R, N] float32 and `top_ids` [R, N] int64."""
 
     log_normalizer: torch.Tensor  # log Σ exp l
     entropy: torch.Tensor         # H = −Σ p log p
     varentropy: torch.Tensor      # V = Σ p (log p + H)²
+    best_id: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> "RawStatistics":
+        """The statistics of a subset of rows (`rows`: int64 indices)."""
+        return RawStatistics(**{f.name: None if getattr(self, f.name) is None
+                                else getattr(self, f.name).index_select(0, rows)
+                                for f in fields(self)})
 
 
-#: Rows per block of `raw_statistics`: about 2 MB of float32 per temporary, so the
+#: Rows per block of `raw_statistics_reference`: about 2 MB of float32 per temporary, so the
 #: temporaries stay in cache (4x faster than whole-batch passes on a 2-core CPU).
 STATISTICS_BLOCK_ELEMENTS = 1 << 19
 
@@ -38,14 +56,66 @@ def _block_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return log_total + best.squeeze(1), log_total - first, (second - first * first).clamp(min=0.0)
 
 
-def raw_statistics(logits: torch.Tensor) -> RawStatistics:
+def raw_statistics_reference(logits: torch.Tensor, top_n: int = 0) -> RawStatistics:
     """With z = l − max l, w = exp z and s = Σ w: log p = z − log s, so H = log s − Σ w z / s
-    and V = Σ w z² / s − (Σ w z / s)². Sums are torch's pairwise sums (error ~1e-6 nats on
-    128k-token rows); rows are processed in cache-sized blocks."""
+    and V = Σ w z² / s − (Σ w z / s)². Sums are torch's pairwise float32 sums (error ~1e-6
+    nats on 128k-token rows); rows are processed in cache-sized blocks. The N best come from
+    `torch.topk` (ties in no promised order)."""
     block = max(1, STATISTICS_BLOCK_ELEMENTS // logits.shape[1])
     parts = [_block_statistics(logits[i:i + block]) for i in range(0, logits.shape[0], block)]
     normalizer, entropy, varentropy = (torch.cat(column) for column in zip(*parts))
-    return RawStatistics(log_normalizer=normalizer, entropy=entropy, varentropy=varentropy)
+    top_values, top_ids = _top(logits, top_n)
+    return RawStatistics(log_normalizer=normalizer, entropy=entropy, varentropy=varentropy,
+                         best_id=first_argmax(logits), top_values=top_values, top_ids=top_ids)
+
+
+def _top(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) [R, N] of each row's N best logits, best first (`torch.topk`)."""
+    if top_n == 0:
+        empty = logits.new_empty((logits.shape[0], 0))
+        return empty, empty.long()
+    top = torch.topk(logits, min(top_n, logits.shape[1]), dim=1)
+    return top.values, top.indices
+
+
+def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
+    """Two passes: NumPy's vectorised argmax gives each row's max and first argmax, then the
+    kernel's one pass the moments; the N best from `torch.topk` when asked for."""
+    from sampler_service.kernels.cpu_statistics import row_moments
+    rows = logits.contiguous().numpy()
+    best_id = np.argmax(rows, axis=1)
+    best = np.take_along_axis(rows, best_id[:, None], axis=1)[:, 0]
+    moments = torch.from_numpy(row_moments(rows, best, torch.get_num_threads()))
+    total, first, second = moments.unbind(1)
+    log_total = torch.log(total)
+    mean = first / total
+    top_values, top_ids = _top(logits, top_n)
+    return RawStatistics(log_normalizer=(log_total + torch.from_numpy(best)).float(),
+                         entropy=(log_total - mean).float(),
+                         varentropy=(second / total - mean * mean).clamp(min=0.0).float(),
+                         best_id=torch.from_numpy(best_id), top_values=top_values,
+                         top_ids=top_ids)
+
+
+def fused_available(logits: torch.Tensor) -> bool:
+    """Whether `raw_statistics` takes the fused kernel for `logits`: float32 on the CPU, and
+    numba installed (it is with the `server` extra)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.shape[1] == 0:
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def raw_statistics(logits: torch.Tensor, top_n: int = 0) -> RawStatistics:
+    """`RawStatistics` of `logits` [R, V] (each row with a finite value), with each row's
+    `top_n` best raw entries: the fused kernel where `fused_available`, else the reference.
+    Both agree within 1e-6 nats (tests/unit/kernels/test_cpu_statistics.py)."""
+    if fused_available(logits):
+        return _fused(logits, top_n)
+    return raw_statistics_reference(logits, top_n)
 
 
 def top_two_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,4 +32,5 @@ class LogitSoftcap(Processor):
         values = candidates.values.index_select(0, rows)
         c = cap.index_select(0, rows).unsqueeze(1).to(values.dtype)
         capped = torch.where(torch.isneginf(values), values, c * torch.tanh(values / c))
-        candidates.values.index_copy_(0, rows, capped)  # increasing: a sparse batch stays sorted
+        # Through `writable()`: the values may still be the raw logits, shared with the engine.
+        candidates.writable().index_copy_(0, rows, capped)  # increasing: a sparse batch stays sorted

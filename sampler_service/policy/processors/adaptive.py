@@ -45,7 +45,7 @@ def _apply_temperature(candidates: Candidates, temperature: torch.Tensor, active
     scaled = _scaled(temperature, active)
     if bool(scaled.any()):
         divisor = torch.where(scaled, temperature, torch.ones_like(temperature))
-        candidates.values.div_(divisor.unsqueeze(1))
+        candidates.divide(divisor)
 
 
 def _scaled(temperature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

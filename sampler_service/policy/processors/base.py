@@ -55,9 +55,7 @@ class RowInputs:
         stats = self.statistics
         return RowInputs(
             raw=None if self.raw is None else self.raw.index_select(0, rows),
-            statistics=None if stats is None else RawStatistics(
-                *(t.index_select(0, rows) for t in (stats.log_normalizer, stats.entropy,
-                                                     stats.varentropy))),
+            statistics=None if stats is None else stats.select(rows),
             reference=None if self.reference is None else self.reference.index_select(0, rows),
             signals=None if self.signals is None else {
                 k: v.index_select(0, rows) for k, v in self.signals.items()},
@@ -131,6 +129,15 @@ class RowBatch:
         self.inputs = self.inputs.with_statistics()
         return self.inputs.statistics  # type: ignore[return-value]
 
+    def raw_argmax(self) -> torch.Tensor | None:
+        """[R] each row's first argmax while no stage has run and the candidates are the
+        whole raw rows, when the step's raw statistics already hold it (no pass over the
+        rows); None otherwise."""
+        stats = None if self.inputs is None else self.inputs.statistics
+        if not self.pristine or self.inputs.sparse is not None or stats is None:
+            return None
+        return stats.best_id
+
     def entropy_summary(self) -> dict[str, torch.Tensor]:
         """Each row's summaries of its earlier steps' raw entropy history (nats), [R] float32:
         `ema_entropy`, `ema_varentropy`, `mean_entropy`, `mean_varentropy` (0 before the first
@@ -188,6 +195,12 @@ class RowBatch:
 
     def _pairs(self, per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return row_pairs(per_row, self.device)
+
+
+#: Keys of the plug-in stages (`sampler_service.policy.plugins` adds them). Built-in stages
+#: change candidate values only through `Candidates`' methods; a plug-in may write into
+#: `candidates.values` itself, so the engine gives it values of its own first.
+PLUGIN_KEYS: set[str] = set()
 
 
 class Stage(ABC):

@@ -34,7 +34,7 @@ class Temperature(Processor):
         batch.greedy |= greedy
         if bool(((temperature != 1.0) & ~greedy).any()):
             divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
-            candidates.values.div_(divisor.unsqueeze(1))  # T > 0 keeps a sparse batch's order
+            candidates.divide(divisor)  # T > 0 keeps a sparse batch's order
 
     def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
                     tail: TailBound) -> bool:

@@ -93,7 +93,7 @@ def _at_least(candidates: Candidates, threshold: torch.Tensor, min_keep: torch.T
 def _mask_tokens(candidates: Candidates, remove: torch.Tensor) -> None:
     """Sets the entries where `remove` [R, K] is true to −inf (any entries, not only a tail)."""
     if candidates.dense:
-        candidates.values.masked_fill_(remove, -math.inf)
+        candidates.mask(remove)
         return
     rows, columns = remove.nonzero(as_tuple=True)
     if rows.numel():

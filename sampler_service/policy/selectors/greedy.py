@@ -20,7 +20,8 @@ class Greedy(Selector):
 
     def select(self, candidates: Candidates, args: dict[str, torch.Tensor],
                batch: RowBatch) -> torch.Tensor:
-        return candidates.argmax()
+        known = batch.raw_argmax()
+        return candidates.argmax() if known is None else known
 
     def distribution(self, candidates: Candidates, args: dict[str, torch.Tensor],
                      batch: RowBatch) -> Candidates:
