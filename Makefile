@@ -62,8 +62,10 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/sampler-service serve
 
+# The engine against llama.cpp's chain (when llama-cpp-python is installed), Hugging Face's
+# processors and the amax/softmax floors; rewrites docs/performance.md.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/engine_step.py
+	$(BIN)/python benchmarks/engine_vs_peers.py --markdown docs/performance.md
 
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache

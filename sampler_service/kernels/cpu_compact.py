@@ -40,14 +40,8 @@ def _compact_row(logits, threshold, values, ids, fillers, counts, r):
         ids[r, m] = fillers[r, m - kept]
 
 
-@numba.njit(cache=True, nogil=True)
-def _serial(logits, threshold, values, ids, fillers, counts):
-    for r in range(logits.shape[0]):
-        _compact_row(logits, threshold, values, ids, fillers, counts, r)
-
-
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _parallel(logits, threshold, values, ids, fillers, counts):
+def _rows(logits, threshold, values, ids, fillers, counts):
     for r in numba.prange(logits.shape[0]):
         _compact_row(logits, threshold, values, ids, fillers, counts, r)
 
@@ -63,5 +57,5 @@ def compact_at_least(logits: np.ndarray, threshold: np.ndarray, width: int, thre
     ids = np.empty((rows, width), dtype=np.int64)
     fillers = np.empty((rows, width), dtype=np.int64)
     counts = np.empty(rows, dtype=np.int64)
-    run_rows(_serial, _parallel, rows, threads, logits, threshold, values, ids, fillers, counts)
+    run_rows(_rows, rows, threads, logits, threshold, values, ids, fillers, counts)
     return values, ids, counts

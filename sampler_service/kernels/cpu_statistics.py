@@ -24,32 +24,39 @@ from sampler_service.kernels import run_rows
 
 #: Float-math flags: reassociation (so that sums vectorise) and contraction into FMAs, never
 #: "no infinities" or "no NaNs" (masked logits are −inf).
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _LOG2E = np.float32(1.4426950408889634)
 _FLOOR = np.float32(-87.0)
 #: Columns summed in float32 before the float64 total.
 BLOCK = 512
 
 
-@numba.njit(inline="always", fastmath=_FASTMATH)
+@numba.njit(inline="always", fastmath=FASTMATH)
+def exp_nonpositive(z):
+    """exp z for a float32 z ≤ 0 (see the module docstring); 0 where z ≤ −87, −inf included."""
+    z = max(z, _FLOOR)
+    t = z * _LOG2E
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    p = np.float32(1.5353362e-4)
+    p = p * f + np.float32(1.3398874e-3)
+    p = p * f + np.float32(9.6180542e-3)
+    p = p * f + np.float32(5.5503449e-2)
+    p = p * f + np.float32(2.4022648e-1)
+    p = p * f + np.float32(6.9314718e-1)
+    p = p * f + np.float32(1.0)
+    w = p * np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return w if z > _FLOOR else np.float32(0.0)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
 def _block_moments(row, best, start, stop):
     total = np.float32(0.0)
     first = np.float32(0.0)
     second = np.float32(0.0)
     for j in range(start, stop):
         z = max(row[j] - best, _FLOOR)
-        t = z * _LOG2E
-        n = np.floor(t + np.float32(0.5))
-        f = t - n
-        p = np.float32(1.5353362e-4)
-        p = p * f + np.float32(1.3398874e-3)
-        p = p * f + np.float32(9.6180542e-3)
-        p = p * f + np.float32(5.5503449e-2)
-        p = p * f + np.float32(2.4022648e-1)
-        p = p * f + np.float32(6.9314718e-1)
-        p = p * f + np.float32(1.0)
-        w = p * np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
-        w = w if z > _FLOOR else np.float32(0.0)
+        w = exp_nonpositive(z)
         wz = w * z
         total += w
         first += wz
@@ -57,7 +64,7 @@ def _block_moments(row, best, start, stop):
     return total, first, second
 
 
-@numba.njit(inline="always", fastmath=_FASTMATH)
+@numba.njit(inline="always", fastmath=FASTMATH)
 def _row_moments(logits, best, out, r):
     row = logits[r]
     vocab = row.shape[0]
@@ -74,14 +81,8 @@ def _row_moments(logits, best, out, r):
     out[r, 2] = second
 
 
-@numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _serial(logits, best, out):
-    for r in range(logits.shape[0]):
-        _row_moments(logits, best, out, r)
-
-
-@numba.njit(fastmath=_FASTMATH, cache=True, nogil=True, parallel=True)
-def _parallel(logits, best, out):
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+def _rows(logits, best, out):
     for r in numba.prange(logits.shape[0]):
         _row_moments(logits, best, out, r)
 
@@ -91,5 +92,5 @@ def row_moments(logits: np.ndarray, best: np.ndarray, threads: int) -> np.ndarra
     z = max(l − best[r], −87) and w = exp z, `best` [R] float32 each row's maximum; up to
     `threads` threads."""
     out = np.empty((logits.shape[0], 3))
-    run_rows(_serial, _parallel, logits.shape[0], threads, logits, best, out)
+    run_rows(_rows, logits.shape[0], threads, logits, best, out)
     return out

@@ -29,7 +29,7 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
 
 
 #: The most tokens per row that `Candidates.mask_below` compacts a dense batch into (0: never).
-COMPACT_WIDTH = 1024
+COMPACT_WIDTH = 4096
 
 
 class Candidates:

@@ -251,3 +251,164 @@ def test_greedy_ties_go_to_lowest_id_through_the_engine():
         assert outcome.processed_logprob == 0.0
     outcome, _ = one_step(torch.zeros(7), policy=greedy)
     assert outcome.token_id == 0
+
+
+# -- compaction and shared raw rows -------------------------------------------------------------
+WIDE_VOCAB = 2048  # > COMPACT_WIDTH as `compactions` sets it: min-p, top-nσ compact a batch
+
+
+def wide_specs():
+    """Policies whose chains mask below a threshold (min-p, top-nσ) over a wide vocabulary."""
+    return [
+        (resolve_flat({"min_p": 0.05, "temperature": 0.8}), (1,), [], 21, {0}),
+        (custom("minp", {"chain": [{"min_p": {"p": 0.05}}, {"temperature": {"temperature": 0.7}}],
+                         "select": "sample"}), (2, 3), [4], 22, {0}),
+        (custom("sigma", {"chain": [{"top_n_sigma": {"n": 1.0}},
+                                    {"temperature": {"temperature": 1.2}}],
+                          "select": "sample"}), (), [], 23, {0}),
+        (resolve_flat({"temperature": 0.9, "top_k": 50, "min_p": 0.1, "repetition_penalty": 1.1,
+                       "logprobs": 4}), (5, 6), [7], 24, {0}),
+        (resolve_flat({"temperature": 0.6, "top_p": 0.9, "min_p": 0.02}), (), [], 25, {0}),
+        (resolve_flat({"temperature": 0.0, "logprobs": 2}), (), [], 26, {0}),
+        (resolve_flat({}), (), [], 27, {0}),
+        (custom("greedy", {"select": "greedy"}), (), [], 28, {0}),
+    ]
+
+
+def wide_logits(step: int, rows: int) -> torch.Tensor:
+    logits = torch.randn(rows, WIDE_VOCAB, generator=torch.Generator().manual_seed(900 + step)) * 2
+    logits[:, 0] += 4.0
+    logits[:, 17] = logits.amax(dim=1)  # a tie at the best: ties go to the lowest id
+    return logits
+
+
+def run_wide(specs, repeat: int = 1, steps: int = 4):
+    """Steps `specs` (each repeated `repeat` times, so ≥ 8 rows take the parallel kernels) and
+    returns every outcome; checks on the way that the raw logits are never written."""
+    states = make_states([spec for spec in specs for _ in range(repeat)])
+    engine, history = Engine(CPU), []
+    for step in range(steps):
+        logits = wide_logits(step, len(states))
+        before = logits.clone()
+        outcomes = engine.step(states, logits, processed_logprobs=True)
+        assert torch.equal(logits, before)
+        for state, outcome in zip(states, outcomes):
+            state.accept(outcome.token_id, outcome.entropy, outcome.varentropy)
+        history.append(outcomes)
+    return history
+
+
+@pytest.fixture
+def compactions(monkeypatch):
+    """Counts the batches `compact_at_least` turned sparse (a row count ≤ the width), with a
+    width of 1024 < WIDE_VOCAB whatever the module's tuned default."""
+    pytest.importorskip("numba")
+    from sampler_service.kernels import cpu_compact
+    from sampler_service.policy import candidates as candidates_module
+    monkeypatch.setattr(candidates_module, "COMPACT_WIDTH", 1024)
+    original, done = cpu_compact.compact_at_least, []
+
+    def counted(logits, threshold, width, threads):
+        values, ids, kept = original(logits, threshold, width, threads)
+        done.append(int(kept.max()) <= width)
+        return values, ids, kept
+
+    monkeypatch.setattr(cpu_compact, "compact_at_least", counted)
+    return done
+
+
+@pytest.mark.parametrize("batch", ["mixed", "uniform"])
+def test_compaction_changes_no_outcome(monkeypatch, compactions, batch):
+    from sampler_service.policy import candidates as candidates_module
+    specs = wide_specs()
+    runs = ([(specs, 2)] if batch == "mixed"  # several groups, each on its own rows
+            else [([spec], 10) for spec in specs[:5]])  # one group: shared raw rows
+    for chosen_specs, repeat in runs:
+        compactions.clear()
+        compacted = run_wide(chosen_specs, repeat)
+        assert any(compactions), chosen_specs[0][0].name  # the fast path ran
+        with monkeypatch.context() as patch:
+            patch.setattr(candidates_module, "COMPACT_WIDTH", 0)
+            compactions.clear()
+            masked = run_wide(chosen_specs, repeat)
+            assert not compactions
+        for step, (a_step, b_step) in enumerate(zip(compacted, masked)):
+            for row, (a, b) in enumerate(zip(a_step, b_step)):
+                where = (batch, step, row)
+                assert a.token_id == b.token_id, where
+                assert a.logprob == b.logprob, where
+                assert (a.entropy, a.varentropy) == (b.entropy, b.varentropy), where
+                assert a.top_logprobs == b.top_logprobs, where
+                assert a.processed_logprob == pytest.approx(b.processed_logprob, abs=1e-6), where
+                # tied entries (column 17 ties the best) come in no promised order
+                a_top, b_top = dict(a.processed_top_logprobs), dict(b.processed_top_logprobs)
+                assert a_top.keys() == b_top.keys(), where
+                assert list(a_top.values()) == pytest.approx(
+                    [v for _, v in b.processed_top_logprobs], abs=1e-6), where
+                assert [a_top[t] for t in b_top] == pytest.approx(list(b_top.values()),
+                                                                abs=1e-6), where
+                assert a.processed_stats == pytest.approx(b.processed_stats, abs=1e-5), where
+    tokens = {o.token_id for step in compacted for o in step}
+    assert len(tokens) > 1
+
+
+def test_greedy_without_stages_takes_the_raw_first_argmax_and_writes_nothing(monkeypatch):
+    from sampler_service.policy.candidates import Candidates
+    greedy = custom("greedy", {"select": "greedy"})
+    logits = wide_logits(0, 9)
+    states = [SequenceState(f"g{i}", greedy, (), i, frozenset()) for i in range(9)]
+    with monkeypatch.context() as patch:  # no stage ran: the raw statistics' best_id is used
+        patch.setattr(Candidates, "argmax", lambda self: pytest.fail("argmax pass over rows"))
+        tokens = [o.token_id for o in Engine(CPU).step(states, logits)]
+    assert tokens == torch.argmax(logits, dim=1).tolist()
+    for policy in (greedy, resolve_flat({"temperature": 0.0})):
+        states = [SequenceState(f"g{i}", policy, (), i, frozenset()) for i in range(9)]
+        logits = wide_logits(0, 9)
+        logits[3, 0] = -INF
+        logits[3, 5] = logits[3].amax()  # ties at 5 and 17: the lowest id wins
+        logits[4] = 0.0  # all tied
+        before = logits.clone()
+        outcomes = Engine(CPU).step(states, logits, processed_logprobs=True)
+        assert torch.equal(logits, before)
+        expected = [int(torch.nonzero(row == row.max())[0]) for row in logits]
+        assert [o.token_id for o in outcomes] == expected
+        assert expected[3] == 5 and expected[4] == 0
+        assert all(o.processed_logprob == 0.0 for o in outcomes)
+
+
+def test_sampling_chain_over_the_whole_batch_leaves_raw_logits_untouched(compactions):
+    policy = custom("minp", {"chain": [{"repetition_penalty": {"penalty": 1.3}},
+                                       {"min_p": {"p": 0.05}}, {"top_k": {"k": 50}},
+                                       {"temperature": {"temperature": 0.7}}],
+                             "select": "sample"})
+    states = [SequenceState(f"s{i}", policy, (1, 2), i, frozenset(), [3, 17])
+              for i in range(9)]
+    logits = wide_logits(1, 9)
+    before = logits.clone()
+    outcomes = Engine(CPU).step(states, logits, processed_logprobs=True)
+    assert torch.equal(logits, before)
+    assert any(compactions)
+    raw = torch.log_softmax(logits.double(), dim=1)
+    for row, outcome in enumerate(outcomes):
+        assert outcome.logprob == pytest.approx(float(raw[row, outcome.token_id]), abs=1e-5)
+        # min-p 0.05 keeps tokens within ln 20 of the (penalised) best
+        assert float(logits[row, outcome.token_id]) >= float(logits[row].amax()) - math.log(20) - 1
+
+
+def test_shipped_policies_over_the_whole_batch_leave_raw_logits_untouched(compactions):
+    """Every shipped policy that selects per row, as one group (shared raw rows)."""
+    from sampler_service.policy.processors.base import Selector
+    from sampler_service.policy.registry import shipped_policies
+    stepped = []
+    for name, spec in shipped_policies().items():
+        policy = resolve(spec, PolicyVersion(1, "x"), {})
+        if not isinstance(policy.selector.stage, Selector):
+            continue  # a group selector (CoT decoding) runs outside Engine.step
+        states = [SequenceState(f"s{i}", policy, (1, 2), i, frozenset({0}), [3, 17])
+                  for i in range(9)]
+        logits = wide_logits(2, 9)
+        before = logits.clone()
+        Engine(CPU).step(states, logits, processed_logprobs=True)
+        assert torch.equal(logits, before), name
+        stepped.append(name)
+    assert {"greedy", "default", "creative"} <= set(stepped)

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def states(policy_name: str, rows: int) -> list[SequenceState]:
-    spec, version = PolicyRegistry.from_files().get(policy_name)
+    spec, version, _ = PolicyRegistry.from_files().get(policy_name)
     policy = resolve(spec, version, {})
     return [SequenceState(f"s{i}", policy, prompt_ids=(1, 2, 3), seed=i, eos_token_ids=frozenset({0}))
             for i in range(rows)]

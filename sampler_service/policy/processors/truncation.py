@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 
+import numpy as np
 import torch
 
 from sampler_service.policy.candidates import Candidates
@@ -214,9 +215,10 @@ class TopP(Processor):
     Σ_{j<i} p_j < p; the best token always stays. This is Hugging Face's / vLLM's rule (sort
     ascending, drop tokens whose ascending cumulative probability is ≤ 1 − p) written from the
     other end. Tokens tied with the last kept token are kept too, so the result never depends
-    on how a sort orders equal values. The nucleus comes from the best 1024 tokens when they
-    hold the mass (or from the survivors of an earlier truncation), else from
-    `mass_cut_column` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
+    on how a sort orders equal values. On a dense float32 CPU batch the nucleus comes from a
+    numba kernel (`sampler_service.kernels.cpu_mass_cut`: three passes, float64 sums, no
+    sort); elsewhere from the best 1024 tokens when they hold the mass (or from the survivors
+    of an earlier truncation), else from `mass_cut_column` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
     Off: p = 1.0.
     Sparse rows: exact when the nucleus closes inside the K entries with the tail's largest
     possible mass, keeping the tokens the K entries alone keep, all above the tail's max bound;
@@ -235,6 +237,12 @@ class TopP(Processor):
         if not bool(on.any()):
             return
         mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
+        cut = _fast_mass_cut(candidates, mass, typical=False)
+        if cut is not None:
+            threshold = candidates.values.gather(1, cut[2].unsqueeze(1)).squeeze(1)
+            threshold, _ = _at_least(candidates, threshold, _min_keep(args, p), bounded=True)
+            _mask_rows(candidates, on, threshold)
+            return
         log_total = torch.logsumexp(candidates.values, dim=1, keepdim=True)
         values, ids = candidates.best_first(
             TOP_P_FIRST_PREFIX if candidates.dense else candidates.values.shape[1])
@@ -303,6 +311,34 @@ MASS_CUT_BINS_PER_NAT = 32
 MASS_CUT_NATS = 48
 
 
+def _fast_mass_cut(candidates: Candidates, mass: torch.Tensor, typical: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """On a dense float32 CPU batch, the numba mass cut (`sampler_service.kernels.cpu_mass_cut`:
+    no prefix, no sort) of top-p (`typical` False) or typical-p: (best [R], center [R],
+    column [R] and key [R] of each row's last kept token), `mass` [R, 1] the p of each row (0:
+    the first token alone). None where it does not apply (sparse or GPU batches, numba absent),
+    for the torch path."""
+    if not candidates.dense or candidates.values.device.type != "cpu" \
+            or candidates.values.dtype != torch.float32:
+        return None
+    try:
+        from sampler_service.kernels.cpu_mass_cut import mass_cuts
+        from sampler_service.kernels.cpu_statistics import row_moments
+    except ImportError:
+        return None
+    values = candidates.values.contiguous().numpy()
+    best = candidates.max_values().numpy()
+    threads = torch.get_num_threads()
+    if typical:
+        moments = row_moments(values, best, threads)
+        center = (moments[:, 1] / moments[:, 0]).astype(np.float32)
+    else:
+        center = np.zeros(values.shape[0], dtype=np.float32)
+    columns, keys = mass_cuts(values, best, center, mass.squeeze(1).double().numpy(), threads)
+    return (torch.from_numpy(best), torch.from_numpy(center), torch.from_numpy(columns),
+            torch.from_numpy(keys))
+
+
 def mass_cut_column(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """[R, 1] column of the last token kept when tokens are taken in ascending `key` order
     (key ≥ 0 in nats, +inf for masked tokens) while the mass before them is < `mass` [R, 1].
@@ -337,8 +373,11 @@ class TypicalP(Processor):
     The kept set can exclude the most likely token. `min_keep` counts in typicality order, as
     both peers do: the min_keep most typical tokens stay (s_i ≤ s_(min_keep−1)).
     Peer: Hugging Face `TypicalLogitsWarper` (llama.cpp's `llama_sampler_typical` stops at
-    C_j > p instead and keeps no ties). Only the 1024 most typical tokens are ranked (a top-k
-    over s), or `mass_cut_column` runs when they hold less than p; no sort. Filter; no
+    C_j > p instead and keeps no ties). On a dense float32 CPU batch with min_keep 1 the set
+    comes from a numba kernel (`sampler_service.kernels.cpu_mass_cut`: s_i = |l_i − m − c|
+    with c = Σ w·z / Σ w, three passes, float64 sums); elsewhere only the 1024 most typical
+    tokens are ranked (a top-k over s), or `mass_cut_column` runs when they hold less than p;
+    no sort. Filter; no
     per-sequence state. Off: p = 1.0.
     Sparse rows: exact while the whole row's entropy is known (no stage changed the tail yet)
     and the typical set, the same with and without the tail, closes inside the K entries
@@ -357,12 +396,21 @@ class TypicalP(Processor):
         on = p < 1.0
         if not bool(on.any()):
             return
+        mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
+        cut = _fast_mass_cut(candidates, mass, typical=True) if int(min_keep.max()) <= 1 else None
+        if cut is not None:
+            from sampler_service.kernels.cpu_mass_cut import keys_beyond
+            best, center, _, key = cut
+            key = torch.where(on, key, torch.full_like(key, math.inf))
+            candidates.mask(torch.from_numpy(keys_beyond(
+                candidates.values.contiguous().numpy(), best.numpy(), center.numpy(),
+                key.numpy(), torch.get_num_threads())))
+            return
         values = candidates.values
         log_probs = torch.log_softmax(values, dim=1)
         entropy = -(log_probs * log_probs.exp()).nansum(dim=1, keepdim=True)  # 0·(−inf) skipped
         surprise_gap = (-log_probs - entropy).abs()  # +inf for masked tokens
         probs = torch.softmax(values, dim=1)
-        mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
         total = values.shape[1]
         width = total if not candidates.dense else min(
             total, max(TOP_P_FIRST_PREFIX, int(min_keep.max())))

@@ -23,6 +23,27 @@ def token_id_order(candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def draw_inverse_cdf(values: torch.Tensor, batch: RowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column [R], its log-probability [R]) drawn from softmax(values), one uniform per row:
+    `draw_inverse_cdf_reference`'s draw, by the numba kernel (`sampler_service.kernels.cpu_draw`:
+    float64 sums in column order, no [R, C] temporaries but one row) on float32 CPU rows. The
+    two agree except where U·Σw lies within float32 rounding of a cumulative boundary (the
+    kernel's float64 sums are the closer to exact arithmetic); each alone draws the same token
+    from a dense row and from its truncation."""
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        try:
+            from sampler_service.kernels.cpu_draw import draw_columns
+        except ImportError:  # numba absent: the `server` extra is not installed
+            return draw_inverse_cdf_reference(values, batch)
+        u = uniform_noise(batch.seeds, batch.positions,
+                          torch.full_like(batch.seeds, ROW_UNIFORM_TOKEN).unsqueeze(1))
+        columns, log_probs = draw_columns(values.contiguous().numpy(), values.amax(dim=1).numpy(),
+                                          u.squeeze(1).numpy(), torch.get_num_threads())
+        return torch.from_numpy(columns), torch.from_numpy(log_probs).to(values.dtype)
+    return draw_inverse_cdf_reference(values, batch)
+
+
+def draw_inverse_cdf_reference(values: torch.Tensor, batch: RowBatch
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(column [R], its log-probability [R]) drawn from softmax(values), one uniform per row.
 
     `values` [R, C] must be in token-id order (see `token_id_order`). With w_i = exp(l_i − max l)

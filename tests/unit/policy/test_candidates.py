@@ -1,11 +1,16 @@
 """Candidates' fast paths against their references."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampler_service.policy.candidates import first_argmax
+from sampler_service.policy import candidates as candidates_module
+from sampler_service.policy.candidates import Candidates, first_argmax
+from tests.unit.helpers import random_logits
 
 
 @settings(max_examples=200, deadline=None)
@@ -18,3 +23,141 @@ def test_first_argmax_is_torch_argmax_with_ties(rows, vocab, levels, seed):
     values[torch.rand(rows, vocab, generator=generator) < 0.3] = float("-inf")
     assert torch.equal(first_argmax(values), torch.argmax(values, dim=1))
     assert torch.equal(first_argmax(values[:, ::2]), torch.argmax(values[:, ::2], dim=1))
+
+
+# -- shared candidates: copied at their first write --------------------------------------------
+INF = math.inf
+ROWS = torch.tensor([0, 2])
+
+
+def _write_ops():
+    """(name, operation on Candidates, what it does to dense rows [4, V] in place)."""
+    def masked(values, threshold):
+        return values.masked_fill(values < threshold.unsqueeze(1), -INF)
+
+    def keep_only(values):
+        out = values.clone()
+        out[ROWS] = -INF
+        out[0, 5], out[2, 7] = values[0, 5], values[2, 7]
+        return out
+
+    def force(values):
+        out = values.clone()
+        out[ROWS] = -INF
+        out[0, 3] = out[2, 9] = 0.0
+        return out
+
+    def update(values):
+        out = values.clone()
+        out[0, 1], out[2, 4] = -1.0, 2.0
+        return out
+
+    def mask(values):
+        return values.masked_fill(values > 1.0, -INF)
+
+    def subset(values):
+        out = values.clone()
+        out[ROWS] = masked(values[ROWS], values[ROWS].amax(dim=1) - 1.0)
+        return out
+
+    return [
+        ("mask_below", lambda c: c.mask_below(c.values.amax(dim=1) - 2.0),
+         lambda v: masked(v, v.amax(dim=1) - 2.0)),
+        ("mask_below_rows", lambda c: c.mask_below(c.values[ROWS].amax(dim=1) - 1.0, ROWS),
+         subset),
+        ("divide", lambda c: c.divide(torch.tensor([0.5, 1.0, 2.0, 3.0])),
+         lambda v: v / torch.tensor([0.5, 1.0, 2.0, 3.0]).unsqueeze(1)),
+        ("update", lambda c: c.update(ROWS, torch.tensor([1, 4]), torch.tensor([-1.0, 2.0])),
+         update),
+        ("keep_only", lambda c: c.keep_only(ROWS, ROWS, torch.tensor([5, 7])), keep_only),
+        ("force", lambda c: c.force(ROWS, torch.tensor([3, 9])), force),
+        ("mask", lambda c: c.mask(c.values > 1.0), mask),
+    ]
+
+
+@pytest.mark.parametrize("vocab", [300, 1500])  # 1500 > the width: mask_below may compact
+@pytest.mark.parametrize("name,operation,expected", _write_ops(), ids=[o[0] for o in _write_ops()])
+def test_shared_candidates_copy_at_first_write(monkeypatch, vocab, name, operation, expected):
+    monkeypatch.setattr(candidates_module, "COMPACT_WIDTH", 1024)
+    original = random_logits(1, rows=4, vocab=vocab)
+    before = original.clone()
+    candidates = Candidates(original, shared=True)
+    assert candidates.values is original
+    # reading never copies
+    candidates.best_first(5)
+    candidates.max_values()
+    candidates.argmax()
+    candidates.at(torch.tensor([0, 1, 2, 3]))
+    candidates.locate(ROWS, torch.tensor([1, 2]))
+    assert candidates.values is original
+    operation(candidates)
+    assert torch.equal(original, before), name  # the raw rows are untouched
+    assert candidates.values is not original
+    assert torch.equal(candidates.to_dense(), expected(before)), name
+    # the copy is the candidates' own from now on: a second write copies nothing more
+    own = candidates.writable()
+    assert own is candidates.values and candidates.writable() is own
+
+
+def test_writable_copies_once_and_unshared_never():
+    original = random_logits(2, rows=2, vocab=50)
+    shared = Candidates(original, shared=True)
+    copy = shared.writable()
+    assert copy is not original and torch.equal(copy, original)
+    assert shared.writable() is copy
+    owned = Candidates(original)
+    assert owned.writable() is original  # not shared: written in place
+    owned.divide(torch.tensor([2.0, 2.0]))
+    assert owned.values is original
+
+
+def test_shared_candidates_restrict_and_sort_leave_the_original():
+    original = random_logits(3, rows=4, vocab=300)
+    before = original.clone()
+    candidates = Candidates(original, shared=True)
+    best = candidates.best_first(10)
+    candidates.restrict(best[0][:, 9], best)
+    assert not candidates.dense and candidates.values.shape == (4, 10)
+    candidates.update(ROWS, torch.tensor([0, 0]), torch.tensor([-5.0, -6.0]))  # re-sorted lazily
+    candidates.best_first(10)
+    candidates.divide(torch.full((4,), 2.0))
+    assert torch.equal(original, before)
+
+
+# -- restrict: masked values never make a top-k grow -------------------------------------------
+@pytest.mark.parametrize("compact_width,vocab", [(1024, 1000), (0, 3000), (1024, 3000)])
+def test_top_k_after_few_finite_tokens_does_not_grow(monkeypatch, compact_width, vocab):
+    """min-p leaving fewer than k finite tokens, then top-k 50 (best_first(51), a −inf k-th
+    value, as `TopK.apply` takes it): the row keeps its finite tokens and the width stays ≤ 51,
+    not the vocabulary. (V > COMPACT_WIDTH: min-p's mask already compacted the batch.)"""
+    if 0 < compact_width < vocab:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(candidates_module, "COMPACT_WIDTH", compact_width)
+    logits = random_logits(4, rows=3, vocab=vocab)
+    logits[1, 40:] = -INF  # fewer finite tokens than k in one row, whatever min-p keeps
+    candidates = Candidates(logits.clone())
+    candidates.mask_below(logits.amax(dim=1) - 3.0)  # min-p: few tokens survive
+    assert candidates.dense == (compact_width == 0 or vocab <= compact_width)
+    finite = torch.isfinite(candidates.to_dense()).sum(dim=1)
+    assert int(finite.max()) < 50
+    expected = candidates.to_dense().clone()
+    best = candidates.best_first(51)
+    width = best[0].shape[1]
+    kth = best[0][:, min(49, width - 1)]
+    if candidates.dense:
+        assert width == 51 and bool((kth == -INF).all())
+        candidates.restrict(kth, best)
+    assert not candidates.dense
+    assert candidates.values.shape[1] <= 51, candidates.values.shape
+    assert torch.equal(candidates.to_dense(), expected)
+
+
+def test_restrict_still_grows_for_finite_ties():
+    """Finite ties at the k-th value spill over: all of them stay."""
+    values = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0, -INF]])
+    candidates = Candidates(values.clone())
+    best = candidates.best_first(3)
+    candidates.restrict(best[0][:, 1], best)  # top-2 with a three-way tie at 3.0
+    assert candidates.values.shape[1] == 4
+    assert sorted(candidates.ids[0].tolist()) == [0, 1, 2, 3]
+    assert torch.equal(candidates.to_dense(), values.masked_fill(values < 3.0, -INF))

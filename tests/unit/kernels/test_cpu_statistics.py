@@ -1,0 +1,161 @@
+"""sampler_service.kernels.cpu_statistics (the fused moments kernel) against float64 torch, and
+`raw_statistics` (the fused path) against `raw_statistics_reference` (torch float32)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sampler_service.kernels import PARALLEL_MIN_ROWS
+from sampler_service.policy.statistics import raw_statistics, raw_statistics_reference
+
+INF = math.inf
+
+
+def make_rows(seed: int, rows: int, vocab: int, scale: float, offset: float, masked: float,
+              ties: int) -> torch.Tensor:
+    """[rows, vocab] float32: normal logits · scale + offset, a fraction `masked` of them −inf
+    (never a whole row), `ties` more copies of each row's maximum at random columns."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale + offset
+    logits = logits.float()
+    logits[torch.rand(rows, vocab, generator=generator) < masked] = -INF
+    keep = torch.randint(0, vocab, (rows,), generator=generator)
+    row_index = torch.arange(rows)
+    logits[row_index, keep] = torch.randn(rows, generator=generator) * scale + offset
+    best = logits.amax(dim=1)
+    for _ in range(ties):
+        logits[row_index, torch.randint(0, vocab, (rows,), generator=generator)] = best
+    return logits
+
+
+def float64_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-normaliser, entropy, varentropy) [R] in float64, straight from log_softmax."""
+    values = logits.double()
+    logp = torch.log_softmax(values, dim=1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1)
+    centred = torch.where(p > 0, logp + entropy.unsqueeze(1), torch.zeros_like(p))
+    return torch.logsumexp(values, dim=1), entropy, (p * centred * centred).sum(dim=1)
+
+
+def kernel_statistics(logits: torch.Tensor, threads: int):
+    """(log-normaliser, entropy, varentropy, second moment Σw·z²/Σw) [R] float64 from
+    `row_moments`, combined as sampler_service.policy.statistics does."""
+    from sampler_service.kernels.cpu_statistics import row_moments
+    rows = logits.contiguous().numpy()
+    best = rows.max(axis=1)
+    moments = row_moments(rows, best, threads)
+    assert moments.shape == (rows.shape[0], 3) and moments.dtype == np.float64
+    total, first, second = moments.T
+    assert (total >= 1.0).all()  # the best token alone weighs e^0 = 1
+    mean = first / total
+    log_total = np.log(total)
+    return (log_total + best.astype(np.float64), log_total - mean,
+            np.maximum(second / total - mean * mean, 0.0), second / total)
+
+
+def test_row_moments_and_raw_statistics_match_float64():
+    pytest.importorskip("numba")
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(seed=st.integers(0, 2 ** 31),
+           rows=st.one_of(st.integers(1, 12), st.integers(PARALLEL_MIN_ROWS, 12)),
+           vocab=st.one_of(st.integers(1, 3000), st.integers(500, 3000)),
+           scale=st.sampled_from([1e-3, 0.3, 1.0, 4.0, 30.0, 300.0]),
+           offset=st.sampled_from([0.0, -50.0, 20.0, 1000.0, -3000.0]),
+           masked=st.sampled_from([0.0, 0.1, 0.5, 0.95, 1.0]), ties=st.integers(0, 4),
+           threads=st.sampled_from([1, 2, 4]))
+    def check(seed, rows, vocab, scale, offset, masked, ties, threads):
+        logits = make_rows(seed, rows, vocab, scale, offset, masked, ties)
+        before = logits.clone()
+        normalizer, entropy, varentropy = (t.numpy() for t in float64_statistics(logits))
+        k_normalizer, k_entropy, k_varentropy, k_second = kernel_statistics(logits, threads)
+        assert np.all(np.abs(k_normalizer - normalizer) <= 1e-6 * np.maximum(1, np.abs(normalizer)))
+        assert np.all(np.abs(k_entropy - entropy) <= 1e-6)
+        # V = E z² − (E z)²: its rounding error scales with the second moment.
+        assert np.all(np.abs(k_varentropy - varentropy) <= 1e-6 * np.maximum(1, k_second))
+
+        fused = raw_statistics(logits)
+        reference = raw_statistics_reference(logits)
+        assert torch.equal(logits, before)
+        # best_id: the lowest index of the maximum (ties were planted at random columns).
+        first_best = torch.tensor([int(torch.nonzero(row == row.max())[0]) for row in logits])
+        assert torch.equal(fused.best_id, first_best)
+        assert torch.equal(reference.best_id, first_best)
+        for name in ("log_normalizer", "entropy", "varentropy"):
+            a, b = getattr(fused, name), getattr(reference, name)
+            assert a.dtype == torch.float32 and a.shape == (rows,)
+            assert torch.all((a - b).abs() <= 4e-6 * b.abs().clamp(min=1)), name
+        assert fused.top_values.shape == (rows, 0) and fused.top_ids.shape == (rows, 0)
+
+    check()
+
+
+def test_a_rows_moments_do_not_depend_on_its_batch_or_the_threads():
+    pytest.importorskip("numba")
+    from sampler_service.kernels.cpu_statistics import row_moments
+    logits = make_rows(3, PARALLEL_MIN_ROWS + 5, 2000, 3.0, 1.0, 0.2, 2).numpy()
+    best = logits.max(axis=1)
+    one_thread = row_moments(logits, best, 1)
+    assert np.array_equal(one_thread, row_moments(logits, best, 4))
+    for r in (0, 7, PARALLEL_MIN_ROWS + 4):  # alone, below PARALLEL_MIN_ROWS: bit for bit
+        assert np.array_equal(row_moments(logits[r:r + 1], best[r:r + 1], 4)[0], one_thread[r])
+    assert not np.array_equal(one_thread, row_moments(logits, best + 1, 1))  # best enters every z
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 513, 3000])
+def test_point_mass_has_zero_entropy_and_varentropy(vocab):
+    pytest.importorskip("numba")
+    logits = torch.full((PARALLEL_MIN_ROWS + 1, vocab), -INF)
+    columns = torch.arange(PARALLEL_MIN_ROWS + 1) * 37 % vocab
+    logits[torch.arange(PARALLEL_MIN_ROWS + 1), columns] = torch.linspace(-500, 500,
+                                                                          PARALLEL_MIN_ROWS + 1)
+    if vocab > 1:  # tokens far below the best (z < −87) weigh exactly nothing either
+        logits[:, (columns[0] + 1) % vocab] = logits.amax(dim=1) - 200.0
+    for stats in (raw_statistics(logits), raw_statistics(logits[:1])):
+        assert torch.all(stats.entropy == 0.0)
+        assert torch.all(stats.varentropy == 0.0)
+        rows = stats.best_id.shape[0]
+        assert torch.equal(stats.best_id, columns[:rows])
+        assert torch.equal(stats.log_normalizer, logits[:rows].amax(dim=1))
+
+
+@pytest.mark.parametrize("top_n", [1, 5, 40])
+def test_top_n_values_are_torch_topk(top_n):
+    pytest.importorskip("numba")
+    logits = make_rows(11, 9, 1500, 2.0, 0.0, 0.3, 3)
+    logits[4, :] = -INF
+    logits[4, :3] = torch.tensor([1.0, 2.0, 0.5])  # fewer finite tokens than top_n
+    stats = raw_statistics(logits, top_n=top_n)
+    expected = torch.topk(logits, top_n, dim=1)
+    assert stats.top_values.shape == (9, top_n) and stats.top_ids.shape == (9, top_n)
+    assert torch.equal(stats.top_values, expected.values)
+    assert torch.equal(logits.gather(1, stats.top_ids), stats.top_values)
+    assert torch.equal(raw_statistics_reference(logits, top_n).top_values, expected.values)
+    # top_n past the vocabulary: the whole row, best first
+    small = logits[:, :3].clone()
+    small[:, 0] = 0.0
+    whole = raw_statistics(small, top_n=top_n)
+    best_first = torch.sort(small, dim=1, descending=True).values
+    assert torch.equal(whole.top_values, best_first[:, :top_n])
+
+
+def test_select_picks_rows_of_every_field():
+    pytest.importorskip("numba")
+    logits = make_rows(5, 6, 300, 2.0, 0.0, 0.1, 1)
+    stats = raw_statistics(logits, top_n=3)
+    rows = torch.tensor([4, 1])
+    picked = stats.select(rows)
+    alone = raw_statistics(logits[rows], top_n=3)
+    for name in ("log_normalizer", "entropy", "varentropy", "best_id", "top_values", "top_ids"):
+        assert torch.equal(getattr(picked, name), getattr(stats, name)[rows]), name
+        assert torch.equal(getattr(picked, name), getattr(alone, name)), name
+    bare = type(stats)(stats.log_normalizer, stats.entropy, stats.varentropy).select(rows)
+    assert bare.best_id is None and bare.top_values is None
+    assert torch.equal(bare.entropy, stats.entropy[rows])
