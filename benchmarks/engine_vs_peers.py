@@ -148,19 +148,17 @@ class LlamaCpp:
         rows, vocab = logits.shape
         chains = [self._chain(config, vocab, history[r].tolist(), r) for r in range(rows)]
         dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        template = np.zeros((rows, vocab), dtype=dtype)
-        template["id"] = np.arange(vocab, dtype=np.int32)
-        work = np.empty_like(template)
+        ids = np.arange(vocab, dtype=np.int32)
+        row = np.zeros(vocab, dtype=dtype)  # one cache-resident candidate array, as llama.cpp reuses
         source = logits.numpy()
         pointer = ctypes.POINTER(api.llama_token_data)
 
         def step() -> list[int]:
-            # What llama_sampler_sample does first: each row's candidates from its logits.
-            np.copyto(work, template)
-            work["logit"] = source
             chosen = []
             for r, chain in enumerate(chains):
-                row = work[r]
+                # What llama_sampler_sample does first: the row's candidates from its logits.
+                row["id"] = ids
+                row["logit"] = source[r]
                 array = api.llama_token_data_array(row.ctypes.data_as(pointer), vocab, -1, False)
                 api.llama_sampler_apply(chain, ctypes.byref(array))
                 chosen.append(int(row["id"][array.selected]))

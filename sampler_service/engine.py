@@ -133,7 +133,8 @@ class Engine:
         rows and what else the worker sent for them."""
         candidates = Candidates(logits, shared=shared)
         batch = self._run_chain(states, candidates, inputs, None)
-        _check_choosable(states, candidates)
+        if not batch.pristine:  # raw rows were checked on arrival: each has a finite logit
+            _check_choosable(states, candidates)
         return candidates, batch
 
     def _process_sparse(self, states: Sequence[SequenceState], inputs: RowInputs

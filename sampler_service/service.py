@@ -460,6 +460,12 @@ class SamplerCore:
                                   f"{problem}", field_name)
 
     # -- preview ------------------------------------------------------------------------------
+    def explain_plan(self, policy: str, policy_spec: Mapping[str, Any] | None,
+                     params: Mapping[str, Any]) -> list[str]:
+        """The chain the engine runs for the policy and parameters, then the selector
+        (`ResolvedPolicy.explain_plan`)."""
+        return self.resolve_policy(policy, policy_spec, params).explain_plan()
+
     def preview(self, policy: str, policy_spec: Mapping[str, Any] | None,
                 params: Mapping[str, Any], logits: torch.Tensor, history: Sequence[int] = (),
                 prompt_ids: Sequence[int] = (), eos_token_ids: Sequence[int] = (),

@@ -28,6 +28,10 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
     return torch.argmax(values, dim=1)
 
 
+#: The widest best-first prefix of a dense float32 CPU batch taken by the numba kernel
+#: (`sampler_service.kernels.cpu_top_k`: one pass, O(width) per insertion); wider ones by
+#: `torch.topk`.
+KERNEL_TOP_K = 256
 #: The most tokens per row that `Candidates.mask_below` compacts a dense batch into (0: never).
 COMPACT_WIDTH = 4096
 
@@ -150,12 +154,22 @@ class Candidates:
         self.writable().div_(divisor.unsqueeze(1))
 
     def best_first(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, ids) of each row's `width` best tokens, sorted best first."""
+        """(values, ids) of each row's `width` best tokens, sorted best first (equal values in
+        no promised order)."""
         if self.ids is not None:
             self._sort()
             return self.values[:, :width], self.ids[:, :width]
         if width >= self.vocab:
             return torch.sort(self.values, dim=1, descending=True)
+        if (width <= KERNEL_TOP_K and self.values.device.type == "cpu"
+                and self.values.dtype == torch.float32):
+            try:
+                from sampler_service.kernels.cpu_top_k import top_k_entries
+            except ImportError:  # numba absent: the `server` extra is not installed
+                return torch.topk(self.values, width, dim=1)
+            values, ids = top_k_entries(self.values.contiguous().numpy(), width,
+                                        torch.get_num_threads())
+            return torch.from_numpy(values), torch.from_numpy(ids)
         return torch.topk(self.values, width, dim=1)
 
     def restrict(self, threshold: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -62,9 +62,13 @@ class Link:
 class ResolvedPolicy:
     """What a sequence pinned at creation: policy name and version, chain, selector, settings.
 
-    `active_links` is the chain the engine runs: `links` without the stages whose values are
-    all off (a plan drops them once, not every step). Sequences whose `signature` is equal run
-    as one batch through the same stages.
+    `active_links` is the chain the engine runs, planned once (not every step): `links`
+    without the stages whose values are all off (they leave every row bit-identical), and,
+    before a selector that reads only the argmax (greedy), without the stages after which only
+    argmax-keeping stages follow (`Processor.keeps_argmax`: masks that never remove a best
+    token, so the argmax, lowest id among the best, and the selector's point mass are those
+    of their input). Sequences whose `signature` is equal run as one batch through the same
+    stages. `explain_plan` lists them.
     """
 
     name: str
@@ -85,11 +89,22 @@ class ResolvedPolicy:
         assert isinstance(self.selector.stage, (Selector, GroupSelector))
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
-        object.__setattr__(self, "active_links", tuple(l for l in self.links if not l.is_off))
+        active = [l for l in self.links if not l.is_off]
+        if getattr(self.selector.stage, "reads_only_argmax", False):
+            while active and active[-1].stage.keeps_argmax:
+                active.pop()
+        object.__setattr__(self, "active_links", tuple(active))
 
     @property
     def signature(self) -> tuple[Any, ...]:
         return tuple(l.stage.key for l in self.active_links) + (self.selector.stage.key,)
+
+    def explain_plan(self) -> list[str]:
+        """The stages the engine runs, in order, then the selector: `key(param=value, ...)`."""
+        def described(link: Link) -> str:
+            values = ", ".join(f"{p.name}={p.plain(link.values[p.name])}" for p in link.stage.params)
+            return f"{link.stage.key}({values})"
+        return [described(l) for l in (*self.active_links, self.selector)]
 
     def spec(self) -> dict[str, Any]:
         """The resolved values as a policy spec (reported by GetSequence)."""

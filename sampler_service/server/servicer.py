@@ -111,14 +111,18 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         which = request.WhichOneof("policy_source")
         decode = self.runner.decode_tensor
 
+        policy = dict(policy=request.policy if which == "policy" else "",
+                      policy_spec=(convert.struct_to_dict(request.policy_spec)
+                                   if which == "policy_spec" else None),
+                      params=convert.params_from_pb(request.params))
+        if not request.HasField("logits"):
+            plan = await self._in_engine_thread(lambda: self.core.explain_plan(**policy))
+            return pb.PreviewResponse(planned_chain=plan)
+
         def preview():
             with self.runner.hold(request):
                 return self.core.preview(
-                    policy=request.policy if which == "policy" else "",
-                    policy_spec=(convert.struct_to_dict(request.policy_spec)
-                                 if which == "policy_spec" else None),
-                    params=convert.params_from_pb(request.params),
-                    logits=decode(request.logits, "logits"),
+                    **policy, logits=decode(request.logits, "logits"),
                     history=list(request.history), prompt_ids=list(request.prompt_ids),
                     eos_token_ids=list(request.eos_token_ids),
                     reference=(decode(request.reference_logits, "reference_logits")
@@ -128,4 +132,4 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         limit = request.max_candidates or len(ids)
         return pb.PreviewResponse(
             candidates=[pb.Candidate(token_id=t, probability=p) for t, p in zip(ids[:limit], probs[:limit])],
-            survivors=len(ids))
+            survivors=len(ids), planned_chain=self.core.explain_plan(**policy))

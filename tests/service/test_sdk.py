@@ -156,3 +156,18 @@ def test_async_client_runs_groups(server):
     assert [c.parent_row for c in beam_choices] == [0, 0] and all(c.finished for c in beam_choices)
     assert len(fork_result.hypotheses) == 3 and [c.parent_row for c in fork_choices] == [0, 0, 0]
     assert cot_info.kind == "cot" and [h.token_ids[0] for h in cot_info.hypotheses] in ([1, 2], [2, 1])
+
+
+def test_explain_plan_shows_the_planned_chain(client, server):
+    assert client.explain_plan("greedy") == ["greedy()"]
+    assert client.explain_plan(params={"temperature": 0.7, "top_k": 40}) == [
+        "temperature(temperature=0.7)", "top_k(k=40, min_keep=1)", "sample()"]
+    planned = client.explain_plan({"chain": [{"top_k": {"k": 5}}, {"min_p": {"p": 0.1}}],
+                                   "select": "greedy"})
+    assert planned == ["greedy()"]
+
+    async def twin():
+        async with AsyncSamplerClient(server.address) as aio:
+            return await aio.explain_plan("creative")
+
+    assert asyncio.run(twin())[-1] == "sample()"

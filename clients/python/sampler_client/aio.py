@@ -164,6 +164,14 @@ class AsyncSamplerClient:
         response = await self._call(self._stub.Preview, request)
         return [(c.token_id, c.probability) for c in response.candidates]
 
+    async def explain_plan(self, policy: str | Mapping[str, Any] | None = None, *,
+                     params: Mapping[str, Any] | None = None) -> list[str]:
+        """The stages the service runs for `policy` (a name, an inline spec, or None for flat
+        `params`) and `params`, in order, then the selector, each as "key(param=value, ...)":
+        off stages and, before greedy, argmax-keeping stages are planned away."""
+        request = requests.preview_request(None, policy=policy, params=params)
+        return list((await self._call(self._stub.Preview, request)).planned_chain)
+
 
 class AsyncStepStream:
     """One StepStream call; `await stream.step(...)` writes a request and reads its answer

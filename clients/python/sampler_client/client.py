@@ -306,6 +306,14 @@ class SamplerClient(ChannelClient):
         response = self._call(self._stub.Preview, request)
         return [(c.token_id, c.probability) for c in response.candidates]
 
+    def explain_plan(self, policy: str | Mapping[str, Any] | None = None, *,
+                     params: Mapping[str, Any] | None = None) -> list[str]:
+        """The stages the service runs for `policy` (a name, an inline spec, or None for flat
+        `params`) and `params`, in order, then the selector, each as "key(param=value, ...)":
+        off stages and, before greedy, argmax-keeping stages are planned away."""
+        request = requests.preview_request(None, policy=policy, params=params)
+        return list((self._call(self._stub.Preview, request)).planned_chain)
+
 
 class StepStream:
     """Steps over one StepStream call: each `step` sends one request and reads its answer

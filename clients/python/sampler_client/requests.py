@@ -77,12 +77,15 @@ def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any
 
 
 def preview_request(logits: Any, *, policy: str | Mapping[str, Any] | None,
-                    params: Mapping[str, Any] | None, history: Iterable[int],
-                    prompt_ids: Iterable[int], eos_token_ids: Iterable[int],
-                    max_candidates: int, reference_logits: Any = None) -> pb.PreviewRequest:
-    request = pb.PreviewRequest(logits=encode_tensor(logits), params=sampling_params(params),
-                                history=list(history), prompt_ids=list(prompt_ids),
-                                eos_token_ids=list(eos_token_ids), max_candidates=max_candidates)
+                    params: Mapping[str, Any] | None, history: Iterable[int] = (),
+                    prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = (),
+                    max_candidates: int = 0, reference_logits: Any = None) -> pb.PreviewRequest:
+    """A Preview request; `logits` None asks for the planned chain alone."""
+    request = pb.PreviewRequest(params=sampling_params(params), history=list(history),
+                                prompt_ids=list(prompt_ids), eos_token_ids=list(eos_token_ids),
+                                max_candidates=max_candidates)
+    if logits is not None:
+        request.logits.CopyFrom(encode_tensor(logits))
     if reference_logits is not None:
         request.reference_logits.CopyFrom(encode_tensor(reference_logits))
     if isinstance(policy, Mapping):

@@ -242,6 +242,11 @@ class Processor(Stage):
     #: A link whose parameters are all at their off values is left out of the chain the
     #: engine runs. Stages that explain or remember something even when off say False.
     drops_when_off: ClassVar[bool] = True
+    #: The stage only masks tokens and never one whose value equals the row's maximum (nor
+    #: changes any value, remembers or explains anything), so the argmax (lowest id among the
+    #: best) of its output is that of its input: a plan for a selector that reads only the
+    #: argmax leaves it out when only such stages follow it (`ResolvedPolicy.active_links`).
+    keeps_argmax: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
@@ -250,6 +255,10 @@ class Processor(Stage):
 
 class Selector(Stage):
     """Picks one token per row from processed candidates; returns int64 token ids [R]."""
+
+    #: The choice is the argmax of the candidates (lowest id among the best) and the
+    #: distribution a point mass on it, whatever else they hold (greedy).
+    reads_only_argmax: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, candidates: Candidates, args: dict[str, torch.Tensor],

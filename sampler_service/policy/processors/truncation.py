@@ -116,6 +116,7 @@ class TopK(Processor):
 
     key = "top_k"
     role = "filter"
+    keeps_argmax = True
     params = (Param("k", "int", default=0, off=0, minimum=0, doc="number of best tokens kept"),
               MIN_KEEP)
     flat_names = {"k": "top_k"}
@@ -173,6 +174,7 @@ class MinP(Processor):
 
     key = "min_p"
     role = "filter"
+    keeps_argmax = True
     params = (Param("p", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
                     doc="fraction of the best token's probability a token needs"), MIN_KEEP)
     flat_names = {"p": "min_p"}
@@ -227,6 +229,7 @@ class TopP(Processor):
 
     key = "top_p"
     role = "filter"
+    keeps_argmax = True
     params = (Param("p", "float", default=1.0, off=1.0, minimum=0.0, maximum=1.0,
                     exclusive_minimum=True, doc="probability mass kept"), MIN_KEEP)
     flat_names = {"p": "top_p"}
@@ -491,6 +494,8 @@ class _ProbableCutoff(Processor):
     """A cut that keeps the tokens whose probability reaches a row's threshold (`_threshold`:
     the logit each row keeps down to), on the rows whose `epsilon` is on (> 0)."""
 
+    keeps_argmax = True
+
     @abstractmethod
     def _threshold(self, candidates: Candidates, args: dict[str, torch.Tensor]) -> torch.Tensor:
         """[R] the smallest logit each row keeps."""
@@ -650,6 +655,7 @@ class TopNSigma(Processor):
 
     key = "top_n_sigma"
     role = "filter"
+    keeps_argmax = True
     params = (Param("n", "float", default=0.0, off=0.0,
                     doc="how many standard deviations below the best logit a token may be"),
               MIN_KEEP)

@@ -17,6 +17,7 @@ class Greedy(Selector):
     """
 
     key = "greedy"
+    reads_only_argmax = True
 
     def select(self, candidates: Candidates, args: dict[str, torch.Tensor],
                batch: RowBatch) -> torch.Tensor:

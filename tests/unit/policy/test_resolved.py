@@ -1,5 +1,6 @@
-"""ResolvedPolicy's plan: stages whose values are all off are left out of the chain the engine
-runs, and leaving them out changes no token, logprob or statistic."""
+"""ResolvedPolicy's plan: stages whose values are all off, and before greedy the argmax-keeping
+stages that only such stages follow, are left out of the chain the engine runs, and leaving
+them out changes no token, logprob or statistic."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,3 +58,45 @@ def test_dropped_stages_change_nothing():
         return Engine(CPU).step(states, logits.clone(), processed_logprobs=True)
 
     assert outcomes(planned) == outcomes(whole)
+
+
+def test_greedy_plans_away_the_argmax_keeping_stages_that_only_such_stages_follow():
+    chain = [{"top_k": {"k": 5}}, {"repetition_penalty": {"penalty": 1.3}}, {"top_p": {"p": 0.5}},
+             {"min_p": {"p": 0.2}}, {"top_n_sigma": {"n": 1.0}}]
+    policy = resolve(parse_policy("planned", {"chain": chain, "select": "greedy"}),
+                     PolicyVersion(1, "x"), {})
+    assert keys(policy) == ["top_k", "repetition_penalty"]  # top-k before the penalty stays
+    assert policy.explain_plan() == ["top_k(k=5, min_keep=1)", "repetition_penalty(penalty=1.3)",
+                                     "greedy()"]
+    sampled = resolve(parse_policy("drawn", {"chain": chain, "select": "sample"}),
+                      PolicyVersion(1, "x"), {})
+    assert len(keys(sampled)) == 5  # a drawing selector keeps every stage
+
+
+def test_typical_and_temperature_are_not_planned_away_before_greedy():
+    """Typical-p can remove the best token; dividing by T can make two logits equal."""
+    spec = parse_policy("kept", {"chain": [{"temperature": {"temperature": 0.7}},
+                                           {"typical_p": {"p": 0.5}}], "select": "greedy"})
+    assert keys(resolve(spec, PolicyVersion(1, "x"), {})) == ["temperature", "typical_p"]
+
+
+def test_planned_away_stages_change_no_greedy_choice():
+    """Greedy after argmax-keeping masks, planned and run whole, on rows with ties at the max."""
+    spec = parse_policy("planned", {"chain": [
+        {"repetition_penalty": {"penalty": 1.3}}, {"top_k": {"k": 3}}, {"top_p": {"p": 0.3}},
+        {"min_p": {"p": 0.5}}, {"top_n_sigma": {"n": 0.5}}, {"epsilon_cutoff": {"epsilon": 0.01}}],
+        "select": "greedy"})
+    planned = resolve(spec, PolicyVersion(1, "x"), {"logprobs": 2})
+    whole = dataclasses.replace(planned)
+    object.__setattr__(whole, "active_links", whole.links)
+    assert keys(planned) == ["repetition_penalty"] and len(keys(whole)) == 6
+    logits = random_logits(5, rows=16, vocab=300)
+    logits[::3, 10] = logits[::3, 200] = logits[::3].amax(dim=1) + 1.0  # ties: lowest id wins
+
+    def outcomes(policy):
+        states = [SequenceState(f"s{i}", policy, (1, 2), seed=i, eos_token_ids=frozenset({7}),
+                                output_ids=[4, 4, 9]) for i in range(16)]
+        return Engine(CPU).step(states, logits.clone(), processed_logprobs=True)
+
+    assert outcomes(planned) == outcomes(whole)
+    assert all(o.token_id == 10 for o in outcomes(planned)[::3])

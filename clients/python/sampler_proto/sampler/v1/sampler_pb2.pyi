@@ -439,12 +439,14 @@ class Candidate(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class PreviewResponse(_message.Message):
-    __slots__ = ("candidates", "survivors")
+    __slots__ = ("candidates", "survivors", "planned_chain")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_CHAIN_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     survivors: int
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., survivors: _Optional[int] = ...) -> None: ...
+    planned_chain: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., survivors: _Optional[int] = ..., planned_chain: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterSystemRegionRequest(_message.Message):
     __slots__ = ("name", "key", "offset", "byte_size", "client_id")
