@@ -35,6 +35,8 @@ from sampler_service.policy.resolved import Link
 from sampler_service.state import RowOutcome, SequenceState, TopList
 
 _TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
+#: Stage argument sets the engine keeps (see `Engine._stage_args`).
+ARGS_CACHE_ENTRIES = 1024
 
 
 @dataclass(frozen=True)
@@ -117,14 +119,27 @@ class Engine:
 
     def __init__(self, device: torch.device):
         self.device = device
+        #: `_stage_args` results by the identities of their links (kept alive here, so an
+        #: identity cannot be reused while its entry lives): a group whose rows keep their
+        #: policies reuses its argument tensors, already on the device, step after step.
+        self._args: dict[tuple[int, ...], tuple[tuple[Link, ...], dict[str, Any]]] = {}
 
     def _stage_args(self, stage: Stage, links: Sequence[Link]) -> dict[str, Any]:
         """Each parameter of `stage` across the group's rows: scalars as one [rows] tensor on
-        the device, the other kinds as a list with one value per row."""
-        return {p.name: torch.tensor([l.values[p.name] for l in links], dtype=_TENSOR_DTYPES[p.kind],
-                                     device=self.device)
+        the device, the other kinds as a list with one value per row. Stages never write
+        into their arguments, so they are cached (`ARGS_CACHE_ENTRIES`)."""
+        key = tuple(map(id, links))
+        cached = self._args.get(key)
+        if cached is not None:
+            return cached[1]
+        args = {p.name: torch.tensor([l.values[p.name] for l in links],
+                                     dtype=_TENSOR_DTYPES[p.kind], device=self.device)
                 if p.kind in _TENSOR_DTYPES else [l.values[p.name] for l in links]
                 for p in stage.params}
+        if len(self._args) >= ARGS_CACHE_ENTRIES:
+            self._args.pop(next(iter(self._args)))  # the oldest entry
+        self._args[key] = (tuple(links), args)
+        return args
 
     def process(self, states: Sequence[SequenceState], logits: torch.Tensor,
                 inputs: RowInputs, shared: bool = False) -> tuple[Candidates, RowBatch]:

@@ -198,3 +198,15 @@ def test_temperature_zero_samples_argmax_through_engine(temperature):
     states = [SequenceState(f"s{i}", policy, (), i, frozenset()) for i in range(50)]
     logits = torch.tensor([1.0, 3.0, 2.0, 3.0, -1.0]).expand(50, -1).contiguous()
     assert {o.token_id for o in Engine(CPU).step(states, logits)} == {1}
+
+
+def test_uniform_noise_numpy_form_has_the_torch_forms_bits():
+    """The CPU's NumPy uint64 form against the torch int64 form (the one CUDA runs)."""
+    from sampler_service.policy.noise import uniform_noise, uniform_noise_torch
+    generator = torch.Generator().manual_seed(11)
+    seeds = torch.randint(-2**63, 2**63 - 1, (40,), dtype=torch.int64, generator=generator)
+    seeds[:3] = torch.tensor([0, -1, -2**63])
+    positions = torch.randint(0, 2**40, (40,), generator=generator)
+    token_ids = torch.randint(-1, 300000, (40, 17), generator=generator)
+    assert torch.equal(uniform_noise(seeds, positions, token_ids),
+                       uniform_noise_torch(seeds, positions, token_ids))
