@@ -10,6 +10,8 @@ Both keep the tokens taken in ascending order of a key while the mass before the
      in float64; the cut bin is the last whose preceding mass is below p·s;
   3. only the cut bin's tokens are gathered, ordered by key (ties by column) and walked to the
      last token whose preceding mass is below p·s.
+Tokens without weight (masked, or more than 87 nats below the best) are never kept by the walk
+(they cannot help reach the mass); the first token always stays.
 References: `TopP` and `TypicalP` in `sampler_service.policy.processors.truncation` (a
 best-first prefix, else `mass_cut_column`'s histogram, float32 sums). Float64 sums here make
 the kernel the closer of the two to exact arithmetic on very flat rows.
@@ -27,9 +29,10 @@ NATS = 48
 _BINS = BINS_PER_NAT * NATS
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
 def _weights(row, best, weights):
-    """weights[j] = exp(row[j] − best) (0 where masked); returns Σ weights (float64)."""
+    """weights[j] = exp(row[j] − best) (0 where masked); returns Σ weights (float64). Compiled
+    on its own: its fast-math flags (so that the sum vectorises) stay its own."""
     total = 0.0
     for start in range(0, row.shape[0], 512):
         part = np.float32(0.0)
@@ -46,13 +49,14 @@ def _bin(key):
     return int(min(key * np.float32(BINS_PER_NAT), np.float32(_BINS - 1)))
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(inline="always")
 def _key(value, best, center):
-    """|l − m − c| in float32: the key tokens are taken in (ascending) order."""
+    """|(l − m) − c| in float32, in that order (no fast-math: m + c first would round at the
+    scale of m): the key tokens are taken in (ascending) order."""
     return abs((value - best) - center)
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(inline="always")
 def _cut_row(logits, best, center, fraction, columns_out, keys_out, r):
     row = logits[r]
     b = best[r]
@@ -62,30 +66,37 @@ def _cut_row(logits, best, center, fraction, columns_out, keys_out, r):
     bin_mass = np.zeros(_BINS)
     bin_count = np.zeros(_BINS, dtype=np.int64)
     for j in range(row.shape[0]):
-        k = _bin(_key(row[j], b, c))
-        bin_mass[k] += weights[j]
-        bin_count[k] += 1
+        if weights[j] > 0.0:  # a token without weight is never needed to reach the mass
+            k = _bin(_key(row[j], b, c))
+            bin_mass[k] += weights[j]
+            bin_count[k] += 1
+    # The cut bin: the last weighted bin whose preceding mass is below the target, or the
+    # first weighted bin (the first token always stays, even for a target of 0; rounding can
+    # leave a target above every bin's preceding mass).
+    cut = -1
     before = 0.0
-    cut = 0
     preceding = 0.0
     for k in range(_BINS):
-        if before < target:
-            cut = k
-            preceding = before
-        before += bin_mass[k]
+        if bin_count[k] > 0:
+            if cut < 0 or before < target:
+                cut = k
+                preceding = before
+            before += bin_mass[k]
     keys = np.empty(bin_count[cut], dtype=np.float32)
     columns = np.empty(bin_count[cut], dtype=np.int64)
     n = 0
     for j in range(row.shape[0]):
-        key = _key(row[j], b, c)
-        if _bin(key) == cut:
-            keys[n] = key
-            columns[n] = j
-            n += 1
+        if weights[j] > 0.0:
+            key = _key(row[j], b, c)
+            if _bin(key) == cut:
+                keys[n] = key
+                columns[n] = j
+                n += 1
     order = np.argsort(keys, kind="mergesort")
     last = order[0]
-    for i in range(n):
-        if i > 0 and preceding >= target:
+    preceding += weights[columns[last]]
+    for i in range(1, n):
+        if preceding >= target:
             break
         last = order[i]
         preceding += weights[columns[last]]
@@ -93,7 +104,7 @@ def _cut_row(logits, best, center, fraction, columns_out, keys_out, r):
     keys_out[r] = keys[last]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _rows(logits, best, center, fraction, columns, keys):
     for r in numba.prange(logits.shape[0]):
         _cut_row(logits, best, center, fraction, columns, keys, r)
@@ -112,14 +123,14 @@ def mass_cuts(logits: np.ndarray, best: np.ndarray, center: np.ndarray, fraction
     return columns, keys
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(inline="always")
 def _beyond_row(logits, best, center, cut, out, r):
     row = logits[r]
     for j in range(row.shape[0]):
         out[r, j] = _key(row[j], best[r], center[r]) > cut[r]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _beyond_rows(logits, best, center, cut, out):
     for r in numba.prange(logits.shape[0]):
         _beyond_row(logits, best, center, cut, out, r)

@@ -357,7 +357,13 @@ def mass_cut_column(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor) 
     bin_count = torch.zeros(rows, bins_total, dtype=torch.int64, device=key.device).scatter_add_(
         1, bins, torch.ones_like(bins))
     before = bin_mass.cumsum(dim=1) - bin_mass  # mass of the bins with smaller keys
-    cut = ((before < mass).sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    # The last bin with mass whose preceding mass is below `mass`, and at least the first bin
+    # with mass (rounding can put `mass` above every bin's preceding mass, or it may be 0).
+    position = torch.arange(bins_total, device=key.device).expand(rows, -1)
+    weighted = bin_mass > 0
+    first = torch.where(weighted, position, bins_total).amin(dim=1, keepdim=True)
+    cut = torch.where(weighted & (before < mass), position, -1).amax(dim=1, keepdim=True)
+    cut = torch.maximum(cut, first)
     width = int(bin_count.gather(1, cut).max())
     in_cut = torch.where(bins == cut, key, torch.full_like(key, math.inf))
     columns = torch.topk(in_cut, width, dim=1, largest=False).indices
