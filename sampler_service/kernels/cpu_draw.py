@@ -3,10 +3,14 @@
 Reference: `sampler_service.policy.selectors.sample.draw_inverse_cdf_reference` (torch), which
 says what is drawn: with w_i = exp(l_i − max l) in token-id order and U the row's uniform, the
 first column i with Σ_{j≤i} w_j > U · Σ_j w_j. Here the weights are the inline exp of
-`cpu_statistics` and both sums run in float64, term by term in column order, compiled without
-fast-math: masked columns add exact zeros, so a dense row and the same row truncated to its
-surviving columns draw the same token whatever their widths. Three passes over the row: the
-weights (vectorised), their total, and the running sum up to the crossing (on average half).
+`cpu_statistics`, and every sum is defined on the sequence of weighted terms (w > 0) in column
+order, blocked by `BLOCK` terms: a block's total is summed in four float32 lanes (term i to
+lane i mod 4), the totals in float64 in order, and the crossing is the first term of the
+crossing block whose running sum (the preceding blocks' totals, then the block's terms one by
+one) exceeds U·Σ, else the block's last term. Columns without weight take no part, so a dense
+row and the same row truncated to its surviving columns draw the same token whatever their
+widths; no fast-math is needed, so the order is the one written. Passes: the weighted terms
+(vectorised exp), the block totals (vectorised lanes), and one block.
 """
 from __future__ import annotations
 
@@ -16,28 +20,88 @@ import numba
 import numpy as np
 
 from sampler_service.kernels import run_rows
-from sampler_service.kernels.cpu_statistics import exp_nonpositive
+from sampler_service.kernels.cpu_statistics import FASTMATH, exp_nonpositive
+
+
+#: Weighted terms per block of the cumulative sum (see the module docstring).
+BLOCK = 256
+
+
+@numba.njit(inline="always")
+def _block_total(weights, start, stop):
+    """Σ weights[start:stop] in four float32 lanes (term i to lane i mod 4), then the lanes:
+    a fixed order that needs no fast-math to vectorise."""
+    lane0 = lane1 = lane2 = lane3 = np.float32(0.0)
+    i = start
+    while i + 4 <= stop:
+        lane0 += weights[i]
+        lane1 += weights[i + 1]
+        lane2 += weights[i + 2]
+        lane3 += weights[i + 3]
+        i += 4
+    if i < stop:
+        lane0 += weights[i]
+    if i + 1 < stop:
+        lane1 += weights[i + 1]
+    if i + 2 < stop:
+        lane2 += weights[i + 2]
+    return (lane0 + lane1) + (lane2 + lane3)
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
+def _weights(row, best, weights):
+    """weights[j] = exp(row[j] − best) (0 where masked); returns how many are 0. Compiled on
+    its own: its fast-math flags (contraction into FMAs) stay its own, and every element is
+    computed by the same instructions whatever the row's width."""
+    for j in range(row.shape[0]):
+        weights[j] = exp_nonpositive(row[j] - best)
+    zeros = np.int32(0)
+    for j in range(row.shape[0]):
+        zeros += np.int32(weights[j] == np.float32(0.0))
+    return zeros
 
 
 @numba.njit(inline="always")
 def _draw_row(values, best, uniform, columns, log_probs, r):
     row = values[r]
     b = best[r]
-    weights = np.empty(row.shape[0], dtype=np.float32)
-    for j in range(row.shape[0]):  # element-wise: vectorises without fast-math
-        weights[j] = exp_nonpositive(row[j] - b)
+    vocab = row.shape[0]
+    weights = np.empty(vocab, dtype=np.float32)
+    unweighted = _weights(row, b, weights)
+    where = np.empty(0, dtype=np.int64)
+    n = vocab
+    if unweighted > 0:  # the weighted terms only, in column order
+        n = vocab - unweighted
+        where = np.empty(n, dtype=np.int64)
+        terms = np.empty(n, dtype=np.float32)
+        i = 0
+        for j in range(vocab):
+            if weights[j] > 0.0:
+                terms[i] = weights[j]
+                where[i] = j
+                i += 1
+        weights = terms
+    blocks = (n + BLOCK - 1) // BLOCK
+    totals = np.empty(blocks)
     total = 0.0
-    for j in range(row.shape[0]):
-        total += weights[j]
+    for k in range(blocks):
+        totals[k] = _block_total(weights, k * BLOCK, min((k + 1) * BLOCK, n))
+        total += totals[k]
     target = uniform[r] * total
-    running = 0.0
-    column = -1
-    for j in range(row.shape[0]):
-        if weights[j] > 0.0:
-            column = j  # the last weighted column, should rounding leave the target unreached
-            running += weights[j]
-            if running > target:
-                break
+    before = 0.0
+    k = 0
+    while k < blocks - 1 and before + totals[k] <= target:
+        before += totals[k]
+        k += 1
+    stop = min((k + 1) * BLOCK, n)
+    term = stop - 1  # the block's last term, should rounding leave the target unreached
+    running = before
+    for i in range(k * BLOCK, stop):
+        running += weights[i]
+        if running > target:
+            term = i
+            break
+    column = where[term] if unweighted > 0 else term
     columns[r] = column
     log_probs[r] = row[column] - b - math.log(total)
 

@@ -136,12 +136,10 @@ class Candidates:
         values, ids, kept = compact_at_least(self.values.contiguous().numpy(),
                                              threshold.contiguous().numpy(), COMPACT_WIDTH,
                                              torch.get_num_threads())
-        most = int(kept.max())
-        if most > COMPACT_WIDTH:
+        if int(kept.max()) > COMPACT_WIDTH:
             return False
-        width = max(most, 1)
-        self.values = torch.from_numpy(values[:, :width])
-        self.ids = torch.from_numpy(ids[:, :width])
+        self.values = torch.from_numpy(values)
+        self.ids = torch.from_numpy(ids)
         self._sorted, self._shared = False, False
         return True
 

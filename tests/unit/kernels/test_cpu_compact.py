@@ -139,32 +139,42 @@ def test_compact_at_least_layout(rows, threads):
     for r in range(rows):
         ordered = np.sort(logits[r])[::-1]
         threshold[r] = np.inf if kept_target[r] == 0 else ordered[kept_target[r] - 1]
-    values, ids, kept = compact_at_least(logits, threshold, width, threads)
-    assert values.shape == ids.shape == (rows, width) and kept.shape == (rows,)
-    assert values.dtype == np.float32 and ids.dtype == np.int64
-    for r in range(rows):
-        above = np.nonzero(logits[r] >= threshold[r])[0]
-        below = np.nonzero(~(logits[r] >= threshold[r]))[0]
-        if len(above) > width:  # stops at the (width + 1)-th: the caller falls back
-            assert kept[r] == width + 1
-            continue
-        count = len(above)
-        assert kept[r] == count
-        assert np.array_equal(ids[r, :count], above)  # in id order
-        assert np.array_equal(values[r, :count], logits[r, above])
-        fill = min(width - count, len(below))
-        assert np.array_equal(ids[r, count:count + fill], below[:fill])  # the first ids below
-        assert np.all(values[r, count:count + fill] == -np.inf)
-    assert (kept > width).any() and (kept == 0).any()  # both ends were exercised
+    for narrow in (False, True):  # with a row past the width, then without one
+        if narrow:  # ties may take a row past the width too
+            wide_rows = np.array([(logits[r] >= threshold[r]).sum() > width for r in range(rows)])
+            threshold = np.where(wide_rows, np.inf, threshold).astype(np.float32)
+        values, ids, kept = compact_at_least(logits, threshold, width, threads)
+        assert kept.shape == (rows,) and values.dtype == np.float32 and ids.dtype == np.int64
+        counts = [(logits[r] >= threshold[r]).sum() for r in range(rows)]
+        wide = any(c > width for c in counts)
+        assert wide != narrow
+        # the widest row's count when none is past the width (outputs trimmed to it)
+        assert values.shape == ids.shape == (rows, width if wide else max(max(counts), 1))
+        for r in range(rows):
+            above = np.nonzero(logits[r] >= threshold[r])[0]
+            below = np.nonzero(~(logits[r] >= threshold[r]))[0]
+            if len(above) > width:  # the caller falls back
+                assert kept[r] == width + 1
+                continue
+            count = len(above)
+            assert kept[r] == count
+            assert np.array_equal(ids[r, :count], above)  # in id order
+            assert np.array_equal(values[r, :count], logits[r, above])
+            if not wide:
+                fill = values.shape[1] - count
+                assert np.array_equal(ids[r, count:], below[:fill])  # the first ids below
+                assert np.all(values[r, count:] == -np.inf)
+        assert (kept == 0).any()
 
 
 def test_compact_at_least_keeps_minus_inf_at_a_minus_inf_threshold():
     pytest.importorskip("numba")
     from sampler_service.kernels.cpu_compact import compact_at_least
     logits = np.array([[-np.inf, 1.0, -np.inf, 0.5, 2.0]], dtype=np.float32)
-    values, ids, kept = compact_at_least(logits, np.array([1.0], dtype=np.float32), 3, 1)
-    assert kept.tolist() == [2]
-    assert ids[0].tolist() == [1, 4, 0] and values[0].tolist() == [1.0, 2.0, -np.inf]
+    values, ids, kept = compact_at_least(np.repeat(logits, 2, axis=0),
+                                         np.array([1.0, 2.0], dtype=np.float32), 3, 1)
+    assert kept.tolist() == [2, 1]  # trimmed to the widest row: the other gets one filler
+    assert ids.tolist() == [[1, 4], [4, 0]] and values.tolist() == [[1.0, 2.0], [2.0, -np.inf]]
     values, ids, kept = compact_at_least(logits, np.array([-np.inf], dtype=np.float32), 5, 1)
     assert kept.tolist() == [5] and ids[0].tolist() == [0, 1, 2, 3, 4]
     assert np.array_equal(values[0], logits[0])
