@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sampler_service.kernels import run_rows
+from sampler_service.kernels import CACHE, run_rows
 
 
 _CHUNK = 64
@@ -45,13 +45,13 @@ def _kept_row(logits, threshold, values, ids, counts, r):
     counts[r] = kept
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=CACHE, nogil=True, parallel=True)
 def _kept_rows(logits, threshold, values, ids, counts):
     for r in numba.prange(logits.shape[0]):
         _kept_row(logits, threshold, values, ids, counts, r)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def _fill(values, ids, counts):
     """After each row's kept entries, −inf fillers with the smallest ids it did not keep."""
     for r in range(values.shape[0]):

@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-from sampler_service.kernels import run_rows
+from sampler_service.kernels import CACHE, run_rows
 from sampler_service.kernels.cpu_statistics import FASTMATH, exp_nonpositive
 
 
@@ -48,7 +48,7 @@ def _block_total(weights, start, stop):
     return (lane0 + lane1) + (lane2 + lane3)
 
 
-@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=CACHE)
 def _weights(row, best, weights):
     """weights[j] = exp(row[j] − best) (0 where masked); returns how many are 0. Compiled on
     its own: its fast-math flags (contraction into FMAs) stay its own, and every element is
@@ -106,7 +106,7 @@ def _draw_row(values, best, uniform, columns, log_probs, r):
     log_probs[r] = row[column] - b - math.log(total)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=CACHE, nogil=True, parallel=True)
 def _rows(values, best, uniform, columns, log_probs):
     for r in numba.prange(values.shape[0]):
         _draw_row(values, best, uniform, columns, log_probs, r)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sampler_service.kernels import run_rows
+from sampler_service.kernels import CACHE, run_rows
 from sampler_service.kernels.cpu_statistics import FASTMATH, exp_nonpositive
 
 BINS_PER_NAT = 32
@@ -29,7 +29,7 @@ NATS = 48
 _BINS = BINS_PER_NAT * NATS
 
 
-@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=CACHE)
 def _weights(row, best, weights):
     """weights[j] = exp(row[j] − best) (0 where masked); returns Σ weights (float64). Compiled
     on its own: its fast-math flags (so that the sum vectorises) stay its own."""
@@ -104,7 +104,7 @@ def _cut_row(logits, best, center, fraction, columns_out, keys_out, r):
     keys_out[r] = keys[last]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=CACHE, nogil=True, parallel=True)
 def _rows(logits, best, center, fraction, columns, keys):
     for r in numba.prange(logits.shape[0]):
         _cut_row(logits, best, center, fraction, columns, keys, r)
@@ -130,7 +130,7 @@ def _beyond_row(logits, best, center, cut, out, r):
         out[r, j] = _key(row[j], best[r], center[r]) > cut[r]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=CACHE, nogil=True, parallel=True)
 def _beyond_rows(logits, best, center, cut, out):
     for r in numba.prange(logits.shape[0]):
         _beyond_row(logits, best, center, cut, out, r)

@@ -12,15 +12,15 @@ without Intel's SVML): exp z = 2^n · 2^f with t = z·log₂e, n = round(t), f =
 exponent bits. Sums run in float32 over blocks of `BLOCK` columns and in float64 across
 blocks, so their relative error stays near 1e-7 on 128k-token rows.
 
-Compiled code is cached on disk (`cache=True`; `NUMBA_CACHE_DIR` chooses where, e.g. when the
-package directory is read-only), so only the first start of an install compiles (~2 s).
+Compiled code is cached on disk (see `sampler_service.kernels.CACHE`), so only the first start
+of an install compiles.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from sampler_service.kernels import run_rows
+from sampler_service.kernels import CACHE, run_rows
 
 #: Float-math flags: reassociation (so that sums vectorise) and contraction into FMAs, never
 #: "no infinities" or "no NaNs" (masked logits are −inf).
@@ -81,7 +81,7 @@ def _row_moments(logits, best, out, r):
     out[r, 2] = second
 
 
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+@numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, parallel=True)
 def _rows(logits, best, out):
     for r in numba.prange(logits.shape[0]):
         _row_moments(logits, best, out, r)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sampler_service.kernels import run_rows
+from sampler_service.kernels import CACHE, run_rows
 
 _CHUNK = 64
 
@@ -54,7 +54,7 @@ def _top_row(logits, width, values_out, columns_out, r):
                     floor = values[width - 1]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=CACHE, nogil=True, parallel=True)
 def _rows(logits, width, values, columns):
     for r in numba.prange(logits.shape[0]):
         _top_row(logits, width, values, columns, r)

@@ -212,6 +212,8 @@ class SamplerServer:
         await self._server.start()
         if config.uds is not None:
             os.chmod(config.uds, config.uds_mode)
+        if self.core.engine.device.type == "cpu":  # the first step must not pay for compiling
+            await asyncio.get_running_loop().run_in_executor(self.engine_executor, _warm_kernels)
         for service in ("", SAMPLER_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -248,6 +250,16 @@ class SamplerServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+def _warm_kernels() -> None:
+    """Compiles or loads the CPU kernels (`sampler_service.kernels.warm`); without numba (the
+    `server` extra not installed) the engine runs its torch paths and there is nothing to do."""
+    try:
+        from sampler_service.kernels import warm
+    except ImportError:
+        return
+    warm()
 
 
 def serve_forever(config: ServerConfig) -> None:

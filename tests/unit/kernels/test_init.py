@@ -1,0 +1,41 @@
+"""sampler_service.kernels: where compiled code is cached, and the warm-up the server runs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def test_a_read_only_install_caches_under_the_temporary_directory(monkeypatch, tmp_path):
+    numba = pytest.importorskip("numba")
+    import sampler_service.kernels as kernels
+    package = os.path.dirname(kernels.__file__)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(kernels.os, "access",
+                        lambda path, mode: not path.startswith(package))  # sources read-only
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)
+    assert kernels._cache_directory() is True
+    assert numba.config.CACHE_DIR == str(tmp_path / "sampler-sidecar-numba")
+    assert (tmp_path / "sampler-sidecar-numba").is_dir()
+
+
+def test_nothing_writable_compiles_without_a_cache(monkeypatch, tmp_path):
+    pytest.importorskip("numba")
+    import sampler_service.kernels as kernels
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(kernels.os, "access", lambda path, mode: False)
+    assert kernels._cache_directory() is False
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # an explicit choice is kept
+    assert kernels._cache_directory() is True
+
+
+def test_warm_runs_every_kernel():
+    pytest.importorskip("numba")
+    from sampler_service import kernels
+    kernels.warm()
+    from sampler_service.kernels import cpu_compact, cpu_draw, cpu_mass_cut, cpu_statistics, cpu_top_k
+    for kernel in (cpu_statistics._rows, cpu_compact._kept_rows, cpu_compact._fill, cpu_top_k._rows,
+                   cpu_mass_cut._rows, cpu_mass_cut._beyond_rows, cpu_draw._rows):
+        assert kernel.signatures, kernel  # compiled (or loaded) for float32 rows
