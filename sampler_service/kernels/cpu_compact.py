@@ -45,9 +45,9 @@ def _kept_row(logits, threshold, values, ids, counts, r):
     counts[r] = kept
 
 
-@numba.njit(cache=CACHE, nogil=True, parallel=True)
-def _kept_rows(logits, threshold, values, ids, counts):
-    for r in numba.prange(logits.shape[0]):
+@numba.njit(cache=CACHE, nogil=True)
+def _kept_rows(start, stop, logits, threshold, values, ids, counts):
+    for r in range(start, stop):
         _kept_row(logits, threshold, values, ids, counts, r)
 
 

@@ -106,9 +106,9 @@ def _draw_row(values, best, uniform, columns, log_probs, r):
     log_probs[r] = row[column] - b - math.log(total)
 
 
-@numba.njit(cache=CACHE, nogil=True, parallel=True)
-def _rows(values, best, uniform, columns, log_probs):
-    for r in numba.prange(values.shape[0]):
+@numba.njit(cache=CACHE, nogil=True)
+def _rows(start, stop, values, best, uniform, columns, log_probs):
+    for r in range(start, stop):
         _draw_row(values, best, uniform, columns, log_probs, r)
 
 

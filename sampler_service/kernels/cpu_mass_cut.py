@@ -104,9 +104,9 @@ def _cut_row(logits, best, center, fraction, columns_out, keys_out, r):
     keys_out[r] = keys[last]
 
 
-@numba.njit(cache=CACHE, nogil=True, parallel=True)
-def _rows(logits, best, center, fraction, columns, keys):
-    for r in numba.prange(logits.shape[0]):
+@numba.njit(cache=CACHE, nogil=True)
+def _rows(start, stop, logits, best, center, fraction, columns, keys):
+    for r in range(start, stop):
         _cut_row(logits, best, center, fraction, columns, keys, r)
 
 
@@ -130,9 +130,9 @@ def _beyond_row(logits, best, center, cut, out, r):
         out[r, j] = _key(row[j], best[r], center[r]) > cut[r]
 
 
-@numba.njit(cache=CACHE, nogil=True, parallel=True)
-def _beyond_rows(logits, best, center, cut, out):
-    for r in numba.prange(logits.shape[0]):
+@numba.njit(cache=CACHE, nogil=True)
+def _beyond_rows(start, stop, logits, best, center, cut, out):
+    for r in range(start, stop):
         _beyond_row(logits, best, center, cut, out, r)
 
 

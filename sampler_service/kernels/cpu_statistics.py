@@ -81,9 +81,9 @@ def _row_moments(logits, best, out, r):
     out[r, 2] = second
 
 
-@numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, parallel=True)
-def _rows(logits, best, out):
-    for r in numba.prange(logits.shape[0]):
+@numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
+def _rows(start, stop, logits, best, out):
+    for r in range(start, stop):
         _row_moments(logits, best, out, r)
 
 

@@ -54,9 +54,9 @@ def _top_row(logits, width, values_out, columns_out, r):
                     floor = values[width - 1]
 
 
-@numba.njit(cache=CACHE, nogil=True, parallel=True)
-def _rows(logits, width, values, columns):
-    for r in numba.prange(logits.shape[0]):
+@numba.njit(cache=CACHE, nogil=True)
+def _rows(start, stop, logits, width, values, columns):
+    for r in range(start, stop):
         _top_row(logits, width, values, columns, r)
 
 

@@ -80,33 +80,40 @@ def _top(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
     """Two passes: NumPy's vectorised argmax gives each row's max and first argmax, then the
-    kernel's one pass the moments; the N best from `torch.topk` when asked for."""
+    kernel's one pass the moments (finished in NumPy: a row's few scalars cost less there than
+    in torch calls); the N best from `torch.topk` when asked for."""
     from sampler_service.kernels.cpu_statistics import row_moments
     rows = logits.contiguous().numpy()
     best_id = np.argmax(rows, axis=1)
-    best = np.take_along_axis(rows, best_id[:, None], axis=1)[:, 0]
-    moments = torch.from_numpy(row_moments(rows, best, torch.get_num_threads()))
-    total, first, second = moments.unbind(1)
-    log_total = torch.log(total)
+    best = rows[np.arange(rows.shape[0]), best_id]
+    total, first, second = row_moments(rows, best, torch.get_num_threads()).T
+    log_total = np.log(total)
     mean = first / total
     top_values, top_ids = _top(logits, top_n)
-    return RawStatistics(log_normalizer=(log_total + torch.from_numpy(best)).float(),
-                         entropy=(log_total - mean).float(),
-                         varentropy=(second / total - mean * mean).clamp(min=0.0).float(),
-                         best_id=torch.from_numpy(best_id), top_values=top_values,
-                         top_ids=top_ids)
+    return RawStatistics(
+        log_normalizer=torch.from_numpy((log_total + best).astype(np.float32)),
+        entropy=torch.from_numpy((log_total - mean).astype(np.float32)),
+        varentropy=torch.from_numpy(np.maximum(second / total - mean * mean, 0.0).astype(np.float32)),
+        best_id=torch.from_numpy(best_id), top_values=top_values, top_ids=top_ids)
 
 
-def fused_available(logits: torch.Tensor) -> bool:
-    """Whether `raw_statistics` takes the fused kernel for `logits`: float32 on the CPU, and
-    numba installed (it is with the `server` extra)."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.shape[1] == 0:
-        return False
+def _numba_installed() -> bool:
     try:
         import numba  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+#: numba is installed (the `server` extra): the fused kernels can run.
+NUMBA = _numba_installed()
+
+
+def fused_available(logits: torch.Tensor) -> bool:
+    """Whether `raw_statistics` takes the fused kernel for `logits`: float32 on the CPU, and
+    numba installed."""
+    return (NUMBA and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.shape[1] > 0)
 
 
 def raw_statistics(logits: torch.Tensor, top_n: int = 0) -> RawStatistics:
