@@ -87,13 +87,15 @@ def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
     best_id = np.argmax(rows, axis=1)
     best = rows[np.arange(rows.shape[0]), best_id]
     total, first, second = row_moments(rows, best, torch.get_num_threads()).T
-    log_total = np.log(total)
-    mean = first / total
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row without a finite logit: NaN
+        log_total = np.log(total)
+        mean = first / total
+        varentropy = np.maximum(second / total - mean * mean, 0.0)
     top_values, top_ids = _top(logits, top_n)
     return RawStatistics(
         log_normalizer=torch.from_numpy((log_total + best).astype(np.float32)),
         entropy=torch.from_numpy((log_total - mean).astype(np.float32)),
-        varentropy=torch.from_numpy(np.maximum(second / total - mean * mean, 0.0).astype(np.float32)),
+        varentropy=torch.from_numpy(varentropy.astype(np.float32)),
         best_id=torch.from_numpy(best_id), top_values=top_values, top_ids=top_ids)
 
 
