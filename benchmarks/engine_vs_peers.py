@@ -18,6 +18,12 @@ For each configuration, batch size B and vocabulary V: Zipf-shaped float32 logit
 """
 from __future__ import annotations
 
+import os
+
+# As `sampler-service serve` runs: torch's OpenMP threads sleep when idle instead of spinning
+# on the cores the engine's kernels (and, in a pod, the model worker) need next.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import ctypes
 import platform
@@ -253,7 +259,8 @@ reports (log-normaliser, entropy, varentropy, chosen logprob), the chain and the
 llama.cpp is its sampler chain through llama-cpp-python's C API, one chain per sequence, rows
 one after another, each row's candidate array refilled from the logits as
 `llama_sampler_sample` does. Hugging Face is `LogitsProcessorList` + softmax + multinomial.
-Ratios above 1× mean ours is faster. Timings vary ±30% between runs on a shared machine.
+Ratios above 1× mean ours is faster. The process runs with `OMP_WAIT_POLICY=PASSIVE`, as
+`sampler-service serve` does. Timings vary ±30% between runs on a shared machine.
 
 Machine: {machine}.
 

@@ -23,6 +23,7 @@ from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
+from sampler_service.policy.statistics import row_maxima
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.step_logits import StepLogits
 
@@ -450,7 +451,7 @@ class SamplerCore:
                          field_name: str = "logits") -> None:
         """No NaN or +inf anywhere, and no row without a finite logit: one max per row tells
         (a row's max is NaN if it holds a NaN, +inf with a +inf, −inf if all are −inf)."""
-        best = logits.amax(dim=1)
+        best = row_maxima(logits)
         bad = ~torch.isfinite(best)
         if bool(bad.any()):
             row = int(bad.nonzero()[0])

@@ -79,12 +79,14 @@ def _top(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
-    """Two passes: NumPy's vectorised argmax gives each row's max and first argmax, then the
-    kernel's one pass the moments (finished in NumPy: a row's few scalars cost less there than
-    in torch calls); the N best from `torch.topk` when asked for."""
+    """Two passes: NumPy's vectorised argmax (parts of the batch at once) gives each row's max
+    and first argmax, then the kernel's one pass the moments (finished in NumPy: a row's few
+    scalars cost less there than in torch calls); the N best from `torch.topk` when asked."""
+    from sampler_service.kernels import run_rows
     from sampler_service.kernels.cpu_statistics import row_moments
     rows = logits.contiguous().numpy()
-    best_id = np.argmax(rows, axis=1)
+    best_id = np.empty(rows.shape[0], dtype=np.int64)
+    run_rows(_argmax_rows, rows.shape[0], torch.get_num_threads(), rows, best_id)
     best = rows[np.arange(rows.shape[0]), best_id]
     total, first, second = row_moments(rows, best, torch.get_num_threads()).T
     with np.errstate(divide="ignore", invalid="ignore"):  # a row without a finite logit: NaN
@@ -97,6 +99,30 @@ def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
         entropy=torch.from_numpy((log_total - mean).astype(np.float32)),
         varentropy=torch.from_numpy(varentropy.astype(np.float32)),
         best_id=torch.from_numpy(best_id), top_values=top_values, top_ids=top_ids)
+
+
+def _argmax_rows(start: int, stop: int, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = the first argmax of rows[r], for r in [start, stop) (NumPy releases the GIL:
+    parts of a batch run at once)."""
+    out[start:stop] = np.argmax(rows[start:stop], axis=1)
+
+
+def _max_rows(start: int, stop: int, rows: np.ndarray, out: np.ndarray) -> None:
+    out[start:stop] = np.max(rows[start:stop], axis=1)
+
+
+def row_maxima(logits: torch.Tensor) -> torch.Tensor:
+    """[R] each row's max of `logits` [R, V] (NaN if the row holds one, +inf with a +inf, −inf
+    if all are): what validation reads. On float32 CPU rows NumPy's vectorised max, parts of
+    the batch at once (the GIL released); elsewhere `torch.amax`."""
+    if not (NUMBA and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.dim() == 2 and logits.shape[1] > 0):
+        return logits.amax(dim=1)
+    from sampler_service.kernels import run_rows
+    rows = logits.contiguous().numpy()
+    out = np.empty(rows.shape[0], dtype=np.float32)
+    run_rows(_max_rows, rows.shape[0], torch.get_num_threads(), rows, out)
+    return torch.from_numpy(out)
 
 
 def _numba_installed() -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import SamplerServiceError
+from sampler_service.policy.statistics import row_maxima
 from sampler_service.server import convert
 from sampler_service.service import SamplerCore, StepCall
 from sampler_service.step_logits import StepLogits
@@ -80,7 +81,7 @@ class StepRunner:
                 out[index] = buffer[start:end]
                 out[index].copy_(decoded[index].wire)
                 start = end
-            bad = ~torch.isfinite(buffer.amax(dim=1))
+            bad = ~torch.isfinite(row_maxima(buffer))
             if bool(bad.any()):
                 for index in members:
                     try:
