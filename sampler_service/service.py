@@ -23,7 +23,7 @@ from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
-from sampler_service.policy.statistics import row_maxima
+from sampler_service.policy.candidates import row_maxima
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.step_logits import StepLogits
 

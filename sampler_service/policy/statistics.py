@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from sampler_service.policy.candidates import first_argmax
+from sampler_service.policy.candidates import NUMBA, first_argmax
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,13 @@ def _top(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
-    """Two passes: NumPy's vectorised argmax (parts of the batch at once) gives each row's max
-    and first argmax, then the kernel's one pass the moments (finished in NumPy: a row's few
-    scalars cost less there than in torch calls); the N best from `torch.topk` when asked."""
-    from sampler_service.kernels import run_rows
+    """Two passes: `first_argmax` (NumPy's vectorised argmax, parts of the batch at once) gives
+    each row's max and first argmax, then the kernel's one pass the moments (finished in
+    NumPy: a row's few scalars cost less there than in torch calls); the N best from
+    `torch.topk` when asked."""
     from sampler_service.kernels.cpu_statistics import row_moments
     rows = logits.contiguous().numpy()
-    best_id = np.empty(rows.shape[0], dtype=np.int64)
-    run_rows(_argmax_rows, rows.shape[0], torch.get_num_threads(), rows, best_id)
+    best_id = first_argmax(logits).numpy()
     best = rows[np.arange(rows.shape[0]), best_id]
     total, first, second = row_moments(rows, best, torch.get_num_threads()).T
     with np.errstate(divide="ignore", invalid="ignore"):  # a row without a finite logit: NaN
@@ -99,42 +98,6 @@ def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
         entropy=torch.from_numpy((log_total - mean).astype(np.float32)),
         varentropy=torch.from_numpy(varentropy.astype(np.float32)),
         best_id=torch.from_numpy(best_id), top_values=top_values, top_ids=top_ids)
-
-
-def _argmax_rows(start: int, stop: int, rows: np.ndarray, out: np.ndarray) -> None:
-    """out[r] = the first argmax of rows[r], for r in [start, stop) (NumPy releases the GIL:
-    parts of a batch run at once)."""
-    out[start:stop] = np.argmax(rows[start:stop], axis=1)
-
-
-def _max_rows(start: int, stop: int, rows: np.ndarray, out: np.ndarray) -> None:
-    out[start:stop] = np.max(rows[start:stop], axis=1)
-
-
-def row_maxima(logits: torch.Tensor) -> torch.Tensor:
-    """[R] each row's max of `logits` [R, V] (NaN if the row holds one, +inf with a +inf, −inf
-    if all are): what validation reads. On float32 CPU rows NumPy's vectorised max, parts of
-    the batch at once (the GIL released); elsewhere `torch.amax`."""
-    if not (NUMBA and logits.device.type == "cpu" and logits.dtype == torch.float32
-            and logits.dim() == 2 and logits.shape[1] > 0):
-        return logits.amax(dim=1)
-    from sampler_service.kernels import run_rows
-    rows = logits.contiguous().numpy()
-    out = np.empty(rows.shape[0], dtype=np.float32)
-    run_rows(_max_rows, rows.shape[0], torch.get_num_threads(), rows, out)
-    return torch.from_numpy(out)
-
-
-def _numba_installed() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-#: numba is installed (the `server` extra): the fused kernels can run.
-NUMBA = _numba_installed()
 
 
 def fused_available(logits: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import SamplerServiceError
-from sampler_service.policy.statistics import row_maxima
+from sampler_service.policy.candidates import row_maxima
 from sampler_service.server import convert
 from sampler_service.service import SamplerCore, StepCall
 from sampler_service.step_logits import StepLogits

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sampler_service.policy.candidates import Candidates
+from sampler_service.policy.candidates import Candidates, row_maxima
 from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.processors.base import RowBatch, Selector
 from sampler_service.policy.sparse import TailBound
@@ -36,7 +36,7 @@ def draw_inverse_cdf(values: torch.Tensor, batch: RowBatch) -> tuple[torch.Tenso
             return draw_inverse_cdf_reference(values, batch)
         u = uniform_noise(batch.seeds, batch.positions,
                           torch.full_like(batch.seeds, ROW_UNIFORM_TOKEN).unsqueeze(1))
-        columns, log_probs = draw_columns(values.contiguous().numpy(), values.amax(dim=1).numpy(),
+        columns, log_probs = draw_columns(values.contiguous().numpy(), row_maxima(values).numpy(),
                                           u.squeeze(1).numpy(), torch.get_num_threads())
         return torch.from_numpy(columns), torch.from_numpy(log_probs).to(values.dtype)
     return draw_inverse_cdf_reference(values, batch)
