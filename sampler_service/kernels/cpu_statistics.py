@@ -94,3 +94,50 @@ def row_moments(logits: np.ndarray, best: np.ndarray, threads: int) -> np.ndarra
     out = np.empty((logits.shape[0], 3))
     run_rows(_rows, logits.shape[0], threads, logits, best, out)
     return out
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _finite_sums(row, start, stop, mean):
+    """(Σ over finite entries of l − mean, of (l − mean)², their count) of row[start:stop]."""
+    first = np.float32(0.0)
+    second = np.float32(0.0)
+    count = np.int32(0)
+    for j in range(start, stop):
+        finite = row[j] > np.float32(-np.inf)
+        d = row[j] - mean if finite else np.float32(0.0)
+        first += d
+        second += d * d
+        count += np.int32(finite)
+    return first, second, count
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
+def _std_rows(start, stop, logits, out):
+    for r in range(start, stop):
+        row = logits[r]
+        vocab = row.shape[0]
+        total = 0.0
+        count = 0
+        for at in range(0, vocab, BLOCK):
+            s, _, c = _finite_sums(row, at, min(at + BLOCK, vocab), np.float32(0.0))
+            total += s
+            count += c
+        mean = np.float32(total / max(count, 1))
+        first = 0.0
+        second = 0.0
+        for at in range(0, vocab, BLOCK):
+            s1, s2, _ = _finite_sums(row, at, min(at + BLOCK, vocab), mean)
+            first += s1
+            second += s2
+        n = max(count, 1)
+        out[r] = np.sqrt(max(second / n - (first / n) ** 2, 0.0))
+
+
+def row_std(logits: np.ndarray, threads: int) -> np.ndarray:
+    """[R] float64 population standard deviation of each row's finite entries (0 for a row
+    without any) of C-contiguous float32 `logits` [R, V]: two passes, the mean then the
+    squares about it (float32 within blocks, float64 across; the mean's own rounding is
+    taken back out). Reference: `truncation.finite_std` (torch)."""
+    out = np.empty(logits.shape[0])
+    run_rows(_std_rows, logits.shape[0], threads, logits, out)
+    return out

@@ -159,3 +159,34 @@ def test_select_picks_rows_of_every_field():
     bare = type(stats)(stats.log_normalizer, stats.entropy, stats.varentropy).select(rows)
     assert bare.best_id is None and bare.top_values is None
     assert torch.equal(bare.entropy, stats.entropy[rows])
+
+
+def test_row_std_matches_the_torch_reference_and_float64():
+    pytest.importorskip("numba")
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    from sampler_service.policy.processors.truncation import finite_std, finite_std_reference
+
+    @hypothesis.settings(max_examples=40, deadline=None)
+    @hypothesis.given(seed=st.integers(0, 2**31), rows=st.sampled_from([1, 3, PARALLEL_MIN_ROWS + 2]),
+                      vocab=st.integers(1, 2500), masked=st.sampled_from([0.0, 0.3, 0.99, 1.0]),
+                      scale=st.sampled_from([1e-3, 1.0, 30.0]), offset=st.sampled_from([0.0, 500.0]))
+    def check(seed, rows, vocab, masked, scale, offset):
+        generator = torch.Generator().manual_seed(seed)
+        logits = torch.randn(rows, vocab, generator=generator) * scale + offset
+        logits[torch.rand(rows, vocab, generator=generator) < masked] = -INF
+        fast, reference = finite_std(logits), finite_std_reference(logits)
+        values = logits.double()
+        finite = torch.isfinite(values)
+        count = finite.sum(dim=1).clamp(min=1)
+        mean = torch.where(finite, values, 0.0).sum(dim=1) / count
+        exact = torch.sqrt((torch.where(finite, values - mean.unsqueeze(1), 0.0) ** 2).sum(dim=1)
+                           / count)
+        tolerance = 1e-6 * (exact + values.masked_fill(~finite, 0).abs().amax(dim=1) * 1e-2 + 1e-3)
+        assert fast.dtype == torch.float32 and bool(torch.all(fast >= 0))
+        assert bool(torch.all((fast.double() - exact).abs() <= tolerance)), (fast, exact)
+        assert bool(torch.all((fast.double() - exact).abs()
+                              <= (reference.double() - exact).abs() + tolerance))
+        assert bool(torch.all(fast[~finite.any(dim=1)] == 0))
+
+    check()
