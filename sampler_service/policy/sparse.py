@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from sampler_service.errors import FailedPrecondition
+from sampler_service.policy.candidates import sort_ascending
 from sampler_service.policy.statistics import RawStatistics
 
 #: Relative margin of float64 decisions about float32 sums of a few terms (masses; nats in
@@ -140,7 +141,7 @@ class SparseLogits:
     def _keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row · V + id of every entry, sorted; each one's flat position in `values`)."""
         rows = torch.arange(self.rows, device=self.ids.device).unsqueeze(1)
-        return torch.sort((rows * self.vocab + self.ids).flatten())
+        return sort_ascending((rows * self.vocab + self.ids).flatten())
 
     def find(self, rows: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sent [P] bool, flat position [P]) of the (rows[i], tokens[i]) pairs: whether row

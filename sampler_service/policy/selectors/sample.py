@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sampler_service.policy.candidates import Candidates, row_maxima
+from sampler_service.policy.candidates import Candidates, row_maxima, sort_ascending
 from sampler_service.policy.noise import uniform_noise
 from sampler_service.policy.processors.base import RowBatch, Selector
 from sampler_service.policy.sparse import TailBound
@@ -18,7 +18,7 @@ def token_id_order(candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor |
     sparse batch only; callers must not write into the values of a dense one."""
     if candidates.ids is None:
         return candidates.values, None
-    ids, order = torch.sort(candidates.ids, dim=1)
+    ids, order = sort_ascending(candidates.ids)
     return candidates.values.gather(1, order), ids
 
 
