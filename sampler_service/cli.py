@@ -163,8 +163,14 @@ def validate_policies(path: Path) -> int:
 
 # -- policies list | show | put | delete ------------------------------------------------------
 def _spec_from_file(name: str, path: Path) -> Any:
-    """One spec from a YAML file: a bare spec, or `policies: {name: spec, ...}`."""
-    document = yaml.safe_load(path.read_text())
+    """One spec from a YAML file: a bare spec, or `policies: {name: spec, ...}`. Read and
+    parsed within the bounds the service applies (size cap, UTF-8, bounded aliases)."""
+    from sampler_service.errors import InvalidArgument
+    from sampler_service.policy.files import load_yaml_file
+    try:
+        document = load_yaml_file(path)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from exc
     if isinstance(document, dict) and set(document) == {"policies"}:
         if not isinstance(document["policies"], dict) or name not in document["policies"]:
             raise ValueError(f"{path}: `policies:` does not define {name!r}")

@@ -221,9 +221,12 @@ Operating it:
   (`--policy-reload-interval`, default 2 s; 0 turns reloading off).
 - Mount the ConfigMap as a directory. A `subPath` mount is copied once at pod start and
   never sees an update.
-- `sampler_policy_reloads_total{result="ok"|"error"}` counts reloads, and
+- `sampler_policy_reloads_total{result="ok"|"error"}` counts reloads,
+  `sampler_policy_reload_failing` is 1 while the last reload failed (the previous policies keep
+  serving, and the next change is still picked up), and
   `sampler_split_assignments_total{split, variant}` counts the sequences each split assigned
-  (`--metrics-port`). A rejected file is also logged with the field at fault.
+  (`--metrics-port`). A rejected file is also logged with the field at fault. A policy file
+  holds at most 1 MiB of UTF-8 YAML, with alias expansion bounded.
 - Policies can also be changed through the `PolicyAdmin` gRPC service or
   `sampler-service policies list|show|put|delete`, when an admin token is configured.
   `sampler-service policies validate FILE` checks a file offline. A reload keeps the policies

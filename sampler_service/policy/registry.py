@@ -13,9 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from sampler_service.errors import FailedPrecondition, InvalidArgument, NotFound
+from sampler_service.errors import (FailedPrecondition, InvalidArgument, NotFound,
+                                    SamplerServiceError)
+from sampler_service.policy.files import load_yaml, read_policy_file
 from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.spec import PolicySpec, parse_policy
 from sampler_service.policy.splits import SplitSpec, is_split, parse_split
@@ -34,30 +34,32 @@ def parse_policy_document(document: Any, source: str) -> dict[str, AnySpec]:
     """`{policies: {name: spec}}` -> validated specs; raises InvalidArgument naming the field."""
     if not isinstance(document, dict) or not isinstance(document.get("policies"), dict):
         raise InvalidArgument(f"{source}: expected a top-level `policies:` mapping", "policies")
-    extra = set(document) - {"policies"}
+    extra = sorted(map(str, set(document) - {"policies"}))  # str: YAML keys may be any type
     if extra:
-        raise InvalidArgument(f"{source}: unknown top-level keys {sorted(extra)}", sorted(extra)[0])
+        raise InvalidArgument(f"{source}: unknown top-level keys {extra}", extra[0])
+    for name in document["policies"]:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"{source}: a policy name must be a non-empty string, got a "
+                                  f"{type(name).__name__}", "policies")
     return {name: parse_entry(name, raw, f"policies.{name}")
             for name, raw in document["policies"].items()}
 
 
 def parse_policy_text(text: str, source: str) -> dict[str, AnySpec]:
-    """A YAML policy document -> validated specs."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{source}: not valid YAML: {exc}", "policies") from exc
-    return parse_policy_document(document, source)
+    """A YAML policy document -> validated specs. The document is size-capped and parsed with
+    alias expansion bounded (`sampler_service.policy.files`)."""
+    return parse_policy_document(load_yaml(text, source), source)
 
 
 def load_policy_file(path: str | Path) -> dict[str, AnySpec]:
-    """Reads and validates a YAML policy file."""
-    return parse_policy_text(Path(path).read_text(), str(path))
+    """Reads and validates a YAML policy file: refused before reading when it is over the
+    size cap, and when it is not UTF-8 (`sampler_service.policy.files`)."""
+    return parse_policy_text(read_policy_file(path), str(path))
 
 
 def shipped_policies() -> dict[str, AnySpec]:
-    text = resources.files("sampler_service.policy").joinpath(DEFAULT_POLICIES).read_text()
-    return parse_policy_document(yaml.safe_load(text), DEFAULT_POLICIES)
+    text = resources.files("sampler_service.policy").joinpath(DEFAULT_POLICIES).read_text("utf-8")
+    return parse_policy_text(text, DEFAULT_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,20 @@ def file_policies(path: str | Path | None, include_defaults: bool = True) -> dic
     mount); a later definition of a name replaces an earlier one."""
     specs = shipped_policies() if include_defaults else {}
     for file in policy_files(path):
-        specs.update(load_policy_file(file))
+        specs.update(_load_named(file))
     return specs
+
+
+def _load_named(file: Path) -> dict[str, AnySpec]:
+    """`load_policy_file`, any unexpected error turned into InvalidArgument naming the file
+    (the original is its `__cause__`)."""
+    try:
+        return load_policy_file(file)
+    except (SamplerServiceError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a file's content made the parser raise
+        raise InvalidArgument(f"{file}: cannot be loaded: {type(exc).__name__}: {exc}",
+                              "policies") from exc
 
 
 def policy_files(path: str | Path | None) -> list[Path]:

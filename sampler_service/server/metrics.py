@@ -1,5 +1,6 @@
-"""Prometheus metrics of the service: steps, step latency, errors, live sequences, and the
-decisions adaptive policies report in their explanations, per policy.
+"""Prometheus metrics of the service: steps, step latency, errors, live sequences, policy
+reloads (and whether the last one failed), and the decisions adaptive policies report in their
+explanations, per policy.
 
 Each server has its own registry (several servers can run in one process, as the tests do),
 exposed over HTTP at `/metrics` when `--metrics-port` is given.
@@ -34,6 +35,9 @@ class ServiceMetrics:
         self.reloads = Counter("sampler_policy_reloads", "Policy file reloads by result (ok: swapped "
                                "in; error: rejected, the old policies kept serving)", ["result"],
                                registry=self.registry)
+        self.reload_failing = Gauge("sampler_policy_reload_failing",
+                                    "1 while the last policy reload failed (the old policies keep "
+                                    "serving), 0 once one succeeds", registry=self.registry)
         self.split_assignments = Counter("sampler_split_assignments",
                                          "Sequences an A/B split assigned, by variant",
                                          ["split", "variant"], registry=self.registry)
@@ -52,7 +56,9 @@ class ServiceMetrics:
                     self.decisions.labels(policy, stage, f"{name}={word}").inc()
 
     def observe_reload(self, change: Any, error: str | None) -> None:
+        """Counts a policy reload attempt; `error` is its message when it failed."""
         self.reloads.labels("error" if error else "ok").inc()
+        self.reload_failing.set(1 if error else 0)
 
     def observe_created(self, policy_name: str, split: str) -> None:
         """Counts a sequence a split assigned to its variant `policy_name`."""

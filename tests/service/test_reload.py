@@ -1,7 +1,8 @@
-"""Hot reload of the policy file: pinned versions, atomic swaps, rejected files, ConfigMap
-symlink swaps, follow_latest."""
+"""Hot reload of the policy file: pinned versions, atomic swaps, rejected files (hostile ones
+too: not UTF-8, an alias bomb, over the size cap), ConfigMap symlink swaps, follow_latest."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -10,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpc_health.v1 import health_pb2
+
 from sampler_client import SamplerClient
+from tests.service.test_connections import health_check
 from tests.service.test_metrics import scrape
+from tests.unit.policy.test_files import ALIAS_BOMB
 
 VOCAB = 32
 STEPS = 12
@@ -91,6 +96,55 @@ def test_a_broken_file_is_rejected_whole_and_reported(start_server, policy_file)
     policy_file.write_text(NEW)  # a fixed file is picked up
     wait_for(lambda: version_of(server) == 2)
     assert scrape(server)['sampler_policy_reloads_total{result="ok"}'] == 1
+
+
+def test_hostile_files_are_counted_and_logged_and_the_next_edit_serves(start_server, tmp_path,
+                                                                       caplog):
+    """A non-UTF-8 file, a YAML alias bomb and a 20 MB file swapped into the watched directory
+    in turn: each reload fails alone (counted, logged with the file, the gauge at 1) while the
+    old policy keeps serving and health says SERVING; then a valid edit serves within two
+    reload intervals and the gauge goes back to 0."""
+    interval = 0.2
+    watched = tmp_path / "policies"
+    watched.mkdir()
+    target = watched / "policies.yaml"
+    target.write_text(OLD)
+    server = start_server(policies=watched, policy_reload_s=interval, metrics_port=0)
+    assert scrape(server)["sampler_policy_reload_failing"] == 0
+
+    def swap_in(content: bytes) -> None:
+        """Atomically, as kubelet does (dot-files are never read as policies)."""
+        staged = watched / ".staged"
+        staged.write_bytes(content)
+        os.replace(staged, target)
+
+    hostile = ((b"policies:\n  caf\xe9: {select: greedy}\n", "not UTF-8: byte 0xe9 at line 2"),
+               (ALIAS_BOMB.encode(), "YAML aliases would repeat more than"),
+               (b"#" * 20_000_000, "20000000 bytes, over the 1048576-byte cap"))
+    for errors, (content, says) in enumerate(hostile, 1):
+        swap_in(content)
+        wait_for(lambda: scrape(server).get('sampler_policy_reloads_total{result="error"}')
+                 == errors)
+        assert scrape(server)["sampler_policy_reload_failing"] == 1
+        logged = [r.getMessage() for r in caplog.records
+                  if r.name == "sampler_service.policy.watcher" and r.levelno == logging.ERROR]
+        assert len(logged) == errors and f"{target}: " in logged[-1] and says in logged[-1]
+        assert server.watcher.is_alive()
+        assert health_check(server.address) == health_pb2.HealthCheckResponse.SERVING
+        assert version_of(server) == 1
+    with SamplerClient(server.address) as client:  # the old policy keeps serving
+        assert client.create_sequence(policy="p", seed=1).info().policy_version[0] == 1
+    edited = time.monotonic()
+    swap_in(NEW.encode())
+    wait_for(lambda: version_of(server) == 2)
+    assert time.monotonic() - edited < 2 * interval
+    with SamplerClient(server.address) as client:
+        assert client.create_sequence(policy="p", seed=1).info().policy_version[0] == 2
+    samples = scrape(server)
+    assert samples['sampler_policy_reloads_total{result="error"}'] == 3
+    assert samples['sampler_policy_reloads_total{result="ok"}'] == 1
+    assert samples["sampler_policy_reload_failing"] == 0
+    assert server.watcher.is_alive()
 
 
 def test_a_configmap_style_symlink_swap_is_picked_up(start_server, tmp_path):
