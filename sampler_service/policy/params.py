@@ -13,6 +13,11 @@ Kinds:
 - `choice`: one of the words in `choices`; true / false are accepted as "true" / "false"
   (Hugging Face's `early_stopping` is True, False or "never").
 Non-scalar kinds reach a stage as a Python list with one value per row.
+
+Every number must be finite. Every integer is bounded: an `int` (or `int_map` value) without
+a `maximum` by `MAX_INT`, and token ids (lists, bias and map keys) by `MAX_TOKEN_ID`, so a
+value accepted at creation always fits the engine's int64 tensors, with room for the
+arithmetic stages do with it.
 """
 from __future__ import annotations
 
@@ -20,13 +25,36 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sampler_service.errors import InvalidArgument
+from sampler_service.errors import InvalidArgument, echo
 
 SCALAR_KINDS = ("float", "int", "bool")
+#: The largest integer parameter (count, size, window, position) whose schema sets no
+#: `maximum`: int32's, as the wire's counts are (sampler.proto), far below int64's.
+MAX_INT = 2 ** 31 - 1
+#: The largest token id: ids travel as int32 (sampler.proto); a vocabulary is far smaller.
+MAX_TOKEN_ID = 2 ** 31 - 1
+#: Characters of a caller's key a field path repeats (e.g. `bias[123…]`).
+KEY_CHARS = 32
 
 
 def _label(field: str) -> str:
     return field.rsplit(".", 1)[-1]
+
+
+def key_text(key: Any) -> str:
+    """A caller's key as a field path segment: itself, or its first `KEY_CHARS` characters
+    then "…" (a path names the field, it need not repeat a long key whole)."""
+    text = str(key)
+    return text if len(text) <= KEY_CHARS else f"{text[:KEY_CHARS]}…"
+
+
+#: Bounds the range text writes as powers of two.
+_POWERS = {2 ** 31 - 1: "2^31-1", 2 ** 63 - 1: "2^63-1", 2 ** 64 - 1: "2^64-1"}
+
+
+def _number_text(value: float) -> str:
+    """An integer bound as the range text shows it: exactly (`2^31-1` for int32's max)."""
+    return _POWERS.get(int(value), str(int(value))) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -59,14 +87,25 @@ class Param:
         if self.kind == "choice":
             return " / ".join(self.choices)
         if self.kind in ("int_list", "int_lists"):
-            return "token ids >= 0"
-        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
-        high = "inf" if self.maximum is None else f"{self.maximum:g}"
+            return f"token ids in [0, {_number_text(MAX_TOKEN_ID)}]"
+        integer = self.kind in ("int", "int_map")
+        show = _number_text if integer else (lambda v: f"{v:g}")
+        upper = self.upper
+        low = "-inf" if self.minimum is None else show(self.minimum)
+        high = "inf" if upper is None else show(upper)
         left = "(" if self.exclusive_minimum or self.minimum is None else "["
-        right = ")" if self.maximum is None else "]"
+        right = ")" if upper is None else "]"
         bounds = f"{left}{low}, {high}{right}"
-        return {"token_bias": f"token id >= 0 -> {bounds}",
-                "int_map": f"int >= 0 -> {bounds}"}.get(self.kind, bounds)
+        keys = {"token_bias": f"token id in [0, {_number_text(MAX_TOKEN_ID)}]",
+                "int_map": f"int in [0, {_number_text(MAX_INT)}]"}
+        return f"{keys[self.kind]} -> {bounds}" if self.kind in keys else bounds
+
+    @property
+    def upper(self) -> float | None:
+        """The largest value allowed: `maximum`, or `MAX_INT` for an integer without one."""
+        if self.maximum is None and self.kind in ("int", "int_map"):
+            return MAX_INT
+        return self.maximum
 
     def validate(self, value: Any, field: str) -> Any:
         """Returns `value` coerced to the parameter's type, or raises InvalidArgument(field).
@@ -77,30 +116,32 @@ class Param:
         """
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise InvalidArgument(f"{_label(field)} must be true or false, got {value!r}", field)
+                raise InvalidArgument(f"{_label(field)} must be true or false, got {echo(value)}",
+                                      field)
             return value
         if self.kind == "choice":
             word = str(value).lower() if isinstance(value, bool) else value
             if word not in self.choices:
                 raise InvalidArgument(f"{_label(field)} must be one of {', '.join(self.choices)}, "
-                                      f"got {value!r}", field)
+                                      f"got {echo(value)}", field)
             return word
         if self.kind == "int_list":
             return self._token_ids(value, field)
         if self.kind == "int_lists":
             if not isinstance(value, (list, tuple)):
                 raise InvalidArgument(f"{_label(field)} must be a list of token-id lists, got "
-                                      f"{value!r}", field)
+                                      f"{echo(value)}", field)
             sequences = tuple(self._token_ids(v, f"{field}[{i}]") for i, v in enumerate(value))
             if any(not s for s in sequences):
                 raise InvalidArgument(f"{_label(field)} must not hold an empty sequence", field)
             return sequences
         if self.kind in ("token_bias", "int_map"):
             if not isinstance(value, dict):
-                raise InvalidArgument(f"{_label(field)} must be a mapping, got {value!r}", field)
+                raise InvalidArgument(f"{_label(field)} must be a mapping, got {echo(value)}",
+                                      field)
             pairs = []
             for key, item in value.items():
-                where = f"{field}[{key}]"
+                where = f"{field}[{key_text(key)}]"
                 number = self._key(key, where)
                 pairs.append((number, self._number(item, where, self.kind == "int_map")))
             return tuple(sorted(pairs))
@@ -116,44 +157,63 @@ class Param:
 
     def _number(self, value: Any, field: str, integer: bool) -> float | int:
         number = self._integer(value, field) if integer else self._float(value, field)
+        upper = self.upper if integer else self.maximum
         too_low = self.minimum is not None and (
             number <= self.minimum if self.exclusive_minimum else number < self.minimum)
-        too_high = self.maximum is not None and number > self.maximum
+        too_high = upper is not None and number > upper
         if too_low or too_high:
             off = "" if self.off is None else f" (off: {self.off})"
+            shown = echo(number) if integer else f"{number:g}"
             raise InvalidArgument(
-                f"{_label(field)} = {number:g} is out of range: must be in {self.range_text()}{off}",
+                f"{_label(field)} = {shown} is out of range: must be in {self.range_text()}{off}",
                 field)
         return number
 
     def _key(self, key: Any, field: str) -> int:
+        """A map key: a token id (`token_bias`) or an int (`int_map`), in [0, MAX_INT]."""
         try:
             number = int(key) if isinstance(key, str) else self._integer(key, field)
         except ValueError:
-            raise InvalidArgument(f"key {key!r} must be an integer", field) from None
-        if number < 0:
-            raise InvalidArgument(f"key {number} must be >= 0", field)
+            raise InvalidArgument(f"key {echo(key)} must be an integer in "
+                                  f"[0, {_number_text(MAX_INT)}]", field) from None
+        if number < 0 or number > MAX_INT:
+            what = "token id" if self.kind == "token_bias" else "key"
+            raise InvalidArgument(f"{what} {number} must be in [0, {_number_text(MAX_INT)}]", field)
         return number
 
     def _token_ids(self, value: Any, field: str) -> tuple[int, ...]:
         if not isinstance(value, (list, tuple)):
-            raise InvalidArgument(f"{_label(field)} must be a list of token ids, got {value!r}", field)
+            raise InvalidArgument(f"{_label(field)} must be a list of token ids, got "
+                                  f"{echo(value)}", field)
         ids = tuple(self._integer(v, field) for v in value)
-        if any(v < 0 for v in ids):
-            raise InvalidArgument(f"{_label(field)} must hold token ids >= 0, got {list(ids)}", field)
+        for index, token in enumerate(ids):
+            if token < 0 or token > MAX_TOKEN_ID:
+                raise InvalidArgument(f"{_label(field)} must hold token ids in "
+                                      f"[0, {_number_text(MAX_TOKEN_ID)}], got {token} at index "
+                                      f"{index}", field)
         return ids
 
     def _integer(self, value: Any, field: str) -> int:
         # Integral floats are accepted: protobuf Struct carries every number as a double.
+        # (NaN and ±inf are not integral.)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and not value.is_integer()):
-            raise InvalidArgument(f"{_label(field)} must be an integer, got {value!r}", field)
+            what = "a finite integer" if isinstance(value, float) and not math.isfinite(value) \
+                else "an integer"
+            raise InvalidArgument(f"{_label(field)} must be {what}, got {echo(value)}", field)
         return int(value)
 
     def _float(self, value: Any, field: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise InvalidArgument(f"{_label(field)} must be a number, got {value!r}", field)
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"{_label(field)} must be a number, got {echo(value)}", field)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise InvalidArgument(f"{_label(field)} must be a finite number, got {echo(value)}",
+                                  field)
+        return number
 
 
 def validate_values(params: tuple[Param, ...], given: Any, field: str) -> dict[str, Any]:
@@ -164,12 +224,12 @@ def validate_values(params: tuple[Param, ...], given: Any, field: str) -> dict[s
     if given is None:
         given = {}
     if not isinstance(given, dict):
-        raise InvalidArgument(f"expected a mapping of parameters, got {given!r}", field)
+        raise InvalidArgument(f"expected a mapping of parameters, got {echo(given)}", field)
     known = {p.name: p for p in params}
     for name in given:
         if name not in known:
             raise InvalidArgument(
-                f"unknown parameter {name!r}; known: {', '.join(sorted(known)) or 'none'}",
-                f"{field}.{name}")
+                f"unknown parameter {echo(name)}; known: {', '.join(sorted(known)) or 'none'}",
+                f"{field}.{key_text(name)}")
     return {p.name: p.validate(given[p.name], f"{field}.{p.name}") if p.name in given else p.default
             for p in params}

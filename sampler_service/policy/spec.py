@@ -10,17 +10,19 @@ A spec (DESIGN.md section 4):
     follow_latest: false   # true: running sequences move to a new version at their next step
 
 Without a policy, flat vLLM-named parameters build `CANONICAL_ORDER` with a sample selector.
-Every error names the field it is about.
+Every error names the field it is about. Every number anywhere in a spec must be finite
+(`check_finite`): NaN and ±inf are refused with the path where they stand.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sampler_service.errors import InvalidArgument
-from sampler_service.policy.params import validate_values
+from sampler_service.errors import InvalidArgument, echo
+from sampler_service.policy.params import key_text, validate_values
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.resolved import (ALWAYS_OVERRIDABLE, SETTING_NAMES, SETTINGS, Link,
                                              PolicyVersion, ResolvedPolicy)
@@ -34,6 +36,26 @@ FLAT_PROCESSOR_PARAMS: dict[str, tuple[str, str]] = {
     for cls in CANONICAL_ORDER for param, flat in cls.flat_names.items()
 }
 FLAT_NAMES = frozenset(FLAT_PROCESSOR_PARAMS) | SETTING_NAMES
+
+
+def check_finite(value: Any, field: str) -> None:
+    """Raises InvalidArgument naming the first NaN or ±inf in `value` (nested mappings and
+    lists; e.g. `spec.chain[0].top_p.p`). Parameter schemas refuse each they read (naming a
+    map entry `bias[5]`); this catches any other: a spec holding one could be no policy's,
+    and could not be sent back as a Struct."""
+    stack = [(value, field)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidArgument(f"{_label(where)} must be a finite number, got {item}", where)
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{key_text(k)}") for k, v in reversed(list(item.items())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(item))))
+
+
+def _label(field: str) -> str:
+    return field.rsplit(".", 1)[-1]
 
 
 def _canonical(value: Any) -> Any:
@@ -80,25 +102,26 @@ def _stage_entry(entry: Any, known: Mapping[str, Any], what: str, field: str) ->
         key, given = next(iter(entry.items()))
     else:
         raise InvalidArgument(f"each {what} must be a name or a one-key mapping "
-                              f"{{name: {{param: value}}}}, got {entry!r}", field)
+                              f"{{name: {{param: value}}}}, got {echo(entry)}", field)
     if key not in known:
         hint = ""
         if what == "processor" and key in SELECTORS:
             hint = f"; {key!r} is a selector: a chain ends in exactly one, given by `select`"
         elif what == "selector" and key in PROCESSORS:
             hint = f"; {key!r} is a processor: put it in `chain`"
-        raise InvalidArgument(f"unknown {what} {key!r}{hint}; known: {', '.join(sorted(known))}", field)
+        raise InvalidArgument(f"unknown {what} {echo(key)}{hint}; known: "
+                              f"{', '.join(sorted(known))}", field)
     return key, validate_values(known[key].params, given, f"{field}.{key}")
 
 
 def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
     """Validates one policy spec; raises InvalidArgument naming the offending field."""
     if not isinstance(raw, dict):
-        raise InvalidArgument(f"policy {name!r} must be a mapping, got {raw!r}", field)
+        raise InvalidArgument(f"policy {echo(name)} must be a mapping, got {echo(raw)}", field)
     for key in raw:
         if key not in SPEC_KEYS:
-            raise InvalidArgument(f"unknown key {key!r}; a policy has {', '.join(SPEC_KEYS)}",
-                                  f"{field}.{key}")
+            raise InvalidArgument(f"unknown key {echo(key)}; a policy has {', '.join(SPEC_KEYS)}",
+                                  f"{field}.{key_text(key)}")
     chain_raw = raw.get("chain") or []
     if not isinstance(chain_raw, list):
         raise InvalidArgument("chain must be a list of processors", f"{field}.chain")
@@ -121,7 +144,7 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
     for i, flat in enumerate(overridable_raw):
         where = f"{field}.overridable[{i}]"
         if flat not in FLAT_NAMES:
-            raise InvalidArgument(f"{flat!r} is not a request parameter; known: "
+            raise InvalidArgument(f"{echo(flat)} is not a request parameter; known: "
                                   + ", ".join(sorted(FLAT_NAMES)), where)
         if flat in FLAT_PROCESSOR_PARAMS and FLAT_PROCESSOR_PARAMS[flat][0] not in keys:
             raise InvalidArgument(f"{flat!r} is overridable but the chain has no "
@@ -133,6 +156,7 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
     follow_latest = raw.get("follow_latest", False)
     if not isinstance(follow_latest, bool):
         raise InvalidArgument("follow_latest must be true or false", f"{field}.follow_latest")
+    check_finite(raw, field)  # the schemas refuse each they read; this, any other
     return PolicySpec(name=name, description=description, chain=chain, select=select,
                       defaults=defaults, overridable=frozenset(overridable_raw), source=raw,
                       follow_latest=follow_latest)
@@ -146,10 +170,10 @@ def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, An
     for flat, value in overrides.items():
         where = f"{field}.{flat}"
         if flat not in FLAT_NAMES:
-            raise InvalidArgument(f"unknown parameter {flat!r}", where)
+            raise InvalidArgument(f"unknown parameter {echo(flat)}", where)
         if flat not in spec.overridable and flat not in ALWAYS_OVERRIDABLE:
             allowed = ", ".join(sorted(spec.overridable | ALWAYS_OVERRIDABLE))
-            raise InvalidArgument(f"policy {spec.name!r} does not let a request set {flat!r}; "
+            raise InvalidArgument(f"policy {echo(spec.name)} does not let a request set {flat!r}; "
                                   f"overridable: {allowed}", where)
         if flat in SETTING_NAMES:
             settings[flat] = next(p for p in SETTINGS if p.name == flat).validate(value, where)

@@ -1,14 +1,15 @@
 """Proto <-> domain conversions, kept at the edge so the math never sees a proto (TGI's from_pb)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.errors import InvalidArgument
+from sampler_service.errors import InvalidArgument, echo
 from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
 from sampler_service.policy.processors.base import SIGNAL_NAMES
 from sampler_service.service import Answer, SequenceRequest, StepRow
@@ -33,8 +34,23 @@ def params_from_pb(params: pb.SamplingParams) -> dict[str, Any]:
     return {f.name: _field_value(f, v) for f, v in params.ListFields()}
 
 
+def _plain(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python (numbers as floats, NaN and ±inf kept: the spec's
+    validation names where they stand, as it does for every other bad value)."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
+
+
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any] | None:
-    return json_format.MessageToDict(struct) if struct.ListFields() else None
+    """A spec Struct as a dict, None when empty. Unlike `json_format.MessageToDict`, a NaN
+    or ±inf number does not raise here: `parse_policy` refuses it naming its field."""
+    return {k: _plain(v) for k, v in struct.fields.items()} if struct.ListFields() else None
 
 
 def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -51,15 +67,38 @@ def sequence_request_from_pb(config: pb.SequenceConfig) -> SequenceRequest:
         eos_token_ids=tuple(config.eos_token_ids))
 
 
+#: The values each worker signal may take (entropix's attention metrics, all >= 0): the
+#: entropy of attention rows (bits, <= log2 of the context length) and its variance across
+#: heads, the mean absolute difference of attention probabilities from their head mean
+#: (<= 1) and the mean |attention score|, which entropix's own mask value (-0.7 x float32's
+#: max) can make huge. Bounds leave room for other definitions while keeping the quadrant
+#: rules' temperatures and top-k values finite.
+SIGNAL_RANGES = {"attention_entropy": (0.0, 1e6), "attention_varentropy": (0.0, 1e6),
+                 "agreement": (0.0, 1e6),
+                 "interaction_strength": (0.0, float(np.finfo(np.float32).max))}
+
+
 def signals_from_pb(request: pb.StepRequest, device) -> dict[str, torch.Tensor] | None:
-    """Per-row worker signals as name -> [rows] float32 (unset fields 0), or None if none sent."""
+    """Per-row worker signals as name -> [rows] float32 (unset fields 0), or None if none sent.
+    Each value must be finite and in its `SIGNAL_RANGES` range: InvalidArgument names
+    `signals[i].name` otherwise."""
     if not request.signals:
         return None
     if len(request.signals) != len(request.rows):
         raise InvalidArgument(f"signals has {len(request.signals)} entries for {len(request.rows)} "
                               "rows: send one per row or none", "signals")
-    return {name: torch.tensor([getattr(s, name) for s in request.signals], dtype=torch.float32,
-                               device=device) for name in SIGNAL_NAMES}
+    columns = {name: [getattr(s, name) for s in request.signals] for name in SIGNAL_NAMES}
+    for name, values in columns.items():
+        low, high = SIGNAL_RANGES[name]
+        for row, value in enumerate(values):
+            if not (math.isfinite(value) and low <= value <= high):
+                problem = "must be finite" if not math.isfinite(value) else \
+                    f"must be in [{low:g}, {high:g}]"
+                raise InvalidArgument(f"signals[{row}].{name} = {value:g} {problem} (row {row}, "
+                                      f"sequence {echo(request.rows[row].sequence_id)})",
+                                      f"signals[{row}].{name}")
+    return {name: torch.tensor(values, dtype=torch.float32, device=device)
+            for name, values in columns.items()}
 
 
 def step_rows_from_pb(rows) -> list[StepRow]:

@@ -2,7 +2,9 @@
 
 A `SamplerServiceError` ends the call with its status (and a BadRequest detail naming the
 field); any other exception is logged and becomes INTERNAL, so a request can never take the
-server down. The servicer must have a `metrics` attribute (`ServiceMetrics`).
+server down. Every error leaves `clipped` (`SamplerServiceError.clipped`): a status whose
+message repeats a long id or name would otherwise pass the callers' metadata limit and reach
+them as RESOURCE_EXHAUSTED. The servicer must have a `metrics` attribute (`ServiceMetrics`).
 """
 from __future__ import annotations
 
@@ -29,13 +31,15 @@ def unexpected(exc: BaseException) -> InternalError:
 
 
 def as_service_error(exc: BaseException) -> SamplerServiceError:
-    """The domain error itself, or an INTERNAL one for anything else."""
-    return exc if isinstance(exc, SamplerServiceError) else unexpected(exc)
+    """The domain error itself, or an INTERNAL one for anything else, clipped to what a
+    status may carry (StepStream sends it in-band, the unary calls by `abort`)."""
+    error = exc if isinstance(exc, SamplerServiceError) else unexpected(exc)
+    return error.clipped()
 
 
 async def abort(context: grpc.aio.ServicerContext, error: SamplerServiceError):
-    """Ends the RPC with the error's status (raises, as `context.abort` does)."""
-    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+    """Ends the RPC with the error's status, clipped (raises, as `context.abort` does)."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error.clipped())))
 
 
 def map_errors(method):

@@ -19,7 +19,7 @@ import math
 import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.errors import FailedPrecondition, InvalidArgument
+from sampler_service.errors import FailedPrecondition, InvalidArgument, echo
 from sampler_service.transport.regions import (CUDA, SHARED_MEMORY_OFF, SYSTEM, RegionRegistry,
                                                host_bytes_tensor)
 
@@ -30,6 +30,9 @@ _TORCH_DTYPE = {pb.FP32: torch.float32, pb.FP16: torch.float16, pb.BF16: torch.b
 _REGION_KIND = {"shared_memory": SYSTEM, "cuda_ipc": CUDA}
 #: The tensors of a request that may live in regions, as field paths.
 _TENSOR_FIELDS = ("logits", "reference_logits", "sparse.logits")
+#: Dimensions a tensor may have: every tensor of the protocol is [rows, vocab] or [vocab]
+#: (logits and reference logits) or [rows, K] (sparse logits).
+MAX_DIMS = 2
 
 
 def decode_tensor(tensor: pb.Tensor, field: str, device: torch.device,
@@ -50,13 +53,19 @@ def wire_tensor(tensor: pb.Tensor, field: str,
     `hold`). `decode_tensor` copies from it, and so does the step runner, into one batch buffer.
 
     `regions` are the registered regions (None: the service runs without shared memory).
-    Raises InvalidArgument naming the offending part of `field` (dtype, shape, raw size,
-    region kind, range or size), NotFound for an unknown region and FailedPrecondition when
-    shared memory is off or a region's object shrank."""
+    Raises InvalidArgument naming the offending part of `field` (dtype; shape: 1 or 2
+    dimensions, each > 0; raw size, region kind, range or size), NotFound for an unknown
+    region and FailedPrecondition when shared memory is off or a region's object shrank."""
     if tensor.dtype not in ELEMENT_SIZE:
         raise InvalidArgument(
             f"dtype {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}"
             " is not supported: use FP32, FP16 or BF16", f"{field}.dtype")
+    if len(tensor.shape) > MAX_DIMS:
+        shown = ", ".join(str(d) for d in tensor.shape[:4]) + (", ..." if len(tensor.shape) > 4
+                                                                else "")
+        raise InvalidArgument(f"shape [{shown}] has {len(tensor.shape)} dimensions; a tensor has "
+                              f"at most {MAX_DIMS}: [rows, vocab] or [vocab] (sparse logits: "
+                              "[rows, K])", f"{field}.shape")
     shape = tuple(int(d) for d in tensor.shape)
     if not shape or any(d <= 0 for d in shape):
         raise InvalidArgument(f"shape {list(shape)} must be non-empty with every dimension > 0",
@@ -109,7 +118,7 @@ def _region_bytes(ref: pb.RegionRef, which: str, field: str, expected: int, need
     end = ref.offset + ref.byte_size
     if end > region.numel():
         raise InvalidArgument(f"offset {ref.offset} + byte_size {ref.byte_size} = {end} lies "
-                              f"beyond region {ref.region!r} of {region.numel()} bytes",
+                              f"beyond region {echo(ref.region)} of {region.numel()} bytes",
                               f"{field}.byte_size")
     if ref.byte_size != expected:
         raise InvalidArgument(f"byte_size is {ref.byte_size} but {need}", f"{field}.byte_size")

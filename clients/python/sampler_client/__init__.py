@@ -10,17 +10,18 @@ from sampler_client.aio import (AsyncSamplerClient, AsyncSequence, AsyncSequence
                                 AsyncStepStream)
 from sampler_client.client import SamplerClient, Sequence, SequenceGroup, StepStream
 from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError, FieldViolation,
-                                   InvalidArgumentError, NotFoundError, PermissionDeniedError,
-                                   ResourceExhaustedError, SamplerError, UnauthenticatedError,
-                                   UnavailableError)
+                                   InvalidArgumentError, MessageTooLargeError, NotFoundError,
+                                   PermissionDeniedError, ResourceExhaustedError, SamplerError,
+                                   UnauthenticatedError, UnavailableError)
 from sampler_client.types import (AnswerVote, Choice, GroupInfo, GroupResult, Hypothesis,
                                   RegionInfo, SequenceInfo)
 
 __all__ = [
     "AlreadyExistsError", "AnswerVote", "AsyncSamplerClient", "AsyncSequence",
     "AsyncSequenceGroup", "AsyncStepStream", "Choice", "FailedPreconditionError", "FieldViolation",
-    "GroupInfo", "GroupResult", "Hypothesis", "InvalidArgumentError", "NotFoundError",
-    "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion", "RegionInfo",
+    "GroupInfo", "GroupResult", "Hypothesis", "InvalidArgumentError", "MessageTooLargeError",
+    "NotFoundError", "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion",
+    "RegionInfo",
     "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceGroup",
     "SequenceInfo", "StepStream", "UnauthenticatedError", "UnavailableError",
 ]

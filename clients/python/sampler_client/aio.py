@@ -54,6 +54,8 @@ class AsyncSamplerClient:
         self._steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots),
                                    sparse_top_k)
         self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        #: The channel's max send size: a larger step is refused before it is sent.
+        self.max_message_bytes = max_message_bytes
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
         self.timeout = timeout
@@ -87,9 +89,11 @@ class AsyncSamplerClient:
 
     def _performer(self, send_step: Callable[[pb.StepRequest], Awaitable[pb.StepResponse]]
                    ) -> Callable[[Rpc], Awaitable[Any]]:
-        """Makes an exchange's calls: Step through `send_step`, the others on SharedMemory."""
+        """Makes an exchange's calls: Step through `send_step` (a request over
+        `max_message_bytes` raises MessageTooLargeError unsent), the others on SharedMemory."""
         async def perform(rpc: Rpc) -> Any:
             if rpc.method == "Step":
+                requests.check_size(rpc.request, self.max_message_bytes)
                 return await send_step(rpc.request)
             return await self._call(getattr(self._regions, rpc.method), rpc.request)
         return perform

@@ -116,6 +116,8 @@ class ChannelClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  channel: grpc.Channel | None = None, metadata: tuple = ()):
         self._channel = channel or grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        #: The channel's max send size: a larger step is refused before it is sent.
+        self.max_message_bytes = max_message_bytes
         self._stub = stub(self._channel)
         self._metadata = metadata
         self.timeout = timeout
@@ -180,6 +182,10 @@ class SamplerClient(ChannelClient):
     logits; otherwise it refuses those rows and the SDK resends them in full in the same call
     (and a sequence whose policy can never run sparse goes in full from then on). Groups
     (beam search, forks, CoT) always go in full. The tokens are those of the dense path.
+
+    A step larger than `max_message_bytes` (the channel's max send size; with `channel`, pass
+    the one its options set) raises `MessageTooLargeError` without being sent, so a
+    `StepStream` it was meant for stays open.
     """
 
     def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
@@ -209,9 +215,11 @@ class SamplerClient(ChannelClient):
 
     def _performer(self, send_step: Callable[[pb.StepRequest], pb.StepResponse]
                    ) -> Callable[[Rpc], Any]:
-        """Makes an exchange's calls: Step through `send_step`, the others on SharedMemory."""
+        """Makes an exchange's calls: Step through `send_step` (a request over
+        `max_message_bytes` raises MessageTooLargeError unsent), the others on SharedMemory."""
         def perform(rpc: Rpc) -> Any:
             if rpc.method == "Step":
+                requests.check_size(rpc.request, self.max_message_bytes)
                 return send_step(rpc.request)
             return self._call(getattr(self._regions, rpc.method), rpc.request)
         return perform
@@ -319,7 +327,9 @@ class StepStream:
     """Steps over one StepStream call: each `step` sends one request and reads its answer
     (through the client's transport and sparse rows, resends included).
 
-    A bad step raises its SamplerError without ending the stream. Close it (or use `with`).
+    A bad step raises its SamplerError without ending the stream; one too large to send
+    (over the client's `max_message_bytes`) raises MessageTooLargeError before it is sent.
+    Close it (or use `with`).
     """
 
     _END = object()

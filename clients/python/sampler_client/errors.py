@@ -40,6 +40,23 @@ class UnauthenticatedError(SamplerError): ...
 class PermissionDeniedError(SamplerError): ...
 
 
+class MessageTooLargeError(ResourceExhaustedError):
+    """A request the client refused to send: `size` bytes, over the channel's max send size
+    `limit` (the client's `max_message_bytes`). Nothing was sent: on a StepStream the stream
+    and every sequence on it go on (gRPC would have ended the whole stream)."""
+
+    def __init__(self, size: int, limit: int, what: str = "StepRequest"):
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} of {size} bytes exceeds the client's max send size of {limit} bytes "
+            "(max_message_bytes); it was not sent. Send the logits through shared memory "
+            "(transport='shm', or 'auto' to a local service) or as sparse rows "
+            "(sparse_top_k=K), send fewer rows per step, or raise max_message_bytes (with "
+            "the service's --max-message-bytes)")
+        self.size = size
+        self.limit = limit
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,

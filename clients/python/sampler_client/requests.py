@@ -5,9 +5,20 @@ import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
+from sampler_client.errors import MessageTooLargeError
 from sampler_client.tensors import encode_rows, encode_tensor
+
+
+def check_size(request: Message, limit: int) -> None:
+    """Raises MessageTooLargeError when `request` serialises to more than `limit` bytes (the
+    channel's max send size): gRPC would refuse it, and on a StepStream that ends the
+    stream, with every sequence stepping on it."""
+    size = request.ByteSize()
+    if size > limit:
+        raise MessageTooLargeError(size, limit, type(request).__name__)
 
 
 def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -> pb.SamplingParams:
