@@ -10,6 +10,8 @@ version like any policy; its SequenceInfo names the split and the variant.
 """
 from __future__ import annotations
 
+import math
+
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -56,8 +58,9 @@ def parse_split(name: str, raw: Mapping[str, Any], field: str) -> SplitSpec:
     for variant, weight in variants.items():
         if variant == name:
             raise InvalidArgument(f"split {name!r} lists itself as a variant", f"{where}.{variant}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise InvalidArgument(f"weight of {variant!r} must be a number > 0, got {weight!r}",
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0
+                or not math.isfinite(weight)):
+            raise InvalidArgument(f"weight of {variant!r} must be a finite number > 0, got {weight!r}",
                                   f"{where}.{variant}")
     total = float(sum(variants.values()))
     return SplitSpec(name, tuple((v, w / total) for v, w in variants.items()), dict(raw))

@@ -54,3 +54,13 @@ def test_invalid_splits_name_the_field(text, field):
     with pytest.raises(InvalidArgument) as err:
         PolicyRegistry(parse_policy_text(document, "doc"))
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan")])
+def test_a_weight_that_is_not_finite_is_refused(weight):
+    """An infinite weight made the normalised weights NaN: every sequence went to the last
+    variant, silently."""
+    from sampler_service.policy.splits import parse_split
+    with pytest.raises(InvalidArgument) as err:
+        parse_split("ab", {"split": {"a": 1.0, "b": weight}}, "policies.ab")
+    assert err.value.field.endswith(".b") and "finite" in str(err.value)

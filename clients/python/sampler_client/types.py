@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 
@@ -14,6 +14,22 @@ _FINISH = {pb.FINISH_REASON_UNSPECIFIED: None, pb.STOP: "stop", pb.LENGTH: "leng
 def _pairs(logprobs) -> list[tuple[int, float]]:
     return [(t.token_id, t.logprob) for t in logprobs]
 
+
+def struct_plain(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python. Unlike `json_format.MessageToDict`, a NaN or ±inf number
+    (an explanation may hold one, e.g. an infinite KL divergence) does not raise."""
+    return {key: _value_plain(value) for key, value in struct.fields.items()}
+
+
+def _value_plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_plain(value.struct_value)
+    if kind == "list_value":
+        return [_value_plain(v) for v in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
 
 @dataclass(frozen=True)
 class Choice:
@@ -45,7 +61,7 @@ class Choice:
     def from_pb(cls, c: pb.Choice) -> "Choice":
         return cls(sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
                    branch=c.branch, score=c.score,
-                   explanation=json_format.MessageToDict(c.explanation),
+                   explanation=struct_plain(c.explanation),
                    token_id=c.token_id, logprob=c.logprob, top_logprobs=_pairs(c.top_logprobs),
                    entropy=c.stats.entropy, varentropy=c.stats.varentropy, finished=c.finished,
                    finish_reason=_FINISH[c.finish_reason],
@@ -153,7 +169,7 @@ class SequenceInfo:
                    entropies=[x.entropy for x in s.stats], varentropies=[x.varentropy for x in s.stats],
                    finished=s.finished, finish_reason=_FINISH[s.finish_reason],
                    stop_token_id=s.stop_token_id if s.HasField("stop_token_id") else None,
-                   seed=s.seed, resolved_spec=json_format.MessageToDict(s.resolved_spec),
+                   seed=s.seed, resolved_spec=struct_plain(s.resolved_spec),
                    vocab_size=s.vocab_size,
                    group=GroupInfo.from_pb(s.group) if s.HasField("group") else None,
                    entropy_summary={f.name: getattr(s.entropy_summary, f.name)

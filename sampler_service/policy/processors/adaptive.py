@@ -377,8 +377,7 @@ class Sed(Processor):
     then speculates and self-evaluates there; this stage is the detection alone: it changes no
     logit and reports the flag, which a policy, a client or a group selector acts on. Both
     measures are of the raw distribution, wherever the stage stands in the chain. A criterion
-    whose threshold is 0 is off (the entropy one also at +inf; a ratio threshold of 1 can
-    never fire, since r ≤ 1). The default thresholds are this service's choices, not taken
+    whose threshold is 0 is off (a ratio threshold of 1 can never fire, since r ≤ 1). The default thresholds are this service's choices, not taken
     from the paper.
     Monitor (leaves every row bit-identical; "monitor" because it neither masks, changes nor
     constrains a value); no per-sequence state.

@@ -272,8 +272,9 @@ class NoRepeatNGram(MaskingProcessor):
 
     key = "no_repeat_ngram"
     role = "constraint"
-    params = (Param("size", "int", default=0, off=0, minimum=0,
-                    doc="n: an n-gram of prompt + output may occur only once; 0 = off"),)
+    params = (Param("size", "int", default=0, off=0, minimum=0, maximum=1024,
+                    doc="n: an n-gram of prompt + output may occur only once; 0 = off (the "
+                        "index grows with n, so n is capped)"),)
 
     def masked(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch
                ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -121,8 +121,8 @@ class Entropix(Selector):
 
     key = "entropix"
     params = (
-        Param("temperature", "float", default=0.666, off=None, minimum=0.0,
-              doc="T₀, the base temperature the rules adjust"),
+        Param("temperature", "float", default=0.666, off=None, minimum=0.0, maximum=100.0,
+              doc="T₀, the base temperature the rules adjust (the rules may triple it)"),
         Param("top_p", "float", default=0.9, off=None, minimum=0.0, maximum=1.0,
               exclusive_minimum=True, doc="p₀, the base nucleus mass"),
         Param("top_k", "int", default=27, off=None, minimum=1,
