@@ -114,6 +114,10 @@ class ResourceExhausted(SamplerServiceError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(SamplerServiceError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class Unauthenticated(SamplerServiceError):
     code = "UNAUTHENTICATED"
 

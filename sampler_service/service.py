@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from sampler_service.engine import Engine
-from sampler_service.errors import FailedPrecondition, InvalidArgument, SamplerServiceError
+from sampler_service.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                                     ResourceExhausted, SamplerServiceError)
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
 from sampler_service.policy.processors.base import SIGNAL_NAMES, GroupSelector, RowInputs
@@ -65,6 +67,9 @@ class StepCall:
     processed_logprobs: bool = False
     reference: torch.Tensor | None = None
     signals: Mapping[str, torch.Tensor] | None = None
+    #: `time.monotonic()` past which the caller no longer waits (its gRPC deadline): a call
+    #: planned after it is not committed and gets DEADLINE_EXCEEDED. None: no deadline.
+    deadline: float | None = None
 
     def extras(self, rows: Sequence[int]) -> RowInputs:
         """The reference logits and signals of request rows `rows`, with their dense logits
@@ -123,16 +128,22 @@ def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+#: Prompt tokens one sequence may bring (`--max-prompt-tokens`): a million-token context.
+DEFAULT_MAX_PROMPT_TOKENS = 1 << 20
+
+
 class SamplerCore:
     """Creates, steps, inspects and releases sequences; previews policies."""
 
     def __init__(self, registry: PolicyRegistry, store: SequenceStore, engine: Engine,
                  max_group_rows: int = 64,
-                 on_row: Callable[[str, StepRecord], None] | None = None):
+                 on_row: Callable[[str, StepRecord], None] | None = None,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
         self.registry = registry
         self.store = store
         self.engine = engine
         self.max_group_rows = max_group_rows
+        self.max_prompt_tokens = max_prompt_tokens
         #: Called with (policy name, record) for every row a step advanced (metrics).
         self.on_row = on_row
         self._lock = threading.Lock()  # one step at a time: the engine owns the device
@@ -168,6 +179,12 @@ class SamplerCore:
             prefix = f"sequences[{index}]."
             if not request.sequence_id:
                 raise InvalidArgument("sequence_id is required", f"{prefix}sequence_id")
+            if len(request.prompt_ids) > self.max_prompt_tokens:
+                raise ResourceExhausted(
+                    f"{prefix}prompt_ids holds {len(request.prompt_ids)} tokens; the cap is "
+                    f"{self.max_prompt_tokens}: send the prompt's last tokens only (the "
+                    "penalties read at most their window) or raise --max-prompt-tokens",
+                    "--max-prompt-tokens")
             policy = self.resolve_policy(request.policy, request.policy_spec, request.params, prefix,
                                          request.sequence_id)
             seed = policy.settings["seed"]
@@ -237,9 +254,12 @@ class SamplerCore:
                     continue
                 prepared[index] = _Prepared(call, units, self._follow_latest(units))
             for index, planned in self._plan_isolating_failures(prepared).items():
-                if isinstance(planned, Exception):
+                late = calls[index].deadline is not None and time.monotonic() > calls[index].deadline
+                if isinstance(planned, Exception) or late:
                     prepared[index].restore()
-                    results[index] = planned
+                    results[index] = planned if not late else DeadlineExceeded(
+                        "the step's deadline passed before it could be committed: nothing "
+                        "changed; send the same step again (with a longer deadline)")
                 else:
                     results[index] = self._commit(planned)
         return results  # type: ignore[return-value]

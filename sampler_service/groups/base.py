@@ -98,6 +98,12 @@ class Group(ABC):
     def finished(self) -> bool:
         return self.result is not None
 
+    def footprint_tokens(self) -> int:
+        """Tokens the group holds: its prompt and every running or finished row's output
+        (what `--max-state-bytes` counts)."""
+        return (len(self.root.prompt_ids) + sum(len(h.token_ids) for h in self.running())
+                + sum(len(h.token_ids) for h in self.hypotheses()))
+
     @property
     @abstractmethod
     def running_rows(self) -> int:

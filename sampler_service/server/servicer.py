@@ -18,7 +18,7 @@ from sampler_service.server.error_mapping import abort, as_service_error, map_er
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.status import to_rpc_status
 from sampler_service.service import SamplerCore
-from sampler_service.server.steps import StepRunner
+from sampler_service.server.steps import StepRunner, StepWork
 
 T = TypeVar("T")
 
@@ -64,12 +64,16 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         return await self._in_engine_thread(
             lambda: self.core.read(request.sequence_id, convert.sequence_info_pb))
 
-    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
-        """One request through the batcher: its response, or its error raised."""
+    async def _step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        """One request through the batcher: its response, or its error raised. A request
+        whose deadline passes before its step is committed changes nothing
+        (DEADLINE_EXCEEDED)."""
         started = time.perf_counter()
         regions = contextlib.ExitStack()  # its regions stay registered until it has run
         regions.enter_context(self.runner.hold(request))
-        result = await self.batcher.submit(request, len(request.rows), step_keys(request),
+        remaining = context.time_remaining()
+        work = StepWork(request, None if remaining is None else time.monotonic() + remaining)
+        result = await self.batcher.submit(work, len(request.rows), step_keys(request),
                                            release=regions.close)
         if isinstance(result, Exception):
             raise result
@@ -81,7 +85,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     @map_errors
     async def Step(self, request, context):
         with self.batcher.caller():
-            return await self._step(request)
+            return await self._step(request, context)
 
     async def StepStream(self, request_iterator, context) -> AsyncIterator[pb.StepResponse]:
         if self.open_streams >= self.max_streams:
@@ -96,7 +100,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
             with self.batcher.caller():
                 async for request in request_iterator:
                     try:
-                        response = await self._step(request)
+                        response = await self._step(request, context)
                     except Exception as exc:  # answered in-band; the stream goes on
                         error = as_service_error(exc)
                         self.metrics.errors.labels("StepStream", error.code).inc()

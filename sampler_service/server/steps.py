@@ -25,8 +25,17 @@ if TYPE_CHECKING:
     from sampler_service.policy.sparse import SparseLogits
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """One step request as the batcher hands it over, with its caller's deadline
+    (`time.monotonic()`; None: none): a step planned after it changes nothing."""
+
+    request: pb.StepRequest
+    deadline: float | None = None
+
+
 class StepRunner:
-    """`runner(requests)` -> one StepResponse or exception per request, in order."""
+    """`runner(works)` -> one StepResponse or exception per request, in order."""
 
     def __init__(self, core: SamplerCore, regions: RegionRegistry | None):
         self.core = core
@@ -92,15 +101,17 @@ class StepRunner:
                         out[index] = exc
         return out
 
-    def __call__(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
+    def __call__(self, works: Sequence[StepWork]) -> list[pb.StepResponse | Exception]:
+        requests = [w.request for w in works]
         rows = sum(len(r.rows) for r in requests)
         elements = sum(math.prod(r.logits.shape) + math.prod(r.sparse.logits.shape)
                        for r in requests)
         small = rows < SINGLE_THREAD_ROWS and elements < SINGLE_THREAD_ELEMENTS
         with intra_op_threads(1 if small else self.threads):
-            return self._run(requests)
+            return self._run(requests, [w.deadline for w in works])
 
-    def _run(self, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse | Exception]:
+    def _run(self, requests: Sequence[pb.StepRequest], deadlines: Sequence[float | None]
+             ) -> list[pb.StepResponse | Exception]:
         results: list[pb.StepResponse | Exception | None] = [None] * len(requests)
         decoded: dict[int, _Decoded] = {}
         for index, request in enumerate(requests):
@@ -116,7 +127,7 @@ class StepRunner:
                 results[index] = values
             else:
                 calls[index] = item.call(values, checked=item.wire is not None
-                                         and item.wire.dim() == 2)
+                                         and item.wire.dim() == 2, deadline=deadlines[index])
         stepped = self.core.step_calls(list(calls.values()))
         for (index, call), answers in zip(calls.items(), stepped):
             results[index] = answers if isinstance(answers, Exception) else self.encode(
@@ -170,8 +181,10 @@ class _Decoded:
         listed = set(self.sparse_rows)
         return tuple(r for r in range(len(self.rows)) if r not in listed)
 
-    def call(self, dense: torch.Tensor | None, checked: bool) -> StepCall:
+    def call(self, dense: torch.Tensor | None, checked: bool,
+             deadline: float | None = None) -> StepCall:
         """The StepCall with `dense` as its dense logits (`checked`: their values are)."""
         logits = StepLogits(dense, self.dense_rows, self.sparse, self.sparse_rows,
                             checked=checked)
-        return StepCall(self.rows, logits, self.processed_logprobs, self.reference, self.signals)
+        return StepCall(self.rows, logits, self.processed_logprobs, self.reference, self.signals,
+                        deadline)

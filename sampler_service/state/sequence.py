@@ -112,6 +112,11 @@ class SequenceState:
     def __post_init__(self) -> None:
         self.history = TokenHistory(self.prompt_ids, self.output_ids)
 
+
+    def footprint_tokens(self) -> int:
+        """Tokens the sequence holds, prompt and output (what `--max-state-bytes` counts)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
     @property
     def position(self) -> int:
         """Index of the next token to choose (= the step number it expects)."""

@@ -9,20 +9,38 @@ from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, Res
 from sampler_service.state.sequence import SequenceState
 
 
+#: Estimated bytes of a sequence's state besides its tokens (the state object, its policy
+#: reference, seed, stage memory and statistics summaries), and per token it holds (the id in
+#: its list and its share of the penalty counts and history indexes).
+STATE_BASE_BYTES = 2048
+STATE_TOKEN_BYTES = 64
+
+
+def state_bytes(state) -> int:
+    """The estimated memory a live sequence or group holds (see `STATE_TOKEN_BYTES`)."""
+    return STATE_BASE_BYTES + STATE_TOKEN_BYTES * state.footprint_tokens()
+
+
 class SequenceStore:
     """Thread-safe map from sequence id to `SequenceState`.
 
     `max_sequences` caps live sequences (RESOURCE_EXHAUSTED beyond it); sequences idle for more
     than `idle_ttl_s` seconds are evicted when new ones are created (0 disables eviction).
+    `max_state_bytes` is admission control on the memory all sequences hold together: new
+    sequences are refused (RESOURCE_EXHAUSTED naming --max-state-bytes) while the live ones'
+    `state_bytes` and theirs would pass it; steps are never refused by it (a running
+    generation is not cut short), and finished or idle sequences free it when released or
+    evicted. None: no cap.
     """
 
     def __init__(self, max_sequences: int = 100_000, idle_ttl_s: float = 3600.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, max_state_bytes: int | None = None):
         self._sequences: dict[str, SequenceState] = {}
         self._lock = threading.Lock()
         self._max = max_sequences
         self._ttl = idle_ttl_s
         self._clock = clock
+        self._max_bytes = max_state_bytes
 
     def __len__(self) -> int:
         return len(self._sequences)
@@ -44,7 +62,15 @@ class SequenceStore:
             if len(self._sequences) + len(states) > self._max:
                 raise ResourceExhausted(
                     f"{len(self._sequences)} sequences are live and the cap is {self._max}: "
-                    "release finished sequences or raise --max-sequences")
+                    "release finished sequences or raise --max-sequences", "--max-sequences")
+            if self._max_bytes is not None:
+                held = sum(state_bytes(s) for s in self._sequences.values())
+                wanted = sum(state_bytes(s) for s in states)
+                if held + wanted > self._max_bytes:
+                    raise ResourceExhausted(
+                        f"live sequences hold about {held} bytes of state and these need "
+                        f"{wanted} more; the cap is {self._max_bytes}: release finished "
+                        "sequences or raise --max-state-bytes", "--max-state-bytes")
             now = self._clock()
             for state in states:
                 state.last_used = now

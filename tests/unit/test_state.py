@@ -40,3 +40,45 @@ def test_a_branch_continues_alone_with_the_same_history():
     assert source.history.max_token_id == 6 and branch.history.max_token_id == 9
     assert sorted(source.history.seen_ids().tolist()) == [1, 2, 3, 5, 6]
     assert source.processor_state["mirostat"] == pytest.approx(3.0)
+
+
+def test_the_state_memory_cap_admits_new_sequences_only_while_it_holds():
+    """--max-state-bytes: a creation that would pass the cap is refused naming the flag,
+    nothing of it is added, and releasing frees room; steps are never refused by it."""
+    from sampler_service.errors import ResourceExhausted
+    from sampler_service.state.store import SequenceStore, state_bytes
+
+    def state(sid: str, prompt: int) -> SequenceState:
+        return SequenceState(sid, resolve_flat({}), tuple(range(prompt)), seed=1,
+                             eos_token_ids=frozenset())
+
+    one = state_bytes(state("x", 100))
+    store = SequenceStore(max_state_bytes=2 * one + 10)
+    store.add_all([state("a", 100), state("b", 100)])
+    with pytest.raises(ResourceExhausted) as err:
+        store.add_all([state("c", 100)])
+    assert err.value.field == "--max-state-bytes" and "the cap is" in err.value.message
+    assert len(store) == 2
+    store.get("a").output_ids.extend(range(50))  # a running generation grows past the cap
+    assert state_bytes(store.get("a")) > one
+    store.release(["a", "b"])
+    store.add_all([state("c", 100)])
+    assert len(store) == 1
+
+
+def test_a_prompt_past_the_cap_is_refused_naming_the_flag():
+    import torch
+
+    from sampler_service.engine import Engine
+    from sampler_service.errors import ResourceExhausted
+    from sampler_service.policy.registry import PolicyRegistry
+    from sampler_service.service import SamplerCore, SequenceRequest
+    from sampler_service.state.store import SequenceStore
+    core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")),
+                       max_prompt_tokens=8)
+    core.create_sequences([SequenceRequest("fits", prompt_ids=tuple(range(8)))])
+    with pytest.raises(ResourceExhausted) as err:
+        core.create_sequences([SequenceRequest("long", prompt_ids=tuple(range(9)))])
+    assert err.value.field == "--max-prompt-tokens"
+    assert "sequences[0].prompt_ids holds 9 tokens; the cap is 8" in err.value.message
+    assert len(core.store) == 1

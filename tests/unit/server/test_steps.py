@@ -9,7 +9,7 @@ from sampler_client.requests import step_request
 from sampler_service.engine import Engine
 from sampler_service.errors import InvalidArgument
 from sampler_service.policy.registry import PolicyRegistry
-from sampler_service.server.steps import StepRunner
+from sampler_service.server.steps import StepRunner, StepWork
 from sampler_service.service import SamplerCore, SequenceRequest
 from sampler_service.state import SequenceStore
 
@@ -23,8 +23,8 @@ def runner_with(ids: list[str], policy: str = "creative") -> StepRunner:
     return StepRunner(core, None)
 
 
-def requests_for(ids: list[str], logits: list[torch.Tensor]):
-    return [step_request([(sid, None, None)], row, processed_logprobs=True)
+def requests_for(ids: list[str], logits: list[torch.Tensor], deadline: float | None = None):
+    return [StepWork(step_request([(sid, None, None)], row, processed_logprobs=True), deadline)
             for sid, row in zip(ids, logits)]
 
 
@@ -64,3 +64,21 @@ def test_small_batches_run_on_one_intra_op_thread_and_the_count_comes_back():
             assert torch.get_num_threads() == 1
             raise RuntimeError("the count comes back even so")
     assert torch.get_num_threads() == before
+
+
+def test_a_step_whose_deadline_passed_changes_nothing():
+    """Planned after its caller's deadline: DEADLINE_EXCEEDED and no state changed; the same
+    step sent again in time is answered as if the first had never come."""
+    import time
+
+    from sampler_service.errors import DeadlineExceeded
+    runner = runner_with(["a", "b"])
+    logits = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    late, on_time = runner(requests_for(["a"], logits[:1], deadline=time.monotonic() - 1.0)
+                           + requests_for(["b"], logits[1:], deadline=time.monotonic() + 60))
+    assert isinstance(late, DeadlineExceeded) and "nothing changed" in late.message
+    assert not isinstance(on_time, Exception)
+    assert runner.core.read("a", lambda s: list(s.output_ids)) == []
+    again, = runner(requests_for(["a"], logits[:1]))
+    fresh, = runner_with(["a"])(requests_for(["a"], logits[:1]))
+    assert again.choices[0].token_id == fresh.choices[0].token_id
