@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from sampler_client import PolicyAdminClient, SamplerError
+from sampler_client import PolicyAdminClient, SamplerError, TLSConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,11 @@ def _add_serve(commands) -> None:
                        help="seconds before an idle sequence is evicted (0: never)")
     serve.add_argument("--max-group-rows", type=int, default=64,
                        help="cap on a group's rows: beam width, forks (best_of), CoT branches")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1 << 20,  # service.py's default
+                       help="cap on one sequence's prompt tokens (default: 2^20)")
+    serve.add_argument("--max-state-bytes", type=int, default=4 << 30,
+                       help="new sequences are refused while all sequences' state holds about "
+                            "this many bytes (default: 4 GiB; 0: no cap)")
     serve.add_argument("--policy-reload-interval", type=float, default=2.0,
                        help="seconds between checks of --policies for changes (0: never reload)")
     serve.add_argument("--metrics-port", type=int, default=None,
@@ -78,6 +83,14 @@ def _add_serve(commands) -> None:
     serve.add_argument("--allow-shared-memory", action=argparse.BooleanOptionalAction,
                        default=None, help="serve the SharedMemory service (shared-memory and CUDA "
                        "IPC tensors); default: on when bound to loopback or --uds only")
+    tls = serve.add_argument_group("TLS", "the TCP port (with PolicyAdmin) speaks TLS; the "
+                                   "Unix socket and --health-port stay plaintext")
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="PEM certificate chain of the service (needs --tls-key)")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE",
+                     help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                     help="PEM CA bundle: require client certificates it signed (mutual TLS)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
@@ -102,6 +115,11 @@ def _add_policies(commands) -> None:
     token.add_argument("--token", help="the service's admin token")
     token.add_argument("--token-file", type=Path, help="read the admin token from this file")
     remote.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    remote.add_argument("--tls-ca", type=Path, metavar="FILE",
+                        help="connect with TLS, verifying the service against this PEM CA")
+    remote.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="client certificate for mutual TLS (with --tls-key; implies TLS)")
+    remote.add_argument("--tls-key", type=Path, metavar="FILE", help="key of --tls-cert")
     actions.add_parser("list", parents=[remote], help="the policies in force")
     show = actions.add_parser("show", parents=[remote], help="one policy as YAML, with its version")
     show.add_argument("name")
@@ -178,9 +196,27 @@ def _spec_from_file(name: str, path: Path) -> Any:
     return document
 
 
+def _admin_tls(args: argparse.Namespace):
+    """The TLSConfig when any --tls-* flag is given, else None (a plaintext channel)."""
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+
+    def read(path: Path | None, flag: str) -> bytes | None:
+        try:
+            return None if path is None else path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+
+    return TLSConfig(root_ca=read(args.tls_ca, "--tls-ca"), cert=read(args.tls_cert, "--tls-cert"),
+                     key=read(args.tls_key, "--tls-key"))
+
+
 def administer(args: argparse.Namespace) -> int:
     token = _read_token(args.token_file) if args.token_file else args.token
-    with PolicyAdminClient(args.target, token=token, timeout=args.timeout) as admin:
+    with PolicyAdminClient(args.target, token=token, timeout=args.timeout,
+                           tls=_admin_tls(args)) as admin:
         try:
             if args.action == "list":
                 policies = admin.list_policies()
@@ -226,13 +262,17 @@ def serve(args: argparse.Namespace) -> int:
                               max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
                               max_sequences=args.max_sequences, idle_ttl_s=args.idle_ttl,
                               max_group_rows=args.max_group_rows,
+                              max_prompt_tokens=args.max_prompt_tokens,
+                              max_state_bytes=args.max_state_bytes or None,
                               metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                               policy_reload_s=args.policy_reload_interval, grace_s=args.grace,
                               admin_token=token, max_streams=args.max_streams,
                               batch_window_us=args.batch_window_us,
                               max_batch_rows=args.max_batch_rows, health_port=args.health_port,
                               health_host=args.health_host,
-                              allow_shared_memory=args.allow_shared_memory)
+                              allow_shared_memory=args.allow_shared_memory,
+                              tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_client_ca=args.tls_client_ca)
         serve_forever(config)
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)

@@ -7,6 +7,9 @@ in one executor thread, its only owner: steps reach it through the micro-batcher
 call that touches sequences or the engine is queued to the same thread. Health and reflection
 run on the loop and answer whatever the load; `health_port` serves grpc.health.v1 on a port
 of its own (the kubelet probes the pod IP while the data path stays on loopback or a socket).
+With `tls_cert` and `tls_key` the TCP port (and so the PolicyAdmin service on it) speaks TLS,
+mutual TLS with `tls_client_ca`; the Unix socket and the health port stay plaintext
+(docs/security.md).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
 from sampler_service.server.shared_memory import SharedMemoryServicer
 from sampler_service.server.steps import StepRunner
-from sampler_service.service import SamplerCore
+from sampler_service.service import DEFAULT_MAX_PROMPT_TOKENS, SamplerCore
 from sampler_service.state import SequenceStore
 from sampler_service.transport.regions import RegionRegistry
 
@@ -92,6 +95,9 @@ class ServerConfig:
     max_sequences: int = 100_000
     idle_ttl_s: float = 3600.0
     max_group_rows: int = 64          # widest beam group / most forks or CoT branches
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # prompt tokens one sequence may bring
+    #: Admission control on the memory all sequences' state holds (an estimate); None: off.
+    max_state_bytes: int | None = 4 << 30
     metrics_port: int | None = None   # Prometheus /metrics on metrics_host:port (0: free); None: off
     metrics_host: str | None = None   # None: the same address as `host`
     policy_reload_s: float = 2.0      # poll `policies` for changes this often; 0: never reload
@@ -105,11 +111,46 @@ class ServerConfig:
     #: Serve the SharedMemory service and accept region references. None: on when every
     #: address the server binds is local (loopback or the Unix socket), off otherwise.
     allow_shared_memory: bool | None = None
+    #: PEM files: the TCP port speaks TLS with this certificate chain and key (both or
+    #: neither); with `tls_client_ca` it requires client certificates signed by that CA.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def shared_memory_allowed(self) -> bool:
         if self.allow_shared_memory is not None:
             return self.allow_shared_memory
         return self.port is None or is_loopback(self.host)
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of the TCP port from the config's PEM files, None without TLS.
+    ValueError, naming the flag, for a lone cert or key, a client CA without them, or a file
+    that cannot be read."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        given, missing = (("--tls-cert", "--tls-key") if config.tls_key is None
+                          else ("--tls-key", "--tls-cert"))
+        raise ValueError(f"{given} needs {missing}: give both or neither")
+    cert = _read_pem(config.tls_cert, "--tls-cert")
+    key = _read_pem(config.tls_key, "--tls-key")
+    client_ca = (None if config.tls_client_ca is None
+                 else _read_pem(config.tls_client_ca, "--tls-client-ca"))
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -128,14 +169,19 @@ class SamplerServer:
         self.host = check_host(config.host)
         if config.port is None and config.uds is None:
             raise ValueError("no address to serve: give a TCP port or --uds PATH")
+        self._credentials = server_credentials(config)  # bad TLS files fail before anything starts
+        self.tls = "off" if self._credentials is None else (
+            "mutual TLS" if config.tls_client_ca is not None else "TLS")
         self.plugins = load_plugins()  # before the policies: they may name plug-in stages
         registry = PolicyRegistry.from_files(config.policies, config.default_policies)
-        store = SequenceStore(config.max_sequences, config.idle_ttl_s)
+        store = SequenceStore(config.max_sequences, config.idle_ttl_s,
+                              max_state_bytes=config.max_state_bytes)
         self.metrics = ServiceMetrics(live_sequences=lambda: len(store))
         self.core = SamplerCore(registry, store, Engine(resolve_device(config.device)),
                                 config.max_group_rows,
                                 on_row=lambda policy, record: self.metrics.observe_row(
-                                    policy, record.explanation))
+                                    policy, record.explanation),
+                                max_prompt_tokens=config.max_prompt_tokens)
         self.shared_memory = config.shared_memory_allowed()
         self.regions = RegionRegistry(self.core.device)
         self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
@@ -158,8 +204,8 @@ class SamplerServer:
             self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
                                          config.policy_reload_s, self.metrics.observe_reload)
             self.watcher.start()
-        log.info("serving on %s (device %s, shared memory %s)", self.address, self.core.device,
-                 "on" if self.shared_memory else "off")
+        log.info("serving on %s (device %s, shared memory %s, TLS on the TCP port: %s)",
+                 self.address, self.core.device, "on" if self.shared_memory else "off", self.tls)
 
     def _call(self, coroutine):
         """Runs a coroutine on the server's loop and waits for its result."""
@@ -193,7 +239,9 @@ class SamplerServer:
         reflection.enable_server_reflection(services, self._server)
         self.port = None
         if config.port is not None:
-            self.port = self._server.add_insecure_port(host_port(self.host, config.port))
+            address = host_port(self.host, config.port)
+            self.port = (self._server.add_insecure_port(address) if self._credentials is None
+                         else self._server.add_secure_port(address, self._credentials))
             if self.port == 0:
                 raise OSError(f"could not bind {host_port(self.host, config.port)}")
         if config.uds is not None:
@@ -275,6 +323,7 @@ def serve_forever(config: ServerConfig) -> None:
     signal.signal(signal.SIGINT, on_signal)
     where = server.address if config.uds is None or server.port is None else \
         f"{server.address} and unix:{config.uds}"
-    print(f"sampler-service listening on {where} (device {server.core.device})", flush=True)
+    tls = "" if server.tls == "off" or server.port is None else f", {server.tls} on the TCP port"
+    print(f"sampler-service listening on {where} (device {server.core.device}{tls})", flush=True)
     stopping.wait()
     server.stop()

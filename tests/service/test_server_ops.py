@@ -104,3 +104,24 @@ def test_preview_matches_the_in_process_distribution(client, server):
     assert [p for _, p in survivors] == sorted((p for _, p in survivors), reverse=True)
     with pytest.raises(InvalidArgumentError):
         client.preview(logits, params=params, history=[500])
+
+
+def test_resource_caps_name_their_flags(start_server):
+    """--max-prompt-tokens and --max-state-bytes through the real server and SDK."""
+    from sampler_client import SamplerClient
+    from sampler_client.errors import ResourceExhaustedError
+    from sampler_service.state.store import STATE_BASE_BYTES, STATE_TOKEN_BYTES
+    one = STATE_BASE_BYTES + 16 * STATE_TOKEN_BYTES  # a sequence with a 16-token prompt
+    server = start_server(max_prompt_tokens=16, max_state_bytes=2 * one + 10)
+    with SamplerClient(server.address) as client:
+        with pytest.raises(ResourceExhaustedError) as err:
+            client.create_sequence(policy="greedy", prompt_ids=list(range(17)))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.fields == ["--max-prompt-tokens"]
+        kept = [client.create_sequence(policy="greedy", prompt_ids=list(range(16)))
+                for _ in range(2)]
+        with pytest.raises(ResourceExhaustedError) as err:
+            client.create_sequence(policy="greedy", prompt_ids=list(range(16)))
+        assert err.value.fields == ["--max-state-bytes"]
+        kept[0].release()
+        client.create_sequence(policy="greedy", prompt_ids=list(range(16)))

@@ -8,7 +8,7 @@ Logits travel inline, through shared memory or CUDA IPC, in full or as sparse to
 from sampler_client.admin import PolicyAdminClient, PolicyInfo, PolicyVersion
 from sampler_client.aio import (AsyncSamplerClient, AsyncSequence, AsyncSequenceGroup,
                                 AsyncStepStream)
-from sampler_client.client import SamplerClient, Sequence, SequenceGroup, StepStream
+from sampler_client.client import SamplerClient, Sequence, SequenceGroup, StepStream, TLSConfig
 from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError, FieldViolation,
                                    InvalidArgumentError, MessageTooLargeError, NotFoundError,
                                    PermissionDeniedError, ResourceExhaustedError, SamplerError,
@@ -23,5 +23,5 @@ __all__ = [
     "NotFoundError", "PermissionDeniedError", "PolicyAdminClient", "PolicyInfo", "PolicyVersion",
     "RegionInfo",
     "ResourceExhaustedError", "SamplerClient", "SamplerError", "Sequence", "SequenceGroup",
-    "SequenceInfo", "StepStream", "UnauthenticatedError", "UnavailableError",
+    "SequenceInfo", "StepStream", "TLSConfig", "UnauthenticatedError", "UnavailableError",
 ]

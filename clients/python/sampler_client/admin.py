@@ -15,7 +15,7 @@ from google.protobuf import json_format
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
-from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, ChannelClient
+from sampler_client.client import DEFAULT_MAX_MESSAGE_BYTES, ChannelClient, TLSConfig
 from sampler_client.requests import spec_struct
 
 
@@ -54,9 +54,9 @@ class PolicyAdminClient(ChannelClient):
 
     def __init__(self, target: str, *, token: str | None, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls: TLSConfig | bool | None = None):
         super().__init__(target, sampler_pb2_grpc.PolicyAdminStub, timeout=timeout,
-                         max_message_bytes=max_message_bytes, channel=channel,
+                         max_message_bytes=max_message_bytes, channel=channel, tls=tls,
                          metadata=() if token is None else (("authorization", f"Bearer {token}"),))
 
     def list_policies(self) -> list[PolicyInfo]:

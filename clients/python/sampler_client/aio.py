@@ -10,8 +10,8 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests, specs
 from sampler_client.calls import Rpc, run_async
-from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, channel_options,
-                                   make_handle)
+from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, TLSConfig,
+                                   make_channel, make_handle)
 from sampler_client.errors import from_rpc_error
 from sampler_client.exchange import StepExchange
 from sampler_client.transports import TensorPlacer
@@ -46,14 +46,15 @@ class AsyncSequenceGroup(SequenceHandle):
 
 class AsyncSamplerClient:
     """`async with AsyncSamplerClient(target) as client: ...` — same methods, awaited, and the
-    same transports and sparse rows (see `SamplerClient`, section Transports)."""
+    same transports, sparse rows and `tls` (see `SamplerClient`, section Transports)."""
 
     def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
                  ring_slots: int = 4, timeout: float | None = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TLSConfig | bool | None = None):
         self._steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots),
                                    sparse_top_k)
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = make_channel(target, max_message_bytes, tls, aio=True)
         #: The channel's max send size: a larger step is refused before it is sent.
         self.max_message_bytes = max_message_bytes
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)

@@ -1,9 +1,11 @@
 """The synchronous client: `SamplerClient`, `Sequence` and `StepStream`."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence as SequenceT
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence as SequenceT, Union
 
 import grpc
 
@@ -31,6 +33,70 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES)]
+
+
+#: PEM material: bytes (or a str starting with "-----BEGIN") are the PEM itself; any other str
+#: or an os.PathLike is a file to read.
+Pem = Union[bytes, str, os.PathLike]
+
+
+def _pem(value: Pem | None, what: str) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        with open(value, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise OSError(error.errno, f"TLS {what} {os.fspath(value)}: cannot read: "
+                                   f"{error.strerror}") from None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS for a client's channel: `tls=TLSConfig(root_ca="ca.pem")` verifies the service
+    against that CA (None: gRPC's default roots); `cert` and `key` (both or neither) present a
+    client certificate, for a service that requires one (mutual TLS, `--tls-client-ca`).
+    Each is PEM bytes or a file path. `server_name` overrides the name checked against the
+    service's certificate (default: the target's host). The target keeps its usual form, so
+    a TLS loopback service is still local for shared memory and CUDA IPC."""
+
+    root_ca: Pem | None = None
+    cert: Pem | None = None
+    key: Pem | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLSConfig: cert and key go together (give both or neither)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Reads the files now: a missing one raises OSError naming it."""
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.root_ca, "root_ca"),
+                                            private_key=_pem(self.key, "key"),
+                                            certificate_chain=_pem(self.cert, "cert"))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [] if self.server_name is None else [("grpc.ssl_target_name_override",
+                                                     self.server_name)]
+
+
+def make_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TLSConfig | bool | None = None, *, aio: bool = False):
+    """The SDK's channel to `target` (grpc.aio's with `aio`): plaintext when `tls` is None or
+    False, TLS with gRPC's default roots when True, else as the TLSConfig says."""
+    module = grpc.aio if aio else grpc
+    options = channel_options(max_message_bytes)
+    if tls is None or tls is False:
+        return module.insecure_channel(target, options=options)
+    if tls is True:
+        tls = TLSConfig()
+    if not isinstance(tls, TLSConfig):
+        raise TypeError(f"tls must be a TLSConfig, True or None, not {type(tls).__name__}")
+    return module.secure_channel(target, tls.credentials(), options=options + tls.options())
 
 
 class SequenceHandle:
@@ -114,8 +180,11 @@ class ChannelClient:
 
     def __init__(self, target: str, stub: type, *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None, metadata: tuple = ()):
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+                 channel: grpc.Channel | None = None, metadata: tuple = (),
+                 tls: TLSConfig | bool | None = None):
+        if channel is not None and tls not in (None, False):
+            raise ValueError("give either channel or tls (a channel brings its own credentials)")
+        self._channel = channel or make_channel(target, max_message_bytes, tls)
         #: The channel's max send size: a larger step is refused before it is sent.
         self.max_message_bytes = max_message_bytes
         self._stub = stub(self._channel)
@@ -146,7 +215,9 @@ class SamplerClient(ChannelClient):
     ...     choice = seq.step(logits)
 
     `target` is any gRPC target: "host:port", or a Unix socket, "unix:///abs/path" or
-    "unix:relative/path".
+    "unix:relative/path". `tls=TLSConfig(root_ca=..., cert=..., key=...)` (or `tls=True`
+    for gRPC's default roots) makes the channel TLS, mutual TLS with `cert` and `key`
+    (docs/security.md); the service's Unix socket is always plaintext.
 
     Transports
     ----------
@@ -191,10 +262,10 @@ class SamplerClient(ChannelClient):
     def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
                  ring_slots: int = 4, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls: TLSConfig | bool | None = None):
         steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots), sparse_top_k)
         super().__init__(target, sampler_pb2_grpc.SamplerStub, timeout=timeout,
-                         max_message_bytes=max_message_bytes, channel=channel)
+                         max_message_bytes=max_message_bytes, channel=channel, tls=tls)
         self._steps = steps
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
 
