@@ -20,6 +20,7 @@ A step with refused rows chooses nothing and raises `NotExact` listing every one
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -36,7 +37,7 @@ from sampler_service.state import RowOutcome, SequenceState, TopList
 
 _TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
 #: Stage argument sets the engine keeps (see `Engine._stage_args`).
-ARGS_CACHE_ENTRIES = 1024
+ARGS_CACHE_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,11 @@ class Engine:
 
     def __init__(self, device: torch.device):
         self.device = device
-        #: `_stage_args` results by the identities of their links (kept alive here, so an
-        #: identity cannot be reused while its entry lives): a group whose rows keep their
-        #: policies reuses its argument tensors, already on the device, step after step.
-        self._args: dict[tuple[int, ...], tuple[tuple[Link, ...], dict[str, Any]]] = {}
+        #: `_stage_args` results by the identities of their links, which an entry holds weakly
+        #: (a released sequence's policy is not kept alive here; a reused identity is told
+        #: apart by its dead reference): a group whose rows keep their policies reuses its
+        #: argument tensors, already on the device, step after step.
+        self._args: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], dict[str, Any]]] = {}
 
     def _stage_args(self, stage: Stage, links: Sequence[Link]) -> dict[str, Any]:
         """Each parameter of `stage` across the group's rows: scalars as one [rows] tensor on
@@ -130,7 +132,7 @@ class Engine:
         into their arguments, so they are cached (`ARGS_CACHE_ENTRIES`)."""
         key = tuple(map(id, links))
         cached = self._args.get(key)
-        if cached is not None:
+        if cached is not None and all(ref() is link for ref, link in zip(cached[0], links)):
             return cached[1]
         args = {p.name: torch.tensor([l.values[p.name] for l in links],
                                      dtype=_TENSOR_DTYPES[p.kind], device=self.device)
@@ -138,7 +140,7 @@ class Engine:
                 for p in stage.params}
         if len(self._args) >= ARGS_CACHE_ENTRIES:
             self._args.pop(next(iter(self._args)))  # the oldest entry
-        self._args[key] = (tuple(links), args)
+        self._args[key] = (tuple(map(weakref.ref, links)), args)
         return args
 
     def process(self, states: Sequence[SequenceState], logits: torch.Tensor,
