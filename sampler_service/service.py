@@ -17,7 +17,7 @@ import torch
 
 from sampler_service.engine import Engine
 from sampler_service.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                                     ResourceExhausted, SamplerServiceError)
+                                     ResourceExhausted, SamplerServiceError, echo)
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
 from sampler_service.policy.processors.base import SIGNAL_NAMES, GroupSelector, RowInputs
@@ -477,8 +477,8 @@ class SamplerCore:
             row = int(bad.nonzero()[0])
             problem = ("is all -inf: no token can be chosen" if float(best[row]) == float("-inf")
                        else "contains NaN or +inf")
-            raise InvalidArgument(f"{field_name} row {row} (sequence {rows[row].sequence_id!r}) "
-                                  f"{problem}", field_name)
+            whose = (f" (sequence {echo(rows[row].sequence_id)})" if row < len(rows) else "")
+            raise InvalidArgument(f"{field_name} row {row}{whose} {problem}", field_name)
 
     # -- preview ------------------------------------------------------------------------------
     def explain_plan(self, policy: str, policy_spec: Mapping[str, Any] | None,

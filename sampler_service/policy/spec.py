@@ -143,7 +143,7 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
                               f"{field}.overridable")
     for i, flat in enumerate(overridable_raw):
         where = f"{field}.overridable[{i}]"
-        if flat not in FLAT_NAMES:
+        if not isinstance(flat, str) or flat not in FLAT_NAMES:
             raise InvalidArgument(f"{echo(flat)} is not a request parameter; known: "
                                   + ", ".join(sorted(FLAT_NAMES)), where)
         if flat in FLAT_PROCESSOR_PARAMS and FLAT_PROCESSOR_PARAMS[flat][0] not in keys:
