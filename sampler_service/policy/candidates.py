@@ -1,9 +1,10 @@
 """`Candidates`: a batch of rows' logits as they pass through a chain, dense or truncated.
 
 A chain starts dense: `values` is [R, V] and column j is token j. Once a truncation bounds
-every row of the batch (top-k, top-p), the batch turns sparse: `values` [R, K] holds each
-row's surviving logits sorted best first and `ids` [R, K] their token ids; every token not
-listed is −inf. Later stages then cost O(R·K) instead of O(R·V) — the "top-k first" path — and
+every row of the batch (top-k, top-p, or any threshold that keeps few tokens:
+`mask_below`'s compaction), the batch turns sparse: `values` [R, K] holds each row's surviving
+logits and `ids` [R, K] their token ids (best first after a top-k, in token-id order after a
+compaction; sorted when a stage needs it); every token not listed is −inf. Later stages then cost O(R·K) instead of O(R·V) — the "top-k first" path — and
 need no full-vocabulary sort or mask. Processors use the methods here and never care which
 form they got; the results are the same either way.
 
