@@ -81,6 +81,9 @@ def compact_at_least(logits: np.ndarray, threshold: np.ndarray, width: int, thre
     most = int(counts.max()) if rows else 0
     if most > width:
         return values, ids, counts
-    values, ids = values[:, :max(most, 1)], ids[:, :max(most, 1)]
+    # Contiguous copies of the kept columns: one compiled layout for `_fill` (a strided view
+    # would compile another signature, ~1 s, in the middle of serving).
+    values = np.ascontiguousarray(values[:, :max(most, 1)])
+    ids = np.ascontiguousarray(ids[:, :max(most, 1)])
     _fill(values, ids, counts)
     return values, ids, counts
