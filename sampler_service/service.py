@@ -27,6 +27,7 @@ from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.policy.candidates import row_maxima
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
+from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
 
 T = TypeVar("T")
@@ -43,6 +44,8 @@ class SequenceRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     prompt_ids: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
+    #: Re-create the sequence where it stood (its tokens and last resume record).
+    resume: ResumePoint | None = None
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,15 @@ class StepRow:
     branch: int | None = None
 
 
-#: What a step answers for one sequence or group: the index of its first row in the request,
-#: and its record (one row for a plain sequence, a `GroupRecord` for a group).
-Answer = tuple[int, "StepRecord | GroupRecord"]
+@dataclass(frozen=True)
+class Answer:
+    """What a step answers for one sequence or group: the index of its first row in the
+    request, its record (one row for a plain sequence, a `GroupRecord` for a group) and, when
+    the call asked for them, its resume record after the step."""
+
+    start: int
+    record: "StepRecord | GroupRecord"
+    resume: ResumeRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class StepCall:
     #: `time.monotonic()` past which the caller no longer waits (its gRPC deadline): a call
     #: planned after it is not committed and gets DEADLINE_EXCEEDED. None: no deadline.
     deadline: float | None = None
+    #: Answer each sequence's resume record too (`Answer.resume`).
+    resume_records: bool = False
 
     def extras(self, rows: Sequence[int]) -> RowInputs:
         """The reference logits and signals of request rows `rows`, with their dense logits
@@ -187,17 +198,32 @@ class SamplerCore:
                     "--max-prompt-tokens")
             policy = self.resolve_policy(request.policy, request.policy_spec, request.params, prefix,
                                          request.sequence_id)
-            seed = policy.settings["seed"]
             root = SequenceState(
                 sequence_id=request.sequence_id, policy=policy,
                 prompt_ids=_check_token_ids(request.prompt_ids, f"{prefix}prompt_ids"),
-                seed=secrets.randbits(64) if seed is None else seed,
+                seed=self._seed(policy, request, prefix),
                 eos_token_ids=frozenset(_check_token_ids(request.eos_token_ids,
                                                          f"{prefix}eos_token_ids")))
-            states.append(self._group_or_sequence(root, request, prefix))
+            entry = self._group_or_sequence(root, request, prefix)
+            if request.resume is not None:
+                entry.resume(request.resume, f"{prefix}resume")
+            states.append(entry)
         with self._lock:
             self.store.add_all(states)
         return states
+
+    @staticmethod
+    def _seed(policy: ResolvedPolicy, request: SequenceRequest, prefix: str) -> int:
+        """The seed given, else the one a resumed sequence drew before, else a fresh one."""
+        given = policy.settings["seed"]
+        record = None if request.resume is None else request.resume.record
+        if record is None:
+            return secrets.randbits(64) if given is None else given
+        if given is not None and given != record.seed:
+            raise InvalidArgument(f"params.seed {given} differs from the seed {record.seed} the "
+                                  "resumed sequence drew its noise with",
+                                  f"{prefix}resume.record.seed")
+        return record.seed
 
     def _group_or_sequence(self, root: SequenceState, request: SequenceRequest,
                            prefix: str) -> SequenceState | Group:
@@ -261,7 +287,7 @@ class SamplerCore:
                         "the step's deadline passed before it could be committed: nothing "
                         "changed; send the same step again (with a longer deadline)")
                 else:
-                    results[index] = self._commit(planned)
+                    results[index] = self._commit(planned, calls[index].resume_records)
         return results  # type: ignore[return-value]
 
     def _plan_isolating_failures(self, prepared: dict[int, _Prepared]
@@ -349,15 +375,16 @@ class SamplerCore:
         group_step = unit.entry.plan(self.engine, call.extras(unit.rows), call.processed_logprobs)
         return unit, lambda: unit.entry.commit(group_step)
 
-    def _commit(self, plans: list[_Commit]) -> list[Answer]:
+    def _commit(self, plans: list[_Commit], resume_records: bool) -> list[Answer]:
         answers = []
         for unit, commit in plans:
             record = commit()
             if self.on_row is not None and not unit.retry:
                 for row in record.rows:
                     self.on_row(unit.state.policy.name, row)
-            answers.append((unit.start, record))
-        return sorted(answers, key=lambda answer: answer[0])
+            answers.append(Answer(unit.start, record,
+                                  unit.entry.resume_record() if resume_records else None))
+        return sorted(answers, key=lambda answer: answer.start)
 
     def _follow_latest(self, units: Sequence[_Unit]) -> list[tuple[SequenceState, ResolvedPolicy]]:
         """Moves the sequences whose policy says `follow_latest` to the version now in force

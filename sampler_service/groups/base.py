@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
 from sampler_service.engine import report_rows
 from sampler_service.policy.processors.base import RowInputs
+from sampler_service.errors import InvalidArgument
 from sampler_service.state import FinishReason, SequenceState, StepRecord
+from sampler_service.state.resume import Reader, ResumePoint, ResumeRecord, checked_record
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -133,6 +135,37 @@ class Group(ABC):
         self.last_record = step.record
         self.result = step.record.result
         return step.record
+
+    # -- resume (`sampler_service.state.resume`) -------------------------------------------------
+    def resume_record(self) -> ResumeRecord:
+        """What re-creates this group where it stands: its rows and their tokens included."""
+        root = self.root
+        return ResumeRecord(self.sequence_id, self.step_number, root.policy.version.hash,
+                            root.seed, self.resume_state())
+
+    def resume(self, point: ResumePoint, field: str) -> None:
+        """Moves this new group to where `point.record` says it stood; `field` names the
+        SequenceConfig's `resume` in errors."""
+        if point.output_ids or point.stats:
+            raise InvalidArgument("a group's rows and their tokens travel in its resume record; "
+                                  "leave output_ids and stats empty", f"{field}.output_ids")
+        if point.record is None:
+            return
+        record = checked_record(point, self.sequence_id, self.root.policy.version.hash, field)
+        where = f"{field}.record.state"
+        self.load_state(Reader(record.state, where), record.position)
+        self.step_number = record.position
+        if self.running_rows == 0:
+            raise InvalidArgument("every row of the group had finished: its result came with its "
+                                  "last step, and there is nothing left to resume", where)
+
+    @abstractmethod
+    def resume_state(self) -> dict[str, Any]:
+        """The group's rows (tokens included), scores and finished hypotheses as plain data."""
+
+    @abstractmethod
+    def load_state(self, reader: Reader, position: int) -> None:
+        """Takes `resume_state`'s data back into this new group (`position` steps taken)."""
 
     def branch_state(self, index: int, seed: int | None = None) -> SequenceState:
         """A fresh row state continuing the root (branch `index` of the group)."""

@@ -36,6 +36,7 @@ from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupSt
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.state import FinishReason, SequenceState
+from sampler_service.state.resume import Reader, restore_row, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -184,6 +185,41 @@ class BeamGroup(Group):
         if self.result is not None:
             return list(self.result.hypotheses)
         return _ranked(self.beams, only_filled=True)
+
+    def resume_state(self) -> dict[str, Any]:
+        """`groups`: per beam group (one without diversity), its `rows` (row states with their
+        `output_ids`, in beam order), running `scores`, finished `slots` (`token_ids`,
+        `sum_logprobs`, `finish_reason`, `branch`), `slot_scores`, `slot_finished`,
+        `improvable` and `done`."""
+        return {"groups": [{
+            "rows": [row_state(row, with_tokens=True) for row in b.rows],
+            "scores": b.scores.tolist(),
+            "slots": [{"token_ids": list(slot.token_ids), "sum_logprobs": slot.sum_logprobs,
+                       "finish_reason": int(slot.finish_reason), "branch": slot.branch}
+                      for slot in b.slots],
+            "slot_scores": b.slot_scores.tolist(), "slot_finished": b.slot_finished.tolist(),
+            "improvable": b.improvable, "done": b.done} for b in self.beams]}
+
+    def load_state(self, reader: Reader, position: int) -> None:
+        beams = []
+        for b, group in zip(self.beams, reader.readers("groups", len(self.beams))):
+            width = len(b.rows)
+            for row, data in zip(b.rows, group.readers("rows", width)):
+                ids = data.token_ids("output_ids")
+                if len(ids) != position:
+                    raise InvalidArgument(f"a running beam has one token per step: {len(ids)} "
+                                          f"tokens after {position} steps", data.where("output_ids"))
+                restore_row(row, ids, data, data.where("output_ids"), past_finish=True)
+            slots = tuple(Slot(s.token_ids("token_ids"), s.score("sum_logprobs"),
+                               FinishReason(s.integer("finish_reason", 0, 2)),
+                               s.integer("branch", 0, self.settings.width - 1))
+                          for s in group.readers("slots", width))
+            beams.append(Beams(
+                b.rows, torch.tensor(group.numbers("scores", width, scores=True)), slots,
+                torch.tensor(group.numbers("slot_scores", width, scores=True)),
+                torch.tensor(group.flags("slot_finished", width)),
+                group.flag("improvable"), group.flag("done")))
+        self.beams = tuple(beams)
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
         settings, logits = self.settings, inputs.raw

@@ -30,6 +30,7 @@ from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
 from sampler_service.policy.statistics import top_two_logits
 from sampler_service.state import FinishReason, SequenceState
+from sampler_service.state.resume import Reader, restore_row, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -103,6 +104,33 @@ class CotGroup(Group):
                                     confidence, output[start:end]))
         paths.sort(key=lambda h: -h.score)
         return paths
+
+    def resume_state(self) -> dict[str, Any]:
+        """`branches`: each branch's row state with its `output_ids` (the trunk alone before it
+        branched); `margins`: each branch's top-2 margin per token; `sums`: their cumulative raw
+        logprobs; `branched`."""
+        return {"branches": [row_state(b, with_tokens=True) for b in self.branches],
+                "margins": [list(m) for m in self.margins], "sums": list(self.sums),
+                "branched": self.branched}
+
+    def load_state(self, reader: Reader, position: int) -> None:
+        branched = reader.flag("branched")
+        rows = reader.readers("branches")
+        if not (1 <= len(rows) <= self.k) or (not branched and len(rows) != 1):
+            raise InvalidArgument(f"{len(rows)} branches: the trunk alone before the group "
+                                  f"branches, 1 to k = {self.k} after", reader.where("branches"))
+        trunk = self.branches[0]
+        branches = [trunk.branch(f"{self.sequence_id}#{i}") for i in range(len(rows))]
+        for branch, data in zip(branches, rows):
+            ids = data.token_ids("output_ids")
+            restore_row(branch, ids, data, data.where("output_ids"))
+            if len(ids) > position or (not branch.finished and len(ids) != position):
+                raise InvalidArgument(f"a branch has one token per step until it finishes: "
+                                      f"{len(ids)} tokens after {position} steps",
+                                      data.where("output_ids"))
+        self.margins = reader.number_lists("margins", [len(b.output_ids) for b in branches])
+        self.branches, self.branched = branches, branched
+        self.sums = reader.numbers("sums", len(rows), scores=True)
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
         logits = inputs.raw

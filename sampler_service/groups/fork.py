@@ -11,7 +11,7 @@ logprobs).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,7 @@ from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.state import FinishReason, SequenceState
+from sampler_service.state.resume import Reader, restore_row, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -70,6 +71,23 @@ class ForkGroup(Group):
 
     def hypotheses(self) -> list[Hypothesis]:
         return list(self.result.hypotheses) if self.result else self._finished(self.forks, self.sums)
+
+    def resume_state(self) -> dict[str, Any]:
+        """`forks`: each fork's row state with its `output_ids`; `sums`: their cumulative raw
+        logprobs."""
+        return {"forks": [row_state(f, with_tokens=True) for f in self.forks],
+                "sums": list(self.sums)}
+
+    def load_state(self, reader: Reader, position: int) -> None:
+        rows = reader.readers("forks", len(self.forks))
+        self.sums = reader.numbers("sums", len(self.forks), scores=True)
+        for fork, row in zip(self.forks, rows):
+            ids = row.token_ids("output_ids")
+            restore_row(fork, ids, row, row.where("output_ids"))
+            if len(ids) > position or (not fork.finished and len(ids) != position):
+                raise InvalidArgument(f"a fork has one token per step until it finishes: "
+                                      f"{len(ids)} tokens after {position} steps",
+                                      row.where("output_ids"))
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
         live, logits = self._live(), inputs.raw

@@ -14,6 +14,7 @@ from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
 from sampler_service.policy.processors.base import SIGNAL_NAMES
 from sampler_service.service import Answer, SequenceRequest, StepRow
 from sampler_service.state import SequenceState, StepRecord
+from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.state.sequence import ENTROPY_EMA_ALPHA
 
 
@@ -64,7 +65,26 @@ def sequence_request_from_pb(config: pb.SequenceConfig) -> SequenceRequest:
         sequence_id=config.sequence_id, policy=config.policy,
         policy_spec=struct_to_dict(config.policy_spec) if config.HasField("policy_spec") else None,
         params=params_from_pb(config.params), prompt_ids=tuple(config.prompt_ids),
-        eos_token_ids=tuple(config.eos_token_ids))
+        eos_token_ids=tuple(config.eos_token_ids),
+        resume=resume_point_from_pb(config.resume) if config.HasField("resume") else None)
+
+
+def resume_point_from_pb(resume: pb.ResumeState) -> ResumePoint:
+    record = resume.record
+    return ResumePoint(
+        output_ids=tuple(resume.output_ids),
+        stats=tuple((s.entropy, s.varentropy) for s in resume.stats),
+        record=ResumeRecord(record.sequence_id, record.position, record.policy_hash, record.seed,
+                            struct_to_dict(record.state) or {}, record.version)
+        if resume.HasField("record") else None)
+
+
+def resume_record_pb(record: ResumeRecord) -> pb.ResumeRecord:
+    message = pb.ResumeRecord(sequence_id=record.sequence_id, version=record.version,
+                              position=record.position, policy_hash=record.policy_hash,
+                              seed=record.seed)
+    message.state.update(record.state)
+    return message
 
 
 #: The values each worker signal may take (entropix's attention metrics, all >= 0): the
@@ -159,7 +179,9 @@ def vote_pb(vote: AnswerVote) -> pb.AnswerVote:
 def answer_pb(response: pb.StepResponse, sequence_id: str, answer: Answer) -> None:
     """Adds one sequence's or group's answer to `response`: its choices (parent rows are
     request-wide row indices) and, for a group that finished, its result."""
-    start, record = answer
+    start, record = answer.start, answer.record
+    if answer.resume is not None:
+        response.resume.append(resume_record_pb(answer.resume))
     if not isinstance(record, GroupRecord):
         response.choices.append(choice_pb(sequence_id, start, record))
         return

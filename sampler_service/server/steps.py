@@ -66,7 +66,8 @@ class StepRunner:
         reference = (self.decode_tensor(request.reference_logits, "reference_logits")
                      if request.HasField("reference_logits") else None)
         return _Decoded(rows, wire, tuple(sparse_rows), sparse, request.processed_logprobs,
-                        reference, convert.signals_from_pb(request, self.core.device))
+                        reference, convert.signals_from_pb(request, self.core.device),
+                        request.resume_records)
 
     def dense_logits(self, decoded: dict[int, "_Decoded"]) -> dict[int, torch.Tensor | Exception]:
         """Each request's dense logits as float32 rows of one buffer per vocabulary size (one
@@ -140,7 +141,7 @@ class StepRunner:
     def encode(request: pb.StepRequest, call: StepCall, answers) -> pb.StepResponse:
         response = pb.StepResponse(request_id=request.request_id)
         for answer in answers:
-            convert.answer_pb(response, call.rows[answer[0]].sequence_id, answer)
+            convert.answer_pb(response, call.rows[answer.start].sequence_id, answer)
         return response
 
 
@@ -177,6 +178,7 @@ class _Decoded:
     processed_logprobs: bool
     reference: torch.Tensor | None
     signals: dict | None
+    resume_records: bool = False
 
     @property
     def dense_rows(self) -> tuple[int, ...]:
@@ -189,4 +191,4 @@ class _Decoded:
         logits = StepLogits(dense, self.dense_rows, self.sparse, self.sparse_rows,
                             checked=checked)
         return StepCall(self.rows, logits, self.processed_logprobs, self.reference, self.signals,
-                        deadline)
+                        deadline, self.resume_records)

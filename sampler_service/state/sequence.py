@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sampler_service.state.history import TokenHistory
+from sampler_service.state.resume import (Reader, ResumePoint, ResumeRecord, checked_record,
+                                          restore_row, row_state)
 
 if TYPE_CHECKING:
     from sampler_service.policy.resolved import ResolvedPolicy
@@ -177,6 +179,22 @@ class SequenceState:
         other.processor_state = dict(self.processor_state)
         other.history = self.history.copy()
         return other
+
+    # -- resume (`sampler_service.state.resume`) -------------------------------------------------
+    def resume_record(self) -> ResumeRecord:
+        """What re-creates this sequence where it stands, with its tokens."""
+        return ResumeRecord(self.sequence_id, self.position, self.policy.version.hash,
+                            self.seed, row_state(self))
+
+    def resume(self, point: ResumePoint, field: str) -> None:
+        """Moves this new sequence to `point` (its tokens, their stats and its record);
+        `field` names the SequenceConfig's `resume` in errors."""
+        if not point.output_ids and point.record is None:
+            return
+        record = checked_record(point, self.sequence_id, self.policy.version.hash, field,
+                                len(point.output_ids))
+        restore_row(self, point.output_ids, Reader(record.state, f"{field}.record.state"),
+                    f"{field}.output_ids", point.stats, f"{field}.stats")
 
     def record_step(self, outcome: RowOutcome, vocab: int, parent: int = 0,
                     score: float = 0.0) -> StepRecord:

@@ -228,6 +228,19 @@ class Stage(ABC):
         tail.refuse_unless_excluded(live, f"{self.key}: has no sparse rule")
         return not bool(live.any())
 
+    # -- what a resume record carries (`sampler_service.state.resume`) -------------------------
+    def saved_memory(self, value: Any) -> Any:
+        """This stage's per-sequence memory `value` as plain data (numbers, strings, lists,
+        mappings) for a resume record, or None when the stage rebuilds it from the tokens
+        (an index over the history) or keeps none: this default."""
+        return None
+
+    def restored_memory(self, value: Any, field: str) -> Any:
+        """The memory a resume record brings back, checked (InvalidArgument naming `field`).
+        This default refuses it: the stage carries none (`saved_memory`)."""
+        raise InvalidArgument(f"stage {self.key!r} keeps no memory a resume record carries",
+                              field)
+
 
 class Processor(Stage):
     """One logits transform. `apply` works in place on `candidates` (dense or truncated).

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from sampler_service.errors import InvalidArgument, echo
 from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import RowBatch, Selector
@@ -88,6 +89,16 @@ class Mirostat(Selector):
                     tail: TailBound) -> bool:
         refuse_unless_drawn_exactly(self.key, candidates, batch, tail)
         return True
+
+    # -- μ in resume records ---------------------------------------------------------------------
+    def saved_memory(self, value: float) -> float:
+        return float(value)
+
+    def restored_memory(self, value, field: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidArgument(f"mirostat's mu must be a finite number, got {echo(value)}",
+                                  field)
+        return float(value)
 
     # -- the truncation -------------------------------------------------------------------------
     @staticmethod

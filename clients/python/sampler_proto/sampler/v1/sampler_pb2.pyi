@@ -131,20 +131,48 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceConfig(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_spec", "params", "prompt_ids", "eos_token_ids")
+    __slots__ = ("sequence_id", "policy", "policy_spec", "params", "prompt_ids", "eos_token_ids", "resume")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_SPEC_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
     policy_spec: _struct_pb2.Struct
     params: SamplingParams
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    resume: ResumeState
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., resume: _Optional[_Union[ResumeState, _Mapping]] = ...) -> None: ...
+
+class ResumeState(_message.Message):
+    __slots__ = ("output_ids", "stats", "record")
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    stats: _containers.RepeatedCompositeFieldContainer[StepStats]
+    record: ResumeRecord
+    def __init__(self, output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., record: _Optional[_Union[ResumeRecord, _Mapping]] = ...) -> None: ...
+
+class ResumeRecord(_message.Message):
+    __slots__ = ("sequence_id", "version", "position", "policy_hash", "state", "seed")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    version: int
+    position: int
+    policy_hash: str
+    state: _struct_pb2.Struct
+    seed: int
+    def __init__(self, sequence_id: _Optional[str] = ..., version: _Optional[int] = ..., position: _Optional[int] = ..., policy_hash: _Optional[str] = ..., state: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CreateSequencesRequest(_message.Message):
     __slots__ = ("sequences",)
@@ -283,7 +311,7 @@ class StepRow(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals", "sparse")
+    __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals", "sparse", "resume_records")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +319,7 @@ class StepRequest(_message.Message):
     REFERENCE_LOGITS_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_RECORDS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[StepRow]
     logits: Tensor
     request_id: str
@@ -298,7 +327,8 @@ class StepRequest(_message.Message):
     reference_logits: Tensor
     signals: _containers.RepeatedCompositeFieldContainer[RowSignals]
     sparse: SparseRows
-    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ..., signals: _Optional[_Iterable[_Union[RowSignals, _Mapping]]] = ..., sparse: _Optional[_Union[SparseRows, _Mapping]] = ...) -> None: ...
+    resume_records: bool
+    def __init__(self, rows: _Optional[_Iterable[_Union[StepRow, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., processed_logprobs: _Optional[bool] = ..., reference_logits: _Optional[_Union[Tensor, _Mapping]] = ..., signals: _Optional[_Iterable[_Union[RowSignals, _Mapping]]] = ..., sparse: _Optional[_Union[SparseRows, _Mapping]] = ..., resume_records: _Optional[bool] = ...) -> None: ...
 
 class RowSignals(_message.Message):
     __slots__ = ("attention_entropy", "attention_varentropy", "agreement", "interaction_strength")
@@ -395,18 +425,20 @@ class GroupResult(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., answers: _Optional[_Iterable[_Union[AnswerVote, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("choices", "error", "request_id", "service_micros", "results")
+    __slots__ = ("choices", "error", "request_id", "service_micros", "results", "resume")
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_MICROS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     choices: _containers.RepeatedCompositeFieldContainer[Choice]
     error: _status_pb2.Status
     request_id: str
     service_micros: int
     results: _containers.RepeatedCompositeFieldContainer[GroupResult]
-    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., service_micros: _Optional[int] = ..., results: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[ResumeRecord]
+    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., service_micros: _Optional[int] = ..., results: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ..., resume: _Optional[_Iterable[_Union[ResumeRecord, _Mapping]]] = ...) -> None: ...
 
 class PreviewRequest(_message.Message):
     __slots__ = ("policy", "policy_spec", "params", "logits", "history", "prompt_ids", "eos_token_ids", "max_candidates", "reference_logits")
