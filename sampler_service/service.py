@@ -253,11 +253,13 @@ class SamplerCore:
     # -- steps --------------------------------------------------------------------------------
     def step(self, rows: Sequence[StepRow], logits: torch.Tensor | StepLogits,
              processed_logprobs: bool = False, reference: torch.Tensor | None = None,
-             signals: Mapping[str, torch.Tensor] | None = None) -> list[Answer]:
+             signals: Mapping[str, torch.Tensor] | None = None,
+             resume_records: bool = False) -> list[Answer]:
         """One step request (see `step_calls`); raises its error."""
         if isinstance(logits, torch.Tensor):
             logits = StepLogits.of_dense(logits)
-        result, = self.step_calls([StepCall(rows, logits, processed_logprobs, reference, signals)])
+        result, = self.step_calls([StepCall(rows, logits, processed_logprobs, reference, signals,
+                                            resume_records=resume_records)])
         if isinstance(result, BaseException):
             raise result
         return result
