@@ -836,6 +836,110 @@ def test_fuzz_sequence_lifecycle(fuzzed):
     run(check, 200)
 
 
+def test_fuzz_resume_records(fuzzed):
+    """CreateSequences with `resume`: genuine records of every kind of sequence (plain,
+    mirostat, beam, forks, CoT), then broken at random (any field of the record or of its
+    state replaced, dropped or grown; random output ids and stats); a re-creation that is
+    accepted then steps, and the step's status is precise too."""
+    pytest.importorskip("hypothesis")
+    from google.protobuf import json_format
+    from hypothesis import given
+
+    ns = strategies()
+    st = ns.st
+    kinds = {
+        "plain": pb.SequenceConfig(policy="default", params=pb.SamplingParams(seed=1),
+                                   prompt_ids=[1, 2], eos_token_ids=[0]),
+        "mirostat": pb.SequenceConfig(policy_spec=struct({"select": {"mirostat": {"tau": 3.0}}})),
+        "beam": pb.SequenceConfig(policy_spec=struct({"select": {"beam": {"width": 2}},
+                                                      "defaults": {"max_tokens": 40}})),
+        "fork": pb.SequenceConfig(policy="default", params=pb.SamplingParams(n=2, seed=3)),
+        "cot": pb.SequenceConfig(policy_spec=struct({"select": {"cot": {"k": 2}},
+                                                     "defaults": {"max_tokens": 40}})),
+    }
+    genuine: dict[str, tuple[pb.SequenceConfig, pb.ResumeState]] = {}
+    rng = np.random.default_rng(0)
+    for kind, config in kinds.items():
+        config.sequence_id = f"resume-{kind}"
+        _, created = fuzzed.call("CreateSequences", pb.CreateSequencesRequest(sequences=[config]))
+        rows, tokens = created.sequences[0].running_rows, []
+        for _ in range(3):
+            logits = rng.standard_normal((rows, VOCAB)).astype("<f4")
+            code, answer = fuzzed.call("Step", pb.StepRequest(
+                rows=[pb.StepRow(sequence_id=config.sequence_id)] * rows, resume_records=True,
+                logits=pb.Tensor(dtype=pb.FP32, shape=[rows, VOCAB], raw=logits.tobytes())))
+            assert code == grpc.StatusCode.OK
+            rows = sum(not c.finished for c in answer.choices)
+            tokens.append(answer.choices[0].token_id)
+        point = pb.ResumeState(record=answer.resume[0])
+        if kind in ("plain", "mirostat"):
+            point.output_ids.extend(tokens)
+        genuine[kind] = (config, point)
+        fuzzed.call("ReleaseSequences", pb.ReleaseSequencesRequest(
+            sequence_ids=[config.sequence_id]))
+
+    @st.composite
+    def broken(draw, value):
+        """`value` (plain data) with one random node replaced, dropped or grown."""
+        if isinstance(value, dict) and value and draw(st.integers(0, 3)):
+            key = draw(st.sampled_from(sorted(value)))
+            how = draw(st.integers(0, 5))
+            if how == 0:
+                return {k: v for k, v in value.items() if k != key}
+            return {**value, key: draw(broken(value[key]))}
+        if isinstance(value, list) and value and draw(st.integers(0, 3)):
+            index = draw(st.integers(0, len(value) - 1))
+            how = draw(st.integers(0, 5))
+            if how == 0:
+                return value[:index] + value[index + 1:]
+            if how == 1:
+                return value + [draw(ns.json)]
+            return value[:index] + [draw(broken(value[index]))] + value[index + 1:]
+        return draw(ns.json | ns.any_float | st.integers(-2, VOCAB + 2))
+
+    @given(kind=st.sampled_from(sorted(kinds)), how=st.integers(0, 7), data=st.data())
+    def check(kind, how, data):
+        config, point = genuine[kind]
+        message = pb.SequenceConfig()
+        message.CopyFrom(config)
+        message.resume.CopyFrom(point)
+        record = message.resume.record
+        if how <= 3:  # the state, broken
+            state = json_format.MessageToDict(record.state)
+            record.state.Clear()
+            state = data.draw(broken(state))
+            record.state.update(state if isinstance(state, dict) else {})  # a Struct: a mapping
+        elif how == 4:
+            record.version = data.draw(ns.uint32)
+            record.position = data.draw(ns.uint64)
+        elif how == 5:
+            record.sequence_id = data.draw(ns.seq_id)
+            record.policy_hash = data.draw(ns.text)
+            record.seed = data.draw(ns.uint64)
+        elif how == 6:
+            del message.resume.output_ids[:]
+            message.resume.output_ids.extend(data.draw(ns.token_ids))
+            message.resume.stats.extend(pb.StepStats(entropy=e, varentropy=v) for e, v in
+                                        data.draw(st.lists(st.tuples(ns.float32, ns.float32),
+                                                           max_size=4)))
+        else:
+            message.resume.ClearField("record")
+        code, created = fuzzed.call("CreateSequences",
+                                    pb.CreateSequencesRequest(sequences=[message]))
+        if code == grpc.StatusCode.OK:
+            rows = created.sequences[0].running_rows
+            logits = np.random.default_rng(how).standard_normal((rows, VOCAB)).astype("<f4")
+            fuzzed.call("Step", pb.StepRequest(
+                rows=[pb.StepRow(sequence_id=config.sequence_id)] * rows, resume_records=True,
+                logits=pb.Tensor(dtype=pb.FP32, shape=[rows, VOCAB], raw=logits.tobytes())))
+            fuzzed.call("ReleaseSequences", pb.ReleaseSequencesRequest(
+                sequence_ids=[config.sequence_id]))
+        fuzzed.step_control()
+
+    run(check, 250)
+    assert fuzzed.calls.get("OK", 0) >= 20, fuzzed.calls
+
+
 # -- bugs the fuzzing found, fixed (each test failed before its fix) ---------------------------
 
 @pytest.mark.parametrize("rows, poison", [([], float("nan")), (["g"], float("inf")),
