@@ -91,6 +91,17 @@ def _add_serve(commands) -> None:
                      help="PEM private key of --tls-cert")
     tls.add_argument("--tls-client-ca", type=Path, metavar="FILE",
                      help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    state = serve.add_argument_group("state", "keep the sequences across restarts "
+                                     "(docs/state-dir.md)")
+    state.add_argument("--state-dir", type=Path, metavar="DIR",
+                       help="journal every committed change and snapshot the sequences here; "
+                            "restore them on start (default: in memory only)")
+    state.add_argument("--snapshot-interval", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds between snapshots of --state-dir (default: 30; 0: only at "
+                            "start and stop)")
+    state.add_argument("--journal-fsync", action="store_true",
+                       help="fsync each journal append: changes survive a node crash too, at "
+                            "an fsync per step")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
@@ -272,7 +283,9 @@ def serve(args: argparse.Namespace) -> int:
                               health_host=args.health_host,
                               allow_shared_memory=args.allow_shared_memory,
                               tls_cert=args.tls_cert, tls_key=args.tls_key,
-                              tls_client_ca=args.tls_client_ca)
+                              tls_client_ca=args.tls_client_ca, state_dir=args.state_dir,
+                              snapshot_interval_s=args.snapshot_interval,
+                              journal_fsync=args.journal_fsync)
         serve_forever(config)
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)

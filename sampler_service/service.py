@@ -26,6 +26,7 @@ from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.policy.candidates import row_maxima
+from sampler_service.saved import CommitLog, SavedSequence, SavedStep
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
@@ -157,6 +158,8 @@ class SamplerCore:
         self.max_prompt_tokens = max_prompt_tokens
         #: Called with (policy name, record) for every row a step advanced (metrics).
         self.on_row = on_row
+        #: Told every committed change before its answer returns (`attach_journal`).
+        self.journal: CommitLog | None = None
         self._lock = threading.Lock()  # one step at a time: the engine owns the device
 
     @property
@@ -210,6 +213,8 @@ class SamplerCore:
             states.append(entry)
         with self._lock:
             self.store.add_all(states)
+            if self.journal is not None:
+                self.journal.created([SavedSequence.of(entry) for entry in states])
         return states
 
     @staticmethod
@@ -243,7 +248,10 @@ class SamplerCore:
 
     def release(self, sequence_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         with self._lock:
-            return self.store.release(sequence_ids)
+            released, missing = self.store.release(sequence_ids)
+            if self.journal is not None and released:
+                self.journal.released(released)
+            return released, missing
 
     def read(self, sequence_id: str, view: Callable[[SequenceState | Group], T]) -> T:
         """`view(state)` of one sequence, taken while no step can change it halfway."""
@@ -272,6 +280,7 @@ class SamplerCore:
         plans each call again on its own, to find whose it was). Retried steps answer their
         record again. The calls must not share a sequence (the batcher sees to it)."""
         results: list[list[Answer] | Exception | None] = [None] * len(calls)
+        steps: list[SavedStep] | None = None if self.journal is None else []
         with self._lock:
             prepared: dict[int, _Prepared] = {}
             for index, call in enumerate(calls):
@@ -289,7 +298,10 @@ class SamplerCore:
                         "the step's deadline passed before it could be committed: nothing "
                         "changed; send the same step again (with a longer deadline)")
                 else:
-                    results[index] = self._commit(planned, calls[index].resume_records)
+                    results[index] = self._commit(planned, calls[index].resume_records,
+                                                  prepared[index].moved, steps)
+            if steps:
+                self.journal.stepped(steps)
         return results  # type: ignore[return-value]
 
     def _plan_isolating_failures(self, prepared: dict[int, _Prepared]
@@ -377,15 +389,23 @@ class SamplerCore:
         group_step = unit.entry.plan(self.engine, call.extras(unit.rows), call.processed_logprobs)
         return unit, lambda: unit.entry.commit(group_step)
 
-    def _commit(self, plans: list[_Commit], resume_records: bool) -> list[Answer]:
+    def _commit(self, plans: list[_Commit], resume_records: bool,
+                moved: list[tuple[SequenceState, ResolvedPolicy]],
+                steps: list[SavedStep] | None) -> list[Answer]:
+        """Applies planned units; appends each fresh unit's `SavedStep` to `steps` (a list
+        when a journal is attached)."""
         answers = []
         for unit, commit in plans:
             record = commit()
-            if self.on_row is not None and not unit.retry:
-                for row in record.rows:
-                    self.on_row(unit.state.policy.name, row)
-            answers.append(Answer(unit.start, record,
-                                  unit.entry.resume_record() if resume_records else None))
+            resume = unit.entry.resume_record() if resume_records else None
+            if not unit.retry:
+                if self.on_row is not None:
+                    for row in record.rows:
+                        self.on_row(unit.state.policy.name, row)
+                if steps is not None:
+                    steps.append(SavedStep.of(unit.entry, record, resume, any(
+                        state is unit.state for state, _ in moved)))
+            answers.append(Answer(unit.start, record, resume))
         return sorted(answers, key=lambda answer: answer.start)
 
     def _follow_latest(self, units: Sequence[_Unit]) -> list[tuple[SequenceState, ResolvedPolicy]]:
@@ -508,6 +528,58 @@ class SamplerCore:
                        else "contains NaN or +inf")
             whose = (f" (sequence {echo(rows[row].sequence_id)})" if row < len(rows) else "")
             raise InvalidArgument(f"{field_name} row {row}{whose} {problem}", field_name)
+
+    # -- persistence (`sampler_service.saved`, `--state-dir`) ---------------------------------
+    def attach_journal(self, journal: CommitLog | None) -> None:
+        """From now on tells `journal` every committed change (creations, steps, releases and
+        idle evictions), under the lock, before the change's answer returns; None: stop."""
+        with self._lock:
+            self.journal = journal
+            self.store.on_evict = None if journal is None else journal.released
+
+    def checkpoint(self) -> list[SavedSequence]:
+        """Every live sequence and group as saved data, taken while nothing can change; the
+        attached journal's `checkpoint` runs before the next change."""
+        with self._lock:
+            saved = [SavedSequence.of(entry) for entry in self.store.snapshot()]
+            if self.journal is not None:
+                self.journal.checkpoint()
+            return saved
+
+    def restore(self, saved: Sequence[SavedSequence]) -> list[str]:
+        """Brings saved sequences back to life (a restart with `--state-dir`), each where it
+        stood, with the answer of its last step (a retry of that step gets it again), idle
+        since now. One that cannot be rebuilt (its policy's spec no longer parses, e.g. a
+        plug-in stage not installed; its record refused) is skipped with a log line. Returns
+        the ids restored."""
+        entries = []
+        for item in saved:
+            try:
+                entries.append(self._rebuilt(item))
+            except SamplerServiceError as exc:
+                log.warning("state: sequence %s not restored: %s", echo(item.sequence_id),
+                            f"{exc.field}: {exc.message}" if exc.field else exc.message)
+        with self._lock:
+            self.store.put_back(entries)
+        return [entry.sequence_id for entry in entries]
+
+    def _rebuilt(self, saved: SavedSequence) -> SequenceState | Group:
+        policy = saved.policy.resolved()
+        root = SequenceState(sequence_id=saved.sequence_id, policy=policy,
+                             prompt_ids=saved.prompt_ids, seed=saved.record.seed,
+                             eos_token_ids=frozenset(saved.eos_token_ids))
+        entry = self._group_or_sequence(root, SequenceRequest(saved.sequence_id), "")
+        last = saved.last_record
+        if last is not None and isinstance(last, GroupRecord) != isinstance(entry, Group):
+            raise InvalidArgument(f"its last answer is a {type(last).__name__} but its policy "
+                                  f"makes a {type(entry).__name__}", "resume.last_answer")
+        if isinstance(last, GroupRecord):  # a finished group lives on until released
+            entry.resume(saved.point, "resume", result=last.result)
+        else:
+            entry.resume(saved.point, "resume")
+        entry.last_record = last
+        root.vocab_size = saved.vocab_size
+        return entry
 
     # -- preview ------------------------------------------------------------------------------
     def explain_plan(self, policy: str, policy_spec: Mapping[str, Any] | None,

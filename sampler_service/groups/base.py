@@ -143,9 +143,11 @@ class Group(ABC):
         return ResumeRecord(self.sequence_id, self.step_number, root.policy.version.hash,
                             root.seed, self.resume_state())
 
-    def resume(self, point: ResumePoint, field: str) -> None:
+    def resume(self, point: ResumePoint, field: str, result: GroupResult | None = None) -> None:
         """Moves this new group to where `point.record` says it stood; `field` names the
-        SequenceConfig's `resume` in errors."""
+        SequenceConfig's `resume` in errors. A client cannot resume a group whose rows all
+        finished (its result came with the last step); the service's own restore can, giving
+        the `result` it answered then."""
         if point.output_ids or point.stats:
             raise InvalidArgument("a group's rows and their tokens travel in its resume record; "
                                   "leave output_ids and stats empty", f"{field}.output_ids")
@@ -155,7 +157,8 @@ class Group(ABC):
         where = f"{field}.record.state"
         self.load_state(Reader(record.state, where), record.position)
         self.step_number = record.position
-        if self.running_rows == 0:
+        self.result = result
+        if self.running_rows == 0 and result is None:
             raise InvalidArgument("every row of the group had finished: its result came with its "
                                   "last step, and there is nothing left to resume", where)
 

@@ -41,6 +41,7 @@ from sampler_service.server.batcher import StepBatcher
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
 from sampler_service.server.shared_memory import SharedMemoryServicer
+from sampler_service.server.state_keeper import DEFAULT_SNAPSHOT_INTERVAL_S, StateKeeper
 from sampler_service.server.steps import StepRunner
 from sampler_service.service import DEFAULT_MAX_PROMPT_TOKENS, SamplerCore
 from sampler_service.state import SequenceStore
@@ -116,6 +117,12 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: Keep the sequences here across restarts (docs/state-dir.md): a journal of every
+    #: committed change, a snapshot every `snapshot_interval_s` (0: only at start and stop)
+    #: and at stop; `journal_fsync` fsyncs each journal append. None: in memory only.
+    state_dir: Path | None = None
+    snapshot_interval_s: float = DEFAULT_SNAPSHOT_INTERVAL_S
+    journal_fsync: bool = False
 
     def shared_memory_allowed(self) -> bool:
         if self.allow_shared_memory is not None:
@@ -182,6 +189,16 @@ class SamplerServer:
                                 on_row=lambda policy, record: self.metrics.observe_row(
                                     policy, record.explanation),
                                 max_prompt_tokens=config.max_prompt_tokens)
+        self.state = None  # restored before the ports are bound: health turns SERVING after
+        if config.state_dir is not None:
+            self.state = StateKeeper(config.state_dir, self.core, config.snapshot_interval_s,
+                                     config.journal_fsync)
+            try:
+                self.state.restore()
+                self.state.start()
+            except BaseException:
+                self.state.close()
+                raise
         self.shared_memory = config.shared_memory_allowed()
         self.regions = RegionRegistry(self.core.device)
         self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
@@ -194,6 +211,8 @@ class SamplerServer:
         except BaseException:
             self._close_loop()
             self.engine_executor.shutdown()
+            if self.state is not None:
+                self.state.close()
             raise
         self.metrics_port = (None if config.metrics_port is None
                              else self.metrics.serve(
@@ -289,6 +308,8 @@ class SamplerServer:
         self._call(self._stop(self.config.grace_s if grace_s is None else grace_s))
         self._close_loop()
         self.engine_executor.shutdown(wait=True)
+        if self.state is not None:  # after the drain: no change can come any more
+            self.state.close()
         self.regions.close()
         self.metrics.stop()
         if self.config.uds is not None and self.config.uds.exists():

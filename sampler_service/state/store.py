@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from sampler_service.state.sequence import SequenceState
@@ -30,7 +30,8 @@ class SequenceStore:
     sequences are refused (RESOURCE_EXHAUSTED naming --max-state-bytes) while the live ones'
     `state_bytes` and theirs would pass it; steps are never refused by it (a running
     generation is not cut short), and finished or idle sequences free it when released or
-    evicted. None: no cap.
+    evicted. None: no cap. `on_evict`, when set, is called with the ids of the sequences each
+    eviction removed (the journal of `--state-dir` records them).
     """
 
     def __init__(self, max_sequences: int = 100_000, idle_ttl_s: float = 3600.0,
@@ -41,6 +42,7 @@ class SequenceStore:
         self._ttl = idle_ttl_s
         self._clock = clock
         self._max_bytes = max_state_bytes
+        self.on_evict: Callable[[list[str]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._sequences)
@@ -76,6 +78,20 @@ class SequenceStore:
                 state.last_used = now
                 self._sequences[state.sequence_id] = state
 
+    def put_back(self, states: Iterable[SequenceState]) -> None:
+        """Adds restored sequences (`--state-dir`), idle since now: all, or none when an id
+        is live (ALREADY_EXISTS). No cap applies: they were admitted before the restart."""
+        states = list(states)
+        with self._lock:
+            for state in states:
+                if state.sequence_id in self._sequences:
+                    raise AlreadyExists(f"sequence {state.sequence_id!r} already exists",
+                                        "sequence_id")
+            now = self._clock()
+            for state in states:
+                state.last_used = now
+                self._sequences[state.sequence_id] = state
+
     def release(self, sequence_ids: Iterable[str]) -> tuple[list[str], list[str]]:
         """Removes sequences; returns (released, not_found)."""
         released, missing = [], []
@@ -102,5 +118,8 @@ class SequenceStore:
         if self._ttl <= 0:
             return
         deadline = self._clock() - self._ttl
-        for sid in [sid for sid, s in self._sequences.items() if s.last_used < deadline]:
+        idle = [sid for sid, s in self._sequences.items() if s.last_used < deadline]
+        for sid in idle:
             del self._sequences[sid]
+        if idle and self.on_evict is not None:
+            self.on_evict(idle)

@@ -635,3 +635,151 @@ class ValidatePolicyResponse(_message.Message):
     NAMES_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SavedPolicy(_message.Message):
+    __slots__ = ("name", "version", "spec_json", "split", "follow_latest", "overrides_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_LATEST_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: PolicyVersion
+    spec_json: str
+    split: str
+    follow_latest: bool
+    overrides_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., spec_json: _Optional[str] = ..., split: _Optional[str] = ..., follow_latest: _Optional[bool] = ..., overrides_json: _Optional[str] = ...) -> None: ...
+
+class SavedLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class SavedRow(_message.Message):
+    __slots__ = ("step", "token_id", "logprob", "top_logprobs", "entropy", "varentropy", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_entropy", "processed_varentropy", "parent", "score", "explanation_json")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    token_id: int
+    logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[SavedLogprob]
+    entropy: float
+    varentropy: float
+    finished: bool
+    finish_reason: FinishReason
+    stop_token_id: int
+    processed_logprob: float
+    processed_top_logprobs: _containers.RepeatedCompositeFieldContainer[SavedLogprob]
+    processed_entropy: float
+    processed_varentropy: float
+    parent: int
+    score: float
+    explanation_json: str
+    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., entropy: _Optional[float] = ..., varentropy: _Optional[float] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., processed_entropy: _Optional[float] = ..., processed_varentropy: _Optional[float] = ..., parent: _Optional[int] = ..., score: _Optional[float] = ..., explanation_json: _Optional[str] = ...) -> None: ...
+
+class SavedRecord(_message.Message):
+    __slots__ = ("sequence_id", "version", "position", "policy_hash", "seed", "state_json")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    version: int
+    position: int
+    policy_hash: str
+    seed: int
+    state_json: str
+    def __init__(self, sequence_id: _Optional[str] = ..., version: _Optional[int] = ..., position: _Optional[int] = ..., policy_hash: _Optional[str] = ..., seed: _Optional[int] = ..., state_json: _Optional[str] = ...) -> None: ...
+
+class SavedGroupAnswer(_message.Message):
+    __slots__ = ("step", "rows_in", "rows", "result")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_IN_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    rows_in: int
+    rows: _containers.RepeatedCompositeFieldContainer[SavedRow]
+    result: GroupResult
+    def __init__(self, step: _Optional[int] = ..., rows_in: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[SavedRow, _Mapping]]] = ..., result: _Optional[_Union[GroupResult, _Mapping]] = ...) -> None: ...
+
+class SavedAnswer(_message.Message):
+    __slots__ = ("row", "group")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    row: SavedRow
+    group: SavedGroupAnswer
+    def __init__(self, row: _Optional[_Union[SavedRow, _Mapping]] = ..., group: _Optional[_Union[SavedGroupAnswer, _Mapping]] = ...) -> None: ...
+
+class SavedSequence(_message.Message):
+    __slots__ = ("sequence_id", "policy", "prompt_ids", "eos_token_ids", "output_ids", "entropies", "varentropies", "record", "vocab_size", "last_answer")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    VARENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    policy: SavedPolicy
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    entropies: _containers.RepeatedScalarFieldContainer[float]
+    varentropies: _containers.RepeatedScalarFieldContainer[float]
+    record: SavedRecord
+    vocab_size: int
+    last_answer: SavedAnswer
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[_Union[SavedPolicy, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., varentropies: _Optional[_Iterable[float]] = ..., record: _Optional[_Union[SavedRecord, _Mapping]] = ..., vocab_size: _Optional[int] = ..., last_answer: _Optional[_Union[SavedAnswer, _Mapping]] = ...) -> None: ...
+
+class SavedStep(_message.Message):
+    __slots__ = ("record", "answer", "vocab_size", "policy")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    record: SavedRecord
+    answer: SavedAnswer
+    vocab_size: int
+    policy: SavedPolicy
+    def __init__(self, record: _Optional[_Union[SavedRecord, _Mapping]] = ..., answer: _Optional[_Union[SavedAnswer, _Mapping]] = ..., vocab_size: _Optional[int] = ..., policy: _Optional[_Union[SavedPolicy, _Mapping]] = ...) -> None: ...
+
+class SavedRelease(_message.Message):
+    __slots__ = ("sequence_ids",)
+    SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    sequence_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sequence_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class JournalEntry(_message.Message):
+    __slots__ = ("created", "stepped", "released")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STEPPED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    created: SavedSequence
+    stepped: SavedStep
+    released: SavedRelease
+    def __init__(self, created: _Optional[_Union[SavedSequence, _Mapping]] = ..., stepped: _Optional[_Union[SavedStep, _Mapping]] = ..., released: _Optional[_Union[SavedRelease, _Mapping]] = ...) -> None: ...
