@@ -17,7 +17,7 @@ import torch
 
 from sampler_service.engine import Engine
 from sampler_service.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                                     ResourceExhausted, SamplerServiceError, echo)
+                                     ResourceExhausted, SamplerServiceError, detached, echo)
 from sampler_service.groups import Group, GroupRecord
 from sampler_service.groups.fork import ForkGroup
 from sampler_service.policy.processors.base import SIGNAL_NAMES, GroupSelector, RowInputs
@@ -287,7 +287,7 @@ class SamplerCore:
                 try:
                     units = self._validate_step(call)
                 except SamplerServiceError as exc:
-                    results[index] = exc
+                    results[index] = detached(exc)
                     continue
                 prepared[index] = _Prepared(call, units, self._follow_latest(units))
             for index, planned in self._plan_isolating_failures(prepared).items():
@@ -310,13 +310,13 @@ class SamplerCore:
             return self._plan(prepared)
         except Exception as exc:
             if len(prepared) == 1:
-                return {index: exc for index in prepared}
+                return {index: detached(exc) for index in prepared}
         isolated: dict[int, list[_Commit] | Exception] = {}
         for index, call in prepared.items():
             try:
                 isolated.update(self._plan({index: call}))
             except Exception as exc:
-                isolated[index] = exc
+                isolated[index] = detached(exc)
         return isolated
 
     def _plan(self, prepared: dict[int, _Prepared]) -> dict[int, list[_Commit]]:

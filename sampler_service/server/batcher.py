@@ -24,6 +24,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
+from sampler_service.errors import detached
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -114,7 +116,7 @@ class StepBatcher(Generic[Item]):
                                                      [p.item for p in batch])
             except Exception as exc:  # `run` answers per item; this is a bug: fail the batch
                 log.exception("a step batch failed as a whole")
-                results = [exc] * len(batch)
+                results = [detached(exc)] * len(batch)
             self.batches += 1
             self.requests += len(batch)
             for pending, result in zip(batch, results):

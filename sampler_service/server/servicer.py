@@ -76,7 +76,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         result = await self.batcher.submit(work, len(request.rows), step_keys(request),
                                            release=regions.close)
         if isinstance(result, Exception):
-            raise result
+            try:
+                raise result
+            finally:  # the traceback keeps this frame: it must not keep the exception
+                result = None
         elapsed = time.perf_counter() - started
         result.service_micros = int(elapsed * 1e6)
         self.metrics.step_seconds.observe(elapsed)
@@ -102,13 +105,16 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                     try:
                         response = await self._step(request, context)
                     except Exception as exc:  # answered in-band; the stream goes on
-                        error = as_service_error(exc)
-                        self.metrics.errors.labels("StepStream", error.code).inc()
-                        response = pb.StepResponse(error=to_rpc_status(error),
-                                                   request_id=request.request_id)
+                        response = self._in_band(exc, request.request_id)
                     yield response
         finally:
             self.open_streams -= 1
+
+    def _in_band(self, exc: Exception, request_id: str) -> pb.StepResponse:
+        """A failed stream request's answer: its error as a status, counted."""
+        error = as_service_error(exc)
+        self.metrics.errors.labels("StepStream", error.code).inc()
+        return pb.StepResponse(error=to_rpc_status(error), request_id=request_id)
 
     @map_errors
     async def Preview(self, request, context):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.errors import SamplerServiceError
+from sampler_service.errors import SamplerServiceError, detached
 from sampler_service.policy.candidates import row_maxima
 from sampler_service.server import convert
 from sampler_service.service import SamplerCore, StepCall
@@ -101,7 +101,7 @@ class StepRunner:
                         self.core.validate_values([decoded[index].rows[r] for r in dense_rows],
                                                   out[index])
                     except SamplerServiceError as exc:
-                        out[index] = exc
+                        out[index] = detached(exc)
         return out
 
     def __call__(self, works: Sequence[StepWork]) -> list[pb.StepResponse | Exception]:
@@ -121,7 +121,7 @@ class StepRunner:
             try:
                 decoded[index] = self.decode(request)
             except Exception as exc:
-                results[index] = exc
+                results[index] = detached(exc)
         dense = self.dense_logits(decoded)
         calls: dict[int, StepCall] = {}
         for index, item in decoded.items():

@@ -50,3 +50,25 @@ def test_clipping_keeps_every_violation_and_the_errors_own_attributes():
     assert isinstance(clipped, NotExact) and clipped.refusals == error.refusals
     assert [f for f, _ in clipped.violations] == [f"rows[{row}]" for row in range(40)]
     assert all(len(d.encode()) <= MAX_MESSAGE_BYTES for _, d in clipped.violations)
+
+
+def test_a_detached_error_drops_its_traceback_and_a_bug_keeps_it_as_a_note():
+    from sampler_service.errors import NotFound, detached
+
+    def fail(exc):
+        try:
+            raise exc
+        except Exception as caught:
+            return caught
+
+    domain = detached(fail(NotFound("gone", "rows[0].sequence_id")))
+    assert domain.__traceback__ is None and not getattr(domain, "__notes__", [])
+    try:
+        try:
+            {}["key"]
+        except KeyError as inner:
+            raise RuntimeError("a bug") from inner
+    except RuntimeError as caught:
+        bug = detached(caught)
+    assert bug.__traceback__ is None and bug.__cause__.__traceback__ is None
+    assert "in test_a_detached_error" in bug.__notes__[0]

@@ -82,3 +82,36 @@ def test_a_step_whose_deadline_passed_changes_nothing():
     again, = runner(requests_for(["a"], logits[:1]))
     fresh, = runner_with(["a"])(requests_for(["a"], logits[:1]))
     assert again.choices[0].token_id == fresh.choices[0].token_id
+
+
+@pytest.mark.parametrize("broken", ["unknown sequence", "nan logits", "wrong shape"])
+def test_a_failed_request_keeps_no_cycle_holding_the_batch(broken):
+    """A request's error is handed back without its traceback, whose frames would hold the
+    whole batch (every request's logits and the batch buffer) in a cycle that only the
+    garbage collector frees, late: the soak's service grew by gigabytes before."""
+    import gc
+
+    ids = ["a", "b"]
+    logits = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    works = requests_for(ids, logits)
+    if broken == "unknown sequence":
+        works[1].request.rows[0].sequence_id = "gone"
+    elif broken == "nan logits":
+        works[1].request.logits.raw = torch.full((1, VOCAB), float("nan")).numpy().tobytes()
+    else:
+        works[1].request.logits.shape[:] = [2, VOCAB // 2]
+    runner = runner_with(ids)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        answers = runner(works)
+        assert isinstance(answers[1], Exception) and answers[1].__traceback__ is None
+        del answers
+        gc.collect()
+        kept = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not kept & {"StepCall", "_Decoded", "StepLogits", "frame"}, kept
