@@ -11,9 +11,10 @@ from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests, specs
 from sampler_client.calls import Rpc, run_async
 from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, TLSConfig,
-                                   make_channel, make_handle)
-from sampler_client.errors import from_rpc_error
+                                   make_channel, make_handles, rpc_methods)
+from sampler_client.errors import SamplerError, UnavailableError, from_rpc_error
 from sampler_client.exchange import StepExchange
+from sampler_client.replay import Replay, release, sequence_info
 from sampler_client.transports import TensorPlacer
 from sampler_client.types import Choice, RegionInfo, SequenceInfo
 
@@ -25,7 +26,7 @@ class AsyncSequence(SequenceHandle):
         return (await self.client.step([self], logits, processed_logprobs=processed_logprobs))[0]
 
     async def info(self) -> SequenceInfo:
-        return await self.client.get_sequence(self.sequence_id)
+        return await self.client.get_sequence(self)
 
     async def release(self) -> None:
         await self.client.release([self])
@@ -38,7 +39,7 @@ class AsyncSequenceGroup(SequenceHandle):
         return await self.client.step([self], logits, processed_logprobs=processed_logprobs)
 
     async def info(self) -> SequenceInfo:
-        return await self.client.get_sequence(self.sequence_id)
+        return await self.client.get_sequence(self)
 
     async def release(self) -> None:
         await self.client.release([self])
@@ -46,19 +47,22 @@ class AsyncSequenceGroup(SequenceHandle):
 
 class AsyncSamplerClient:
     """`async with AsyncSamplerClient(target) as client: ...` — same methods, awaited, and the
-    same transports, sparse rows and `tls` (see `SamplerClient`, section Transports)."""
+    same transports, sparse rows, `tls` and replay (see `SamplerClient`, sections Transports
+    and Replay)."""
 
     def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
                  ring_slots: int = 4, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: TLSConfig | bool | None = None):
+                 tls: TLSConfig | bool | None = None, replay: bool = True,
+                 replay_timeout: float = 120.0):
         self._steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots),
-                                   sparse_top_k)
-        self._channel = make_channel(target, max_message_bytes, tls, aio=True)
+                                   sparse_top_k, Replay(replay_timeout) if replay else None)
+        self._channel = make_channel(target, max_message_bytes, tls, aio=True, replay=replay)
         #: The channel's max send size: a larger step is refused before it is sent.
         self.max_message_bytes = max_message_bytes
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
+        self._methods = rpc_methods(self._channel, self._stub, self._regions)
         self.timeout = timeout
 
     @property
@@ -79,9 +83,10 @@ class AsyncSamplerClient:
         finally:
             await self._channel.close()
 
-    async def _call(self, method, request):
+    async def _call(self, method, request, timeout: float | None = None):
+        """`method(request)` within `timeout` seconds (None: the client's)."""
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -91,12 +96,12 @@ class AsyncSamplerClient:
     def _performer(self, send_step: Callable[[pb.StepRequest], Awaitable[pb.StepResponse]]
                    ) -> Callable[[Rpc], Awaitable[Any]]:
         """Makes an exchange's calls: Step through `send_step` (a request over
-        `max_message_bytes` raises MessageTooLargeError unsent), the others on SharedMemory."""
+        `max_message_bytes` raises MessageTooLargeError unsent), the others by name."""
         async def perform(rpc: Rpc) -> Any:
             if rpc.method == "Step":
                 requests.check_size(rpc.request, self.max_message_bytes)
                 return await send_step(rpc.request)
-            return await self._call(getattr(self._regions, rpc.method), rpc.request)
+            return await self._call(self._methods[rpc.method], rpc.request, rpc.timeout)
         return perform
 
     async def regions(self, all_clients: bool = False) -> list[RegionInfo]:
@@ -115,12 +120,10 @@ class AsyncSamplerClient:
             sequence_id=sequence_id, eos_token_ids=eos_token_ids)]))[0]
 
     async def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[AsyncSequence]:
-        request = pb.CreateSequencesRequest(sequences=[
-            requests.sequence_config(**{"sequence_id": None, "policy": None, "prompt_ids": (),
-                                        "seed": None, "params": None, "eos_token_ids": (), **c})
-            for c in configs])
+        request = requests.create_request(configs)
         response = await self._call(self._stub.CreateSequences, request)
-        return [make_handle(self, c, AsyncSequence, AsyncSequenceGroup) for c in response.sequences]
+        return make_handles(self, request, response, AsyncSequence, AsyncSequenceGroup,
+                            self._steps.replay is not None)
 
     async def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *,
                                 max_new_tokens: int, **options: Any) -> AsyncSequenceGroup:
@@ -137,14 +140,11 @@ class AsyncSamplerClient:
         return (await self.create_sequences([specs.fork_config(prompt_ids, n, **options)]))[0]
 
     async def release(self, sequences: Iterable[AsyncSequence | str]) -> list[str]:
-        ids = [s if isinstance(s, str) else s.sequence_id for s in sequences]
-        response = await self._call(self._stub.ReleaseSequences,
-                                    pb.ReleaseSequencesRequest(sequence_ids=ids))
-        return list(response.not_found)
+        return await run_async(release(sequences), self._performer(self._unary_step))
 
-    async def get_sequence(self, sequence_id: str) -> SequenceInfo:
-        return SequenceInfo.from_pb(await self._call(
-            self._stub.GetSequence, pb.GetSequenceRequest(sequence_id=sequence_id)))
+    async def get_sequence(self, sequence: SequenceHandle | str) -> SequenceInfo:
+        return SequenceInfo.from_pb(await run_async(sequence_info(sequence),
+                                                    self._performer(self._unary_step)))
 
     async def step(self, sequences: SequenceT[AsyncSequence], logits: Any, *,
                    processed_logprobs: bool = False, reference_logits: Any = None,
@@ -178,9 +178,21 @@ class AsyncSamplerClient:
         return list((await self._call(self._stub.Preview, request)).planned_chain)
 
 
+def _unsent(error: grpc.RpcError) -> SamplerError:
+    """The error of a stream's failed write (the request never left). grpc.aio reports a
+    transport that broke under the write as INTERNAL ("Internal error from Core"): it is
+    UNAVAILABLE, the service out of reach, which replay retries."""
+    failure = from_rpc_error(error)
+    if failure.code != grpc.StatusCode.INTERNAL:
+        return failure
+    return UnavailableError(grpc.StatusCode.UNAVAILABLE, "the step stream broke before the "
+                            f"request was sent ({failure.message})")
+
+
 class AsyncStepStream:
-    """One StepStream call; `await stream.step(...)` writes a request and reads its answer
-    (one at a time: concurrent steps on one stream wait their turn)."""
+    """A StepStream call; `await stream.step(...)` writes a request and reads its answer
+    (one at a time: concurrent steps on one stream wait their turn). A call that ended (the
+    connection broke: UNAVAILABLE, which replay retries) is opened again by the next step."""
 
     def __init__(self, client: AsyncSamplerClient):
         self._client = client
@@ -195,15 +207,25 @@ class AsyncStepStream:
         await self.close()
 
     async def close(self) -> None:
-        await self._call.done_writing()
+        if not self._call.done():
+            await self._call.done_writing()
 
     async def _round_trip(self, request: pb.StepRequest) -> pb.StepResponse:
         async with self._turn:
+            if self._call.done():
+                self._call = self._client._stub.StepStream()
             try:
                 await self._call.write(request)
+            except grpc.RpcError as error:
+                raise _unsent(error) from None
+            try:
                 response = await self._call.read()
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from None
+            if response is grpc.aio.EOF:
+                self._call.cancel()  # done: the next step opens another
+                raise UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                       "the service ended the step stream")
         self.last_service_micros = response.service_micros
         return response
 

@@ -1,6 +1,7 @@
 """The synchronous client: `SamplerClient`, `Sequence` and `StepStream`."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -13,9 +14,10 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
 from sampler_client.calls import Rpc, run_sync
-from sampler_client.errors import SamplerError, from_rpc_error
-from sampler_client import specs
+from sampler_client.errors import SamplerError, UnavailableError, from_rpc_error
+from sampler_client import health, specs
 from sampler_client.exchange import StepExchange
+from sampler_client.replay import Replay, Resumption, release, sequence_info
 from sampler_client.transports import TensorPlacer
 from sampler_client.types import Choice, GroupResult, RegionInfo, SequenceInfo
 
@@ -33,6 +35,40 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES)]
+
+
+def _method_names(service: str, *names: str) -> list[dict[str, str]]:
+    return [{"service": service, "method": name} for name in names]
+
+
+#: gRPC's own waiting and retrying, where they are safe (a replaying client's channel):
+#: Health.Check, replay's wait for the service, waits for a connection (waitForReady) within
+#: the deadline replay gives it; the idempotent calls are retried on UNAVAILABLE (up to 5
+#: tries, 0.1 s to 1 s apart), riding out a short outage. The others fail fast, so a client
+#: that cannot reach its service (a wrong address, a TLS mismatch) hears so at once: Step
+#: and StepStream are replayed (re-creating what a restart lost), CreateSequences and the
+#: region calls are not idempotent.
+_RETRY_UNAVAILABLE = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+REPLAY_SERVICE_CONFIG = {"methodConfig": [
+    {"name": _method_names(health.HEALTH_SERVICE, "Check"), "waitForReady": True},
+    {"name": _method_names("sampler.v1.Sampler", "GetSequence", "Preview", "ReleaseSequences")
+     + _method_names("sampler.v1.SharedMemory", "RegionStatus"),
+     "retryPolicy": _RETRY_UNAVAILABLE},
+]}
+
+
+def replay_options() -> list[tuple[str, Any]]:
+    """A replaying client's channel options: the service config above; keepalive pings every
+    60 s while calls are open (20 s to answer), so a connection whose peer vanished without a
+    reset ends; reconnection tries from 0.1 s apart, growing to 2 s (gRPC's default: 1 s to
+    120 s), so a restarted sidecar is found again quickly."""
+    return [("grpc.service_config", json.dumps(REPLAY_SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 #: PEM material: bytes (or a str starting with "-----BEGIN") are the PEM itself; any other str
@@ -85,11 +121,12 @@ class TLSConfig:
 
 
 def make_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: TLSConfig | bool | None = None, *, aio: bool = False):
+                 tls: TLSConfig | bool | None = None, *, aio: bool = False, replay: bool = False):
     """The SDK's channel to `target` (grpc.aio's with `aio`): plaintext when `tls` is None or
-    False, TLS with gRPC's default roots when True, else as the TLSConfig says."""
+    False, TLS with gRPC's default roots when True, else as the TLSConfig says; with
+    `replay`, `replay_options` too."""
     module = grpc.aio if aio else grpc
-    options = channel_options(max_message_bytes)
+    options = channel_options(max_message_bytes) + (replay_options() if replay else [])
     if tls is None or tls is False:
         return module.insecure_channel(target, options=options)
     if tls is True:
@@ -105,7 +142,8 @@ class SequenceHandle:
     recorded answer instead of advancing), and for a group its kind, how many rows the next
     step sends (`running_rows`) and, once it finished, its `result`. `dense_only`: its rows
     always go in full, even with `sparse_top_k` (a group's always; a sequence's once the
-    service said its policy never runs sparse)."""
+    service said its policy never runs sparse). `resumption`: what the client's replay keeps
+    to re-create it after a restart of the service (None with replay off, or once released)."""
 
     def __init__(self, client: Any, created: pb.CreatedSequence):
         self.client = client
@@ -117,6 +155,7 @@ class SequenceHandle:
         self.result: GroupResult | None = None
         self.next_step = 0
         self.dense_only = bool(self.group_kind)
+        self.resumption: Resumption | None = None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.sequence_id!r}, policy={self.policy!r}, "
@@ -148,7 +187,7 @@ class Sequence(SequenceHandle):
                                 signals=None if signals is None else [signals])[0]
 
     def info(self) -> SequenceInfo:
-        return self.client.get_sequence(self.sequence_id)
+        return self.client.get_sequence(self)
 
     def release(self) -> None:
         self.client.release([self])
@@ -164,14 +203,34 @@ class SequenceGroup(SequenceHandle):
         return self.client.step([self], logits, processed_logprobs=processed_logprobs)
 
     def info(self) -> SequenceInfo:
-        return self.client.get_sequence(self.sequence_id)
+        return self.client.get_sequence(self)
 
     def release(self) -> None:
         self.client.release([self])
 
 
-def make_handle(client: Any, created: pb.CreatedSequence, plain: type, group: type) -> Any:
-    return (group if created.group_kind else plain)(client, created)
+def make_handles(client: Any, request: pb.CreateSequencesRequest,
+                 response: pb.CreateSequencesResponse, plain: type, group: type,
+                 replay: bool) -> list[Any]:
+    """A handle (of class `plain` or `group`) per created sequence; with `replay`, each keeps
+    its config for replay."""
+    handles = []
+    for config, created in zip(request.sequences, response.sequences):
+        handle = (group if created.group_kind else plain)(client, created)
+        if replay:
+            handle.resumption = Resumption(config, plain=not created.group_kind)
+        handles.append(handle)
+    return handles
+
+
+def rpc_methods(channel: Any, stub: Any, regions: Any) -> dict[str, Any]:
+    """The calls an exchange may yield but Step, by name, on a grpc or grpc.aio channel."""
+    methods = {name: getattr(stub, name)
+               for name in ("CreateSequences", "ReleaseSequences", "GetSequence")}
+    methods.update((name, getattr(regions, name)) for name in (
+        "RegisterSystemRegion", "RegisterCudaRegion", "UnregisterRegion", "RegionStatus"))
+    methods["Check"] = health.check_method(channel)
+    return methods
 
 
 class ChannelClient:
@@ -181,10 +240,10 @@ class ChannelClient:
     def __init__(self, target: str, stub: type, *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  channel: grpc.Channel | None = None, metadata: tuple = (),
-                 tls: TLSConfig | bool | None = None):
+                 tls: TLSConfig | bool | None = None, replay: bool = False):
         if channel is not None and tls not in (None, False):
             raise ValueError("give either channel or tls (a channel brings its own credentials)")
-        self._channel = channel or make_channel(target, max_message_bytes, tls)
+        self._channel = channel or make_channel(target, max_message_bytes, tls, replay=replay)
         #: The channel's max send size: a larger step is refused before it is sent.
         self.max_message_bytes = max_message_bytes
         self._stub = stub(self._channel)
@@ -200,9 +259,11 @@ class ChannelClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, timeout: float | None = None):
+        """`method(request)` within `timeout` seconds (None: the client's)."""
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -257,17 +318,33 @@ class SamplerClient(ChannelClient):
     A step larger than `max_message_bytes` (the channel's max send size; with `channel`, pass
     the one its options set) raises `MessageTooLargeError` without being sent, so a
     `StepStream` it was meant for stays open.
+
+    Replay
+    ------
+    With `replay` (the default) the client survives restarts of the service
+    (docs/replay.md): it keeps what re-creates each live sequence and group where it stands,
+    and a step the service could not answer (UNAVAILABLE, or NOT_FOUND for a sequence or
+    region a restart lost) is sent again once the service is back, its sequences re-created
+    and regions made anew: the caller sees only latency, and the tokens of an
+    uninterrupted run. `replay_timeout` bounds the wait, in seconds from the first failure
+    (then UnavailableError). The channel gets gRPC's waiting and retries where they are safe
+    (`REPLAY_SERVICE_CONFIG`; not with a `channel` of yours). `replay=False` raises every
+    failure as it comes.
     """
 
     def __init__(self, target: str, *, transport: str = "auto", sparse_top_k: int | None = None,
                  ring_slots: int = 4, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None, tls: TLSConfig | bool | None = None):
-        steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots), sparse_top_k)
+                 channel: grpc.Channel | None = None, tls: TLSConfig | bool | None = None,
+                 replay: bool = True, replay_timeout: float = 120.0):
+        steps = StepExchange(TensorPlacer(target, transport, ring_slots=ring_slots), sparse_top_k,
+                             Replay(replay_timeout) if replay else None)
         super().__init__(target, sampler_pb2_grpc.SamplerStub, timeout=timeout,
-                         max_message_bytes=max_message_bytes, channel=channel, tls=tls)
+                         max_message_bytes=max_message_bytes, channel=channel, tls=tls,
+                         replay=replay)
         self._steps = steps
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
+        self._methods = rpc_methods(self._channel, self._stub, self._regions)
 
     @property
     def client_id(self) -> str:
@@ -287,12 +364,12 @@ class SamplerClient(ChannelClient):
     def _performer(self, send_step: Callable[[pb.StepRequest], pb.StepResponse]
                    ) -> Callable[[Rpc], Any]:
         """Makes an exchange's calls: Step through `send_step` (a request over
-        `max_message_bytes` raises MessageTooLargeError unsent), the others on SharedMemory."""
+        `max_message_bytes` raises MessageTooLargeError unsent), the others by name."""
         def perform(rpc: Rpc) -> Any:
             if rpc.method == "Step":
                 requests.check_size(rpc.request, self.max_message_bytes)
                 return send_step(rpc.request)
-            return self._call(getattr(self._regions, rpc.method), rpc.request)
+            return self._call(self._methods[rpc.method], rpc.request, rpc.timeout)
         return perform
 
     def regions(self, all_clients: bool = False) -> list[RegionInfo]:
@@ -321,12 +398,10 @@ class SamplerClient(ChannelClient):
 
     def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[Sequence]:
         """Several sequences atomically; each config takes `create_sequence`'s keywords."""
-        request = pb.CreateSequencesRequest(sequences=[
-            requests.sequence_config(**{"sequence_id": None, "policy": None, "prompt_ids": (),
-                                        "seed": None, "params": None, "eos_token_ids": (), **c})
-            for c in configs])
+        request = requests.create_request(configs)
         response = self._call(self._stub.CreateSequences, request)
-        return [make_handle(self, c, Sequence, SequenceGroup) for c in response.sequences]
+        return make_handles(self, request, response, Sequence, SequenceGroup,
+                            self._steps.replay is not None)
 
     def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *, max_new_tokens: int,
                           **options: Any) -> SequenceGroup:
@@ -349,14 +424,16 @@ class SamplerClient(ChannelClient):
         return self.create_sequences([specs.fork_config(prompt_ids, n, **options)])[0]
 
     def release(self, sequences: Iterable[Sequence | str]) -> list[str]:
-        """Releases sequences (objects or ids); returns the ids that were not found."""
-        ids = [s if isinstance(s, str) else s.sequence_id for s in sequences]
-        return list(self._call(self._stub.ReleaseSequences,
-                               pb.ReleaseSequencesRequest(sequence_ids=ids)).not_found)
+        """Releases sequences (objects or ids); returns the ids that were not found (with
+        replay, not those of handles a restart of the service lost: to the caller they were
+        live)."""
+        return run_sync(release(sequences), self._performer(self._unary_step))
 
-    def get_sequence(self, sequence_id: str) -> SequenceInfo:
-        return SequenceInfo.from_pb(self._call(self._stub.GetSequence,
-                                               pb.GetSequenceRequest(sequence_id=sequence_id)))
+    def get_sequence(self, sequence: SequenceHandle | str) -> SequenceInfo:
+        """What the service holds of a sequence or group (a handle or an id; with replay, a
+        handle a restart lost is re-created first)."""
+        return SequenceInfo.from_pb(run_sync(sequence_info(sequence),
+                                             self._performer(self._unary_step)))
 
     # -- steps --------------------------------------------------------------------------------
     def step(self, sequences: SequenceT[SequenceHandle], logits: Any, *,
@@ -395,25 +472,26 @@ class SamplerClient(ChannelClient):
 
 
 class StepStream:
-    """Steps over one StepStream call: each `step` sends one request and reads its answer
+    """Steps over a StepStream call: each `step` sends one request and reads its answer
     (through the client's transport and sparse rows, resends included).
 
     A bad step raises its SamplerError without ending the stream; one too large to send
     (over the client's `max_message_bytes`) raises MessageTooLargeError before it is sent.
-    Close it (or use `with`).
+    A call that ended (the connection broke: UNAVAILABLE, which replay retries) is opened
+    again by the next step. Close it (or use `with`).
     """
 
     _END = object()
 
     def __init__(self, client: SamplerClient):
         self._client = client
-        self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.last_service_micros = 0
-        try:
-            self._responses = client._stub.StepStream(iter(self._requests.get, self._END))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        self._open_call()
+
+    def _open_call(self) -> None:
+        self._requests: queue.Queue | None = queue.Queue()  # the open call's, None once ended
+        self._responses = self._client._stub.StepStream(iter(self._requests.get, self._END))
 
     def __enter__(self) -> "StepStream":
         return self
@@ -422,15 +500,28 @@ class StepStream:
         self.close()
 
     def close(self) -> None:
-        self._requests.put(self._END)
+        with self._lock:
+            self._end_call()
+
+    def _end_call(self) -> None:
+        if self._requests is not None:
+            self._requests.put(self._END)
+        self._requests = self._responses = None
 
     def _round_trip(self, request: pb.StepRequest) -> pb.StepResponse:
         with self._lock:
+            if self._requests is None:
+                self._open_call()
             self._requests.put(request)
             try:
                 response = next(self._responses)
             except grpc.RpcError as error:
+                self._end_call()
                 raise from_rpc_error(error) from None
+            except StopIteration:
+                self._end_call()
+                raise UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                       "the service ended the step stream") from None
         self.last_service_micros = response.service_micros
         return response
 

@@ -10,9 +10,14 @@ answers FAILED_PRECONDITION naming rows (BadRequest field `rows[i]`: this step's
 allow it; `rows[i].policy`: the policy never runs sparse), those rows are sent again in full
 in the same call (and for `.policy`, that sequence's rows from then on). Nothing was
 committed by the refused request, so the resend carries the same step numbers.
+
+Replay (`sampler_client.replay`): with a `Replay`, every request asks for resume records,
+each answered step is kept in its handles' `resumption`, and a step the service failed to
+answer for a restart is sent again once it is back, its sequences re-created.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +27,7 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_client import requests
 from sampler_client.calls import Exchange, Rpc
 from sampler_client.errors import SamplerError, from_status
+from sampler_client.replay import Replay
 from sampler_client.sparse import TopKWithTail, top_k_with_tail
 from sampler_client.tensors import WireTensor, wire_rows
 from sampler_client.transports import TensorPlacer
@@ -50,7 +56,8 @@ def choices_from(response: pb.StepResponse) -> list[Choice]:
 
 
 def advance(handles: Sequence[Any], response: pb.StepResponse) -> list[Choice]:
-    """The choices of a response (or its error, raised), followed by every handle."""
+    """The choices of a response (or its error, raised), followed by every handle (and kept
+    by its resumption, when the response carries resume records: one per handle, in order)."""
     choices = choices_from(response)
     results = {r.sequence_id: GroupResult.from_pb(r) for r in response.results}
     by_id: dict[str, list[Choice]] = {}
@@ -58,6 +65,9 @@ def advance(handles: Sequence[Any], response: pb.StepResponse) -> list[Choice]:
         by_id.setdefault(choice.sequence_id, []).append(choice)
     for handle in handles:
         handle._take(by_id[handle.sequence_id], results)
+    for handle, record in zip(handles, response.resume):
+        if handle.resumption is not None:
+            handle.resumption.took(by_id[handle.sequence_id], record)
     return choices
 
 
@@ -77,21 +87,34 @@ def sparse_refusals(error: SamplerError, sparse_rows: Sequence[int]) -> dict[int
 
 
 class StepExchange:
-    """Steps as one client sends them: its `placer` (transport and regions) and
-    `sparse_top_k` (None: every row in full)."""
+    """Steps as one client sends them: its `placer` (transport and regions),
+    `sparse_top_k` (None: every row in full) and `replay` (None: a failed step is raised)."""
 
-    def __init__(self, placer: TensorPlacer, sparse_top_k: int | None = None):
+    def __init__(self, placer: TensorPlacer, sparse_top_k: int | None = None,
+                 replay: Replay | None = None):
         if sparse_top_k is not None and (isinstance(sparse_top_k, bool) or
                                          not isinstance(sparse_top_k, int) or sparse_top_k < 1):
             raise ValueError(f"sparse_top_k must be a positive int or None, got {sparse_top_k!r}")
         self.placer = placer
         self.sparse_top_k = sparse_top_k
+        self.replay = replay
 
     def step(self, handles: Sequence[Any], logits: Any, *, processed_logprobs: bool = False,
              reference_logits: Any = None,
              signals: Sequence[Mapping[str, float]] | None = None) -> Exchange[list[Choice]]:
         """One token per row from `logits` [rows, vocab] (1-D for a single row): one row per
         plain sequence, `running_rows` rows per group, in the order of `handles`."""
+        attempt = functools.partial(self._step_once, handles, logits,
+                                    processed_logprobs=processed_logprobs,
+                                    reference_logits=reference_logits, signals=signals)
+        if self.replay is None:
+            return (yield from attempt())
+        return (yield from self.replay.run(attempt, handles, self.placer))
+
+    def _step_once(self, handles: Sequence[Any], logits: Any, *, processed_logprobs: bool,
+                   reference_logits: Any,
+                   signals: Sequence[Mapping[str, float]] | None) -> Exchange[list[Choice]]:
+        """One try of `step`: sparse rows the service refuses are resent in full in it."""
         keys = step_rows(handles)
         row_handles = [handle for handle in handles for _ in handle.row_keys()]
         wire = wire_rows(logits, len(keys))
@@ -107,7 +130,8 @@ class StepExchange:
                 request = requests.step_request(
                     keys, logits_pb, processed_logprobs=processed_logprobs,
                     reference_logits=reference_pb, signals=signals,
-                    sparse=None if top is None else top.message(sparse, wire.shape[1], values_pb))
+                    sparse=None if top is None else top.message(sparse, wire.shape[1], values_pb),
+                    resume_records=self.replay is not None)
                 try:
                     response = yield Rpc("Step", request)
                     answered = True

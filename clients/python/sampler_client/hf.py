@@ -158,6 +158,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     memory from a CPU model, CUDA IPC from a GPU one with transport "auto" on a local
     service); with `sparse_top_k` plain sequences go as sparse rows, resent in full where the
     policy needs them, and groups always in full. The tokens are the same on every transport.
+    With the client's replay (on by default), a restart of the service in the middle of the
+    generation costs latency only: the same tokens come back (docs/replay.md).
     """
     stats = stats if stats is not None else GenerationStats()
     clock = time.perf_counter

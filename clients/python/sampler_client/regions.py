@@ -195,6 +195,16 @@ class RegionRing:
             if slot.region is not None:
                 self._retired.append(slot.region)
 
+    def renew(self) -> list[Region]:
+        """Empties the slots not lent now and returns their regions, for the caller to free:
+        each such slot makes a new region when next lent."""
+        with self._lock:
+            idle = [s for s in self._slots if not s.busy and s.region is not None]
+            regions = [s.region for s in idle]
+            for slot in idle:
+                slot.region = None
+            return regions
+
     def drain(self) -> list[Region]:
         """Empties the ring and returns every region it held, for the caller to free."""
         with self._lock:

@@ -55,6 +55,14 @@ def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] 
     return config
 
 
+def create_request(configs: Iterable[Mapping[str, Any]]) -> pb.CreateSequencesRequest:
+    """Sequences to create; each config takes `sequence_config`'s keywords (all optional)."""
+    return pb.CreateSequencesRequest(sequences=[
+        sequence_config(**{"sequence_id": None, "policy": None, "prompt_ids": (), "seed": None,
+                           "params": None, "eos_token_ids": (), **config})
+        for config in configs])
+
+
 def _rows_tensor(values: Any, rows: int) -> pb.Tensor:
     return values if isinstance(values, pb.Tensor) else encode_rows(values, rows)
 
@@ -63,12 +71,14 @@ def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any
                  processed_logprobs: bool = False, request_id: str = "",
                  reference_logits: Any = None,
                  signals: Sequence[Mapping[str, float]] | None = None,
-                 sparse: pb.SparseRows | None = None) -> pb.StepRequest:
+                 sparse: pb.SparseRows | None = None,
+                 resume_records: bool = False) -> pb.StepRequest:
     """`rows`: (sequence id, step or None, branch or None) per logits row. `logits`: values
     (sent inline) or a placed `sampler.v1.Tensor` of the rows not in `sparse`, None when every
     row is. `reference_logits`: [len(rows), vocab] likewise (KL-guided temperature);
     `signals`: one mapping per row of entropix's attention terms (attention_entropy,
-    attention_varentropy, agreement, interaction_strength)."""
+    attention_varentropy, agreement, interaction_strength); `resume_records`: also answer
+    each sequence's ResumeRecord (for replay)."""
     fields: dict[str, Any] = {}
     if logits is not None:
         fields["logits"] = _rows_tensor(logits, len(rows))
@@ -77,7 +87,8 @@ def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any
     if sparse is not None:
         fields["sparse"] = sparse
     request = pb.StepRequest(request_id=request_id, processed_logprobs=processed_logprobs,
-                             signals=[pb.RowSignals(**s) for s in signals or ()], **fields)
+                             signals=[pb.RowSignals(**s) for s in signals or ()],
+                             resume_records=resume_records, **fields)
     for sequence_id, step, branch in rows:
         row = request.rows.add(sequence_id=sequence_id)
         if step is not None:

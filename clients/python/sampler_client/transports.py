@@ -11,14 +11,16 @@ Transports (`SamplerClient(transport=...)`):
   registration fails (the service has shared memory off, CUDA IPC is not permitted, no cupy)
   is given up for the client's life, logged once at INFO: CUDA tensors then go through shared
   memory, and without it everything goes inline. An explicit "shm" or "cuda_ipc" raises the
-  failure instead.
+  failure instead. A registration that could not reach the service (UNAVAILABLE) is no
+  refusal: it is raised, for the client's replay to retry once the service is back.
 
 All tensors of one request that go to one kind of region (and one GPU) share one region, at
 `regions.ALIGNMENT`-aligned offsets. The regions come from rings of `ring_slots` regions per
 kind (and GPU): a region is lent to one request and reused only after the service answered it;
 a region too small is replaced by a larger one (unregistered, freed, a new one registered).
 When every region of a ring is lent (more requests in flight than `ring_slots`), the tensor
-travels inline: slower, never different.
+travels inline: slower, never different. A restarted service has forgotten every region:
+`renew_regions` frees the client's idle ones, so each slot registers a new one when next lent.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import grpc
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_client.calls import Exchange, Rpc
@@ -76,6 +80,11 @@ def is_local_target(target: str) -> bool:
     else:
         addresses = [target]
     return all(_is_loopback(_host_of(address)) for address in addresses)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """A call that could not reach the service (it is away): no refusal to give up on."""
+    return isinstance(error, SamplerError) and error.code == grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass
@@ -220,7 +229,7 @@ class TensorPlacer:
             yield from self._replace_region(slot, kind, device, byte_size)
         except (SamplerError, OSError, ImportError, RuntimeError) as error:
             ring.release(slot)
-            if self.transport != "auto":
+            if self.transport != "auto" or _unreachable(error):
                 raise
             self._give_up(kind, error)
             return None
@@ -250,6 +259,17 @@ class TensorPlacer:
         if kind == CUDA:
             return CudaRegion(name, byte_size, device)
         return SystemRegion(name, byte_size)
+
+    def renew_regions(self) -> None:
+        """Frees every region not lent now, for a service that restarted and forgot them: each
+        of their slots makes and registers a new region when next lent, under a new name
+        (so it cannot clash with a region the service still has, nor with another thread
+        doing the same)."""
+        with self._lock:
+            rings = list(self._rings.values())
+        for ring in rings:
+            for region in ring.renew():
+                region.free()
 
     # -- closing ------------------------------------------------------------------------------
     def close(self) -> Exchange[None]:
