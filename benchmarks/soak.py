@@ -30,7 +30,9 @@ Checked and printed (exit status 1 when lost or duplicated steps > 0 or RSS grow
     sample of the complete ones; cancel-kill ones may hold one more, the cancelled step) is not
     the client's count of accepted steps;
   - the service's VmRSS (/proc/PID/status): "start" idle after the warm-up (the same load for
-    `--warmup` s, then drained), every 10 s under load, and "end" idle after the T seconds,
+    `--warmup` s, default 30, then drained: long enough for the allocator's high-water mark
+    under this load to be reached; after 10 s, 256 streams still added ~10% by the end with no
+    growth under load), every 10 s under load, and "end" idle after the T seconds,
     every sequence released and every stream closed; growth = end against start, in %. (Under
     load RSS swings with what is in flight; idle against idle compares like with like.)
 
@@ -374,7 +376,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0, help="measured time, after warm-up")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--policy", default="default")
-    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before RSS 'start'")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds before RSS 'start'")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="idle seconds before each idle RSS reading")
     parser.add_argument("--channels", type=int, default=8, help="client channels the streams share")
