@@ -141,7 +141,7 @@ class Group(ABC):
         """What re-creates this group where it stands: its rows and their tokens included."""
         root = self.root
         return ResumeRecord(self.sequence_id, self.step_number, root.policy.version.hash,
-                            root.seed, self.resume_state())
+                            root.seed, {**self.resume_state(), "vocab_size": root.vocab_size})
 
     def resume(self, point: ResumePoint, field: str, result: GroupResult | None = None) -> None:
         """Moves this new group to where `point.record` says it stood; `field` names the
@@ -155,7 +155,9 @@ class Group(ABC):
             return
         record = checked_record(point, self.sequence_id, self.root.policy.version.hash, field)
         where = f"{field}.record.state"
-        self.load_state(Reader(record.state, where), record.position)
+        reader = Reader(record.state, where)
+        self.load_state(reader, record.position)
+        self.root.vocab_size = reader.integer("vocab_size")
         self.step_number = record.position
         self.result = result
         if self.running_rows == 0 and result is None:

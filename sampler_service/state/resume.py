@@ -13,7 +13,7 @@ doubles on the wire: every float the service keeps (Python floats, float32 score
 token id survive the trip exactly.
 
 Keys of a plain sequence's state (`row_state`): `ema_entropy`, `ema_varentropy`,
-`entropy_sum`, `varentropy_sum` and, when a stage keeps memory a record carries, `memory`
+`entropy_sum`, `varentropy_sum`, `vocab_size` (0 before the first step) and, when a stage keeps memory a record carries, `memory`
 ({stage key: value}). A group row adds `output_ids`. Groups: see each group's `resume_state`.
 """
 from __future__ import annotations
@@ -161,7 +161,8 @@ def row_state(state: "SequenceState", with_tokens: bool = False) -> dict[str, An
     """The state of one row that its tokens cannot rebuild (see the module docstring)."""
     data: dict[str, Any] = {
         "ema_entropy": state.ema_entropy, "ema_varentropy": state.ema_varentropy,
-        "entropy_sum": state.entropy_sum, "varentropy_sum": state.varentropy_sum}
+        "entropy_sum": state.entropy_sum, "varentropy_sum": state.varentropy_sum,
+        "vocab_size": state.vocab_size}
     stages = _stages(state)
     memory = {}
     for key, value in state.processor_state.items():
@@ -200,6 +201,7 @@ def restore_row(state: "SequenceState", output_ids: Sequence[int], reader: Reade
     state.ema_varentropy = reader.number("ema_varentropy")
     state.entropy_sum = reader.number("entropy_sum")
     state.varentropy_sum = reader.number("varentropy_sum")
+    state.vocab_size = reader.integer("vocab_size")
     stages = _stages(state)
     memory = Reader(reader.mapping("memory", {}), reader.where("memory"))
     for key, value in memory.data.items():

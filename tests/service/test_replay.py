@@ -5,7 +5,6 @@ clients, unary steps and streams, plain sequences and groups (beam search, forks
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import signal
 import subprocess
@@ -101,7 +100,7 @@ def plain_run(client: SamplerClient, before_step: Callable[[int], None]):
                 rows = torch.cat([logits(int(s.sequence_id[3:]), step) for s in live])
                 for choice in stepper.step(live, rows):
                     choices[choice.sequence_id].append(choice)
-    infos = [comparable(s.info()) for s in sequences]
+    infos = [s.info() for s in sequences]
     assert client.release(sequences) == []
     return choices, infos
 
@@ -119,15 +118,9 @@ async def plain_run_async(client: AsyncSamplerClient, before_step: Callable[[int
                 rows = torch.cat([logits(int(s.sequence_id[3:]), step) for s in live])
                 for choice in await stepper.step(live, rows):
                     choices[choice.sequence_id].append(choice)
-    infos = [comparable(await s.info()) for s in sequences]
+    infos = [await s.info() for s in sequences]
     assert await client.release(sequences) == []
     return choices, infos
-
-
-def comparable(info):
-    """A SequenceInfo less `vocab_size`, which a sequence re-created after its last step (one
-    that had finished) reports as 0: the service learns it from a step's logits."""
-    return dataclasses.replace(info, vocab_size=None)
 
 
 def kill_before(service: ServiceProcess, at: int) -> Callable[[int], None]:

@@ -204,14 +204,14 @@ def test_group_records_are_checked_too():
     error = refusal("beam", ResumePoint((5,), (), record))
     assert error.field == f"{where}.output_ids"
     rows = record.state["groups"][0]["rows"]
-    short = {"groups": [{**record.state["groups"][0],
+    short = {**record.state, "groups": [{**record.state["groups"][0],
                          "rows": [{**rows[0], "output_ids": rows[0]["output_ids"][:-1]}] + rows[1:]}]}
     error = refusal("beam", ResumePoint((), (), dataclasses.replace(record, state=short)))
     assert error.field == f"{where}.record.state.groups[0].rows[0].output_ids"
-    no_slots = {"groups": [{k: v for k, v in record.state["groups"][0].items() if k != "slots"}]}
+    no_slots = {**record.state, "groups": [{k: v for k, v in record.state["groups"][0].items() if k != "slots"}]}
     error = refusal("beam", ResumePoint((), (), dataclasses.replace(record, state=no_slots)))
     assert error.field == f"{where}.record.state.groups[0].slots"
-    done = {"groups": [{**record.state["groups"][0], "done": True}]}
+    done = {**record.state, "groups": [{**record.state["groups"][0], "done": True}]}
     error = refusal("beam", ResumePoint((), (), dataclasses.replace(record, state=done)))
     assert "finished" in error.message
 
