@@ -21,7 +21,8 @@ from sampler_service.engine import report_rows
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.errors import InvalidArgument
 from sampler_service.state import FinishReason, SequenceState, StepRecord
-from sampler_service.state.resume import Reader, ResumePoint, ResumeRecord, checked_record
+from sampler_service.state.resume import (Reader, ResumePoint, ResumeRecord, checked_record,
+                                          restore_row)
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -175,6 +176,16 @@ class Group(ABC):
     def branch_state(self, index: int, seed: int | None = None) -> SequenceState:
         """A fresh row state continuing the root (branch `index` of the group)."""
         return self.root.branch(f"{self.sequence_id}#{index}", seed)
+
+
+def restore_branch(row: SequenceState, data: Reader, position: int, what: str) -> None:
+    """Restores a fork or CoT branch from its row state (`row_state` with `output_ids`) after
+    `position` steps of its group: it has one token per step until it finished."""
+    ids = data.token_ids("output_ids")
+    restore_row(row, ids, data, data.where("output_ids"))
+    if len(ids) > position or (not row.finished and len(ids) != position):
+        raise InvalidArgument(f"a {what} has one token per step until it finishes: {len(ids)} "
+                              f"tokens after {position} steps", data.where("output_ids"))
 
 
 def row_records(logits: torch.Tensor, step: int, parents: Sequence[int], tokens: Sequence[int],

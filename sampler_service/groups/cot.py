@@ -24,13 +24,13 @@ import torch
 
 from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupResult, GroupStep,
-                                         Hypothesis, row_records)
+                                         Hypothesis, restore_branch, row_records)
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
 from sampler_service.policy.statistics import top_two_logits
 from sampler_service.state import FinishReason, SequenceState
-from sampler_service.state.resume import Reader, restore_row, row_state
+from sampler_service.state.resume import Reader, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -122,12 +122,7 @@ class CotGroup(Group):
         trunk = self.branches[0]
         branches = [trunk.branch(f"{self.sequence_id}#{i}") for i in range(len(rows))]
         for branch, data in zip(branches, rows):
-            ids = data.token_ids("output_ids")
-            restore_row(branch, ids, data, data.where("output_ids"))
-            if len(ids) > position or (not branch.finished and len(ids) != position):
-                raise InvalidArgument(f"a branch has one token per step until it finishes: "
-                                      f"{len(ids)} tokens after {position} steps",
-                                      data.where("output_ids"))
+            restore_branch(branch, data, position, "branch")
         self.margins = reader.number_lists("margins", [len(b.output_ids) for b in branches])
         self.branches, self.branched = branches, branched
         self.sums = reader.numbers("sums", len(rows), scores=True)

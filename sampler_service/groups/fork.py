@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sampler_service.errors import InvalidArgument
-from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis
+from sampler_service.groups.base import (Group, GroupRecord, GroupResult, GroupStep, Hypothesis,
+                                         restore_branch)
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.state import FinishReason, SequenceState
-from sampler_service.state.resume import Reader, restore_row, row_state
+from sampler_service.state.resume import Reader, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -82,12 +83,7 @@ class ForkGroup(Group):
         rows = reader.readers("forks", len(self.forks))
         self.sums = reader.numbers("sums", len(self.forks), scores=True)
         for fork, row in zip(self.forks, rows):
-            ids = row.token_ids("output_ids")
-            restore_row(fork, ids, row, row.where("output_ids"))
-            if len(ids) > position or (not fork.finished and len(ids) != position):
-                raise InvalidArgument(f"a fork has one token per step until it finishes: "
-                                      f"{len(ids)} tokens after {position} steps",
-                                      row.where("output_ids"))
+            restore_branch(fork, row, position, "fork")
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
         live, logits = self._live(), inputs.raw
