@@ -331,6 +331,10 @@ def _warm_kernels() -> None:
     warm()
 
 
+#: How often the main thread wakes to run a signal handler another thread received.
+SIGNAL_POLL_S = 0.2
+
+
 def serve_forever(config: ServerConfig) -> None:
     """Runs until SIGTERM or SIGINT, then stops gracefully."""
     server = SamplerServer(config)
@@ -346,5 +350,9 @@ def serve_forever(config: ServerConfig) -> None:
         f"{server.address} and unix:{config.uds}"
     tls = "" if server.tls == "off" or server.port is None else f", {server.tls} on the TCP port"
     print(f"sampler-service listening on {where} (device {server.core.device}{tls})", flush=True)
-    stopping.wait()
+    # Waits in short slices: the kernel may hand SIGTERM to any of the process's threads
+    # (gRPC's, the engine's), and then only a main thread that wakes up runs the handler; a
+    # wait without a timeout could sleep through it for good.
+    while not stopping.wait(SIGNAL_POLL_S):
+        pass
     server.stop()
