@@ -86,6 +86,13 @@ def generation_configs() -> list[dict[str, Any]]:
                  eos_token_ids=[0], sequence_id=f"gen{g}") for g in range(GENERATIONS)]
 
 
+def unfinished(half: list, choices: dict[str, list], step: int):
+    """The sequences of `half` not finished yet, and their logits [len, vocab] at `step`."""
+    live = [s for s in half if not (choices[s.sequence_id] and
+                                    choices[s.sequence_id][-1].finished)]
+    return live, torch.cat([logits(int(s.sequence_id[3:]), step) for s in live])
+
+
 def plain_run(client: SamplerClient, before_step: Callable[[int], None]):
     """The 20 generations, half by unary steps and half on a StepStream; `before_step(i)` runs
     before step i. Returns the choices of each generation and the infos at the end."""
@@ -95,9 +102,7 @@ def plain_run(client: SamplerClient, before_step: Callable[[int], None]):
         for step in range(STEPS):
             before_step(step)
             for stepper, half in ((client, sequences[:10]), (stream, sequences[10:])):
-                live = [s for s in half if not (choices[s.sequence_id] and
-                                                choices[s.sequence_id][-1].finished)]
-                rows = torch.cat([logits(int(s.sequence_id[3:]), step) for s in live])
+                live, rows = unfinished(half, choices, step)
                 for choice in stepper.step(live, rows):
                     choices[choice.sequence_id].append(choice)
     infos = [s.info() for s in sequences]
@@ -113,9 +118,7 @@ async def plain_run_async(client: AsyncSamplerClient, before_step: Callable[[int
         for step in range(STEPS):
             before_step(step)
             for stepper, half in ((client, sequences[:10]), (stream, sequences[10:])):
-                live = [s for s in half if not (choices[s.sequence_id] and
-                                                choices[s.sequence_id][-1].finished)]
-                rows = torch.cat([logits(int(s.sequence_id[3:]), step) for s in live])
+                live, rows = unfinished(half, choices, step)
                 for choice in await stepper.step(live, rows):
                     choices[choice.sequence_id].append(choice)
     infos = [await s.info() for s in sequences]
