@@ -62,6 +62,13 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-state-bytes", type=int, default=4 << 30,
                        help="new sequences are refused while all sequences' state holds about "
                             "this many bytes (default: 4 GiB; 0: no cap)")
+    serve.add_argument("--tokenizer", action="append", type=_tokenizer_flag, default=[],
+                       metavar="NAME=PATH",
+                       help="load a model's vocabulary at start (a tokenizer.json, a Hugging "
+                            "Face tokenizer directory or a GGUF file) for sequences to name; "
+                            "repeatable")
+    serve.add_argument("--max-tokenizers", type=int, default=16,
+                       help="cap on vocabularies kept (--tokenizer and RegisterTokenizer)")
     serve.add_argument("--policy-reload-interval", type=float, default=2.0,
                        help="seconds between checks of --policies for changes (0: never reload)")
     serve.add_argument("--metrics-port", type=int, default=None,
@@ -259,6 +266,13 @@ def administer(args: argparse.Namespace) -> int:
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def _tokenizer_flag(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, Path(path)
+
+
 def serve(args: argparse.Namespace) -> int:
     for name, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -285,7 +299,9 @@ def serve(args: argparse.Namespace) -> int:
                               tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_client_ca=args.tls_client_ca, state_dir=args.state_dir,
                               snapshot_interval_s=args.snapshot_interval,
-                              journal_fsync=args.journal_fsync)
+                              journal_fsync=args.journal_fsync,
+                              tokenizers=tuple(args.tokenizer),
+                              max_tokenizers=args.max_tokenizers)
         serve_forever(config)
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)

@@ -70,6 +70,7 @@ class SavedSequence:
     stats: list[tuple[float, float]] = field(default_factory=list)
     vocab_size: int = 0
     last_record: StepRecord | GroupRecord | None = None
+    tokenizer_id: str = ""
 
     @classmethod
     def of(cls, entry: SequenceState | Group) -> "SavedSequence":
@@ -77,7 +78,8 @@ class SavedSequence:
         root = entry.root
         saved = cls(entry.sequence_id, SavedPolicy.of(root.policy), root.prompt_ids,
                     tuple(sorted(root.eos_token_ids)), entry.resume_record(),
-                    vocab_size=root.vocab_size, last_record=entry.last_record)
+                    vocab_size=root.vocab_size, last_record=entry.last_record,
+                    tokenizer_id=root.tokenizer_id)
         if not isinstance(entry, Group):
             saved.output_ids = list(entry.output_ids)
             saved.stats = list(zip(entry.entropies, entry.varentropies))

@@ -30,6 +30,9 @@ from sampler_service.saved import CommitLog, SavedSequence, SavedStep
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
+from sampler_service.text.detokenize import IncrementalText
+from sampler_service.text.registry import TokenizerRegistry
+from sampler_service.text.stops import StopStrings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class SequenceRequest:
     eos_token_ids: tuple[int, ...] = ()
     #: Re-create the sequence where it stood (its tokens and last resume record).
     resume: ResumePoint | None = None
+    #: A registered tokenizer's name or id ("": none).
+    tokenizer: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,12 +155,14 @@ class SamplerCore:
     def __init__(self, registry: PolicyRegistry, store: SequenceStore, engine: Engine,
                  max_group_rows: int = 64,
                  on_row: Callable[[str, StepRecord], None] | None = None,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                 tokenizers: TokenizerRegistry | None = None):
         self.registry = registry
         self.store = store
         self.engine = engine
         self.max_group_rows = max_group_rows
         self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizers = TokenizerRegistry() if tokenizers is None else tokenizers
         #: Called with (policy name, record) for every row a step advanced (metrics).
         self.on_row = on_row
         #: Told every committed change before its answer returns (`attach_journal`).
@@ -206,7 +213,8 @@ class SamplerCore:
                 prompt_ids=_check_token_ids(request.prompt_ids, f"{prefix}prompt_ids"),
                 seed=self._seed(policy, request, prefix),
                 eos_token_ids=frozenset(_check_token_ids(request.eos_token_ids,
-                                                         f"{prefix}eos_token_ids")))
+                                                         f"{prefix}eos_token_ids")),
+                **self.text_of(request.tokenizer, policy, prefix))
             entry = self._group_or_sequence(root, request, prefix)
             if request.resume is not None:
                 entry.resume(request.resume, f"{prefix}resume")
@@ -216,6 +224,20 @@ class SamplerCore:
             if self.journal is not None:
                 self.journal.created([SavedSequence.of(entry) for entry in states])
         return states
+
+    def text_of(self, tokenizer: str, policy: ResolvedPolicy, prefix: str = "") -> dict[str, Any]:
+        """The text fields of a new sequence's state (`SequenceState.tokenizer_id`, `text`,
+        `stops`) from its tokenizer's name or id; stop strings need one."""
+        stop = policy.settings["stop"]
+        if not tokenizer:
+            if stop:
+                raise InvalidArgument("stop strings need the sequence's tokenizer: name one "
+                                      "registered with RegisterTokenizer or --tokenizer",
+                                      f"{prefix}params.stop")
+            return {}
+        tokenizer_id, vocabulary = self.tokenizers.get(tokenizer, f"{prefix}tokenizer")
+        return {"tokenizer_id": tokenizer_id, "text": IncrementalText(vocabulary),
+                "stops": StopStrings(stop) if stop else None}
 
     @staticmethod
     def _seed(policy: ResolvedPolicy, request: SequenceRequest, prefix: str) -> int:
@@ -502,6 +524,10 @@ class SamplerCore:
                     f"group {sid!r} has {entry.running_rows} running rows and this request "
                     f"sends {unit.count}: send one row per choice of its last answer with "
                     "finished = false, in that order", where)
+            if state.text is not None and state.text.vocabulary.size > vocab:
+                raise InvalidArgument(f"sequence {sid!r} has a tokenizer of "
+                                      f"{state.text.vocabulary.size} tokens; this request's "
+                                      f"logits have {vocab}", "logits.shape")
             if state.vocab_size and state.vocab_size != vocab:
                 raise InvalidArgument(f"sequence {sid!r} stepped with vocab {state.vocab_size} "
                                       f"before; this request has {vocab}", "logits.shape")
@@ -567,7 +593,8 @@ class SamplerCore:
         policy = saved.policy.resolved()
         root = SequenceState(sequence_id=saved.sequence_id, policy=policy,
                              prompt_ids=saved.prompt_ids, seed=saved.record.seed,
-                             eos_token_ids=frozenset(saved.eos_token_ids))
+                             eos_token_ids=frozenset(saved.eos_token_ids),
+                             **self.text_of(saved.tokenizer_id, policy))
         entry = self._group_or_sequence(root, SequenceRequest(saved.sequence_id), "")
         last = saved.last_record
         if last is not None and isinstance(last, GroupRecord) != isinstance(entry, Group):

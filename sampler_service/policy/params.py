@@ -88,6 +88,8 @@ class Param:
             return " / ".join(self.choices)
         if self.kind in ("int_list", "int_lists"):
             return f"token ids in [0, {_number_text(MAX_TOKEN_ID)}]"
+        if self.kind == "str_list":
+            return f"at most {MAX_STRINGS} strings of 1 to {MAX_STRING_CHARS} characters"
         integer = self.kind in ("int", "int_map")
         show = _number_text if integer else (lambda v: f"{v:g}")
         upper = self.upper
@@ -127,6 +129,8 @@ class Param:
             return word
         if self.kind == "int_list":
             return self._token_ids(value, field)
+        if self.kind == "str_list":
+            return _strings(value, field)
         if self.kind == "int_lists":
             if not isinstance(value, (list, tuple)):
                 raise InvalidArgument(f"{_label(field)} must be a list of token-id lists, got "
@@ -153,7 +157,7 @@ class Param:
             return {str(k): v for k, v in value}
         if self.kind == "int_lists":
             return [list(s) for s in value]
-        return list(value) if self.kind == "int_list" else value
+        return list(value) if self.kind in ("int_list", "str_list") else value
 
     def _number(self, value: Any, field: str, integer: bool) -> float | int:
         number = self._integer(value, field) if integer else self._float(value, field)
@@ -233,3 +237,24 @@ def validate_values(params: tuple[Param, ...], given: Any, field: str) -> dict[s
                 f"{field}.{key_text(name)}")
     return {p.name: p.validate(given[p.name], f"{field}.{p.name}") if p.name in given else p.default
             for p in params}
+
+
+#: A `str_list` parameter (stop strings) holds at most this many strings of at most this many
+#: characters: each step searches the text's last MAX_STRING_CHARS characters for them.
+MAX_STRINGS = 64
+MAX_STRING_CHARS = 256
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+    """A list of 1 to MAX_STRING_CHARS-character strings, at most MAX_STRINGS of them."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidArgument(f"{_label(field)} must be a list of strings, got {echo(value)}", field)
+    if len(value) > MAX_STRINGS:
+        raise InvalidArgument(f"{_label(field)} holds {len(value)} strings; at most {MAX_STRINGS}",
+                              field)
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not 1 <= len(item) <= MAX_STRING_CHARS:
+            raise InvalidArgument(f"{_label(field)}[{index}] must be a string of 1 to "
+                                  f"{MAX_STRING_CHARS} characters, got {echo(item)}",
+                                  f"{field}[{index}]")
+    return tuple(value)

@@ -24,11 +24,18 @@ SETTINGS: tuple[Param, ...] = (
     Param("best_of", "int", default=0, off=0, minimum=0,
           doc="forks: sample best_of and return the n with the highest cumulative raw logprob "
               "(vLLM best_of); 0 = n"),
+    Param("stop", "str_list", default=(), off=(),
+          doc="finish with STOP once the output text contains one of these strings (vLLM "
+              "stop); needs the sequence's tokenizer"),
+    Param("include_stop_str_in_output", "bool", default=False, off=False,
+          doc="the text reported keeps the stop string that ended it (vLLM)"),
 )
 SETTING_NAMES = frozenset(p.name for p in SETTINGS)
 #: Settings a request may always set, whatever the policy's `overridable` list says: they
-#: change what is reported or how many samples are drawn, never how any one token is chosen.
-ALWAYS_OVERRIDABLE = frozenset({"logprobs", "n", "best_of"})
+#: change what is reported, where the caller's generation ends or how many samples are
+#: drawn, never how any one token is chosen.
+ALWAYS_OVERRIDABLE = frozenset({"logprobs", "n", "best_of", "stop",
+                                "include_stop_str_in_output"})
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from sampler_service.device import resolve_device
 from sampler_service.engine import Engine
 from sampler_service.policy.plugins import load_plugins
 from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.text.registry import DEFAULT_MAX_TOKENIZERS, TokenizerRegistry
+from sampler_client.vocabulary import load_vocabulary
 from sampler_service.policy.watcher import PolicyWatcher
 from sampler_service.policy_admin import PolicyAdministration
 from sampler_service.server.admin import ADMIN_SERVICE, PolicyAdminServicer
@@ -123,6 +125,10 @@ class ServerConfig:
     state_dir: Path | None = None
     snapshot_interval_s: float = DEFAULT_SNAPSHOT_INTERVAL_S
     journal_fsync: bool = False
+    #: (name, path) of vocabularies to load at start (`--tokenizer NAME=PATH`): a
+    #: tokenizer.json, a Hugging Face tokenizer directory or a GGUF file.
+    tokenizers: tuple[tuple[str, Path], ...] = ()
+    max_tokenizers: int = DEFAULT_MAX_TOKENIZERS
 
     def shared_memory_allowed(self) -> bool:
         if self.allow_shared_memory is not None:
@@ -160,6 +166,20 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=client_ca is not None)
 
 
+def loaded_tokenizers(config: ServerConfig) -> TokenizerRegistry:
+    """A registry holding the `--tokenizer` vocabularies (before any state is restored: the
+    restored sequences name them). ValueError naming the flag for one that does not load."""
+    tokenizers = TokenizerRegistry(config.max_tokenizers)
+    for name, path in config.tokenizers:
+        try:
+            vocabulary = load_vocabulary(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--tokenizer {name}={path}: {exc}") from None
+        log.info("tokenizer %s: %d tokens from %s (%s)", name, vocabulary.size, path,
+                 tokenizers.register(vocabulary, name))
+    return tokenizers
+
+
 def _remove_stale_socket(path: Path) -> None:
     """A socket file left by an earlier run would make the bind fail; anything else is kept."""
     if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
@@ -188,7 +208,8 @@ class SamplerServer:
                                 config.max_group_rows,
                                 on_row=lambda policy, record: self.metrics.observe_row(
                                     policy, record.explanation),
-                                max_prompt_tokens=config.max_prompt_tokens)
+                                max_prompt_tokens=config.max_prompt_tokens,
+                                tokenizers=loaded_tokenizers(config))
         self.state = None  # restored before the ports are bound: health turns SERVING after
         if config.state_dir is not None:
             self.state = StateKeeper(config.state_dir, self.core, config.snapshot_interval_s,

@@ -65,7 +65,7 @@ def sequence_request_from_pb(config: pb.SequenceConfig) -> SequenceRequest:
         sequence_id=config.sequence_id, policy=config.policy,
         policy_spec=struct_to_dict(config.policy_spec) if config.HasField("policy_spec") else None,
         params=params_from_pb(config.params), prompt_ids=tuple(config.prompt_ids),
-        eos_token_ids=tuple(config.eos_token_ids),
+        eos_token_ids=tuple(config.eos_token_ids), tokenizer=config.tokenizer,
         resume=resume_point_from_pb(config.resume) if config.HasField("resume") else None)
 
 
@@ -159,6 +159,8 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord, branch: int
         choice.processed_logprob = record.processed_logprob
     if record.explanation:
         choice.explanation.update(record.explanation)
+    if record.stop_string is not None:
+        choice.stop_string = record.stop_string
     return choice
 
 
@@ -208,7 +210,7 @@ def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
             sequence_id=root.sequence_id, policy=root.policy.name, policy_version=version_pb(root),
             prompt_ids=root.prompt_ids, finished=entry.finished, seed=root.seed,
             resolved_spec=dict_to_struct(root.policy.spec()), vocab_size=root.vocab_size,
-            group=group_info_pb(entry), split=root.policy.split)
+            group=group_info_pb(entry), split=root.policy.split, tokenizer_id=root.tokenizer_id)
         return info
     state = entry
     info = pb.SequenceInfo(
@@ -222,7 +224,8 @@ def sequence_info_pb(entry: SequenceState | Group) -> pb.SequenceInfo:
             mean_entropy=state.mean_entropy, mean_varentropy=state.mean_varentropy,
             ema_entropy=state.ema_entropy, ema_varentropy=state.ema_varentropy,
             ema_alpha=ENTROPY_EMA_ALPHA),
-        split=state.policy.split)
+        split=state.policy.split, text=state.output_text(),
+        stop_string=state.stop_string or "", tokenizer_id=state.tokenizer_id)
     if state.stop_token_id is not None:
         info.stop_token_id = state.stop_token_id
     return info

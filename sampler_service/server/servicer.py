@@ -19,6 +19,7 @@ from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.status import to_rpc_status
 from sampler_service.service import SamplerCore
 from sampler_service.server.steps import StepRunner, StepWork
+from sampler_service.text.registry import checked_vocabulary
 
 T = TypeVar("T")
 
@@ -115,6 +116,16 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         error = as_service_error(exc)
         self.metrics.errors.labels("StepStream", error.code).inc()
         return pb.StepResponse(error=to_rpc_status(error), request_id=request_id)
+
+    @map_errors
+    async def RegisterTokenizer(self, request, context):
+        def register():  # off the event loop: checking and hashing 100k+ tokens takes a while
+            vocabulary = checked_vocabulary(list(request.tokens), list(request.special_ids),
+                                            list(request.eos_token_ids))
+            return self.core.tokenizers.register(vocabulary, request.name), vocabulary.size
+
+        tokenizer_id, size = await asyncio.to_thread(register)
+        return pb.RegisterTokenizerResponse(tokenizer_id=tokenizer_id, vocab_size=size)
 
     @map_errors
     async def Preview(self, request, context):

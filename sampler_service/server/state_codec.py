@@ -90,6 +90,8 @@ def _fill_row(row: pb.SavedRow, record: StepRecord) -> None:
         row.processed_entropy, row.processed_varentropy = record.processed_stats
     if record.explanation:
         row.explanation_json = json.dumps(record.explanation)
+    if record.stop_string is not None:
+        row.stop_string = record.stop_string
 
 
 def _fill_answer(message: pb.SavedAnswer, answer: StepRecord | GroupRecord) -> None:
@@ -115,6 +117,7 @@ def _fill_sequence(message: pb.SavedSequence, saved: SavedSequence) -> None:
     message.varentropies.extend(v for _, v in saved.stats)
     _fill_record(message.record, saved.record)
     message.vocab_size = saved.vocab_size
+    message.tokenizer_id = saved.tokenizer_id
     if saved.last_record is not None:
         _fill_answer(message.last_answer, saved.last_record)
 
@@ -203,7 +206,8 @@ def _row_from_pb(row: pb.SavedRow) -> StepRecord:
         processed_stats=((row.processed_entropy, row.processed_varentropy)
                          if row.HasField("processed_entropy") else None),
         parent=row.parent, score=row.score,
-        explanation=_object(row.explanation_json, "explanation"))
+        explanation=_object(row.explanation_json, "explanation"),
+        stop_string=row.stop_string if row.HasField("stop_string") else None)
 
 
 def _answer_from_pb(answer: pb.SavedAnswer) -> StepRecord | GroupRecord:
@@ -238,4 +242,5 @@ def _sequence_from_pb(message: pb.SavedSequence) -> SavedSequence:
         tuple(message.eos_token_ids), _record_from_pb(message.record),
         list(message.output_ids), list(zip(message.entropies, message.varentropies)),
         message.vocab_size,
-        _answer_from_pb(message.last_answer) if message.HasField("last_answer") else None)
+        _answer_from_pb(message.last_answer) if message.HasField("last_answer") else None,
+        message.tokenizer_id)

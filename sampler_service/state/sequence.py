@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sampler_service.state.history import TokenHistory
+from sampler_service.text.detokenize import IncrementalText
+from sampler_service.text.stops import StopStrings
 from sampler_service.state.resume import (Reader, ResumePoint, ResumeRecord, checked_record,
                                           restore_row, row_state)
 
@@ -64,6 +66,8 @@ class StepRecord:
     processed_logprob: float | None = None
     processed_top_logprobs: tuple[tuple[int, float], ...] = ()
     processed_stats: tuple[float, float] | None = None  # (entropy, varentropy)
+    #: The stop string that finished the sequence at this step (finish_reason STOP).
+    stop_string: str | None = None
     #: Group rows: the input row (index among the group's rows) this output row continues.
     parent: int = 0
     #: Group rows: the running beam score, or a branch's cumulative raw logprob.
@@ -109,6 +113,13 @@ class SequenceState:
     last_record: StepRecord | None = None
     processor_state: dict[str, Any] = field(default_factory=dict)
     last_used: float = 0.0
+    #: With a tokenizer: its id, the output as text so far and the stop strings searched in it
+    #: (`sampler_service.text`); the stop string that finished the sequence, and where it starts.
+    tokenizer_id: str = ""
+    text: IncrementalText | None = None
+    stops: StopStrings | None = None
+    stop_string: str | None = None
+    stop_at: int = 0
     history: TokenHistory = field(init=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +189,7 @@ class SequenceState:
         other.last_record = None
         other.processor_state = dict(self.processor_state)
         other.history = self.history.copy()
+        other.text = None if self.text is None else self.text.copy()
         return other
 
     # -- resume (`sampler_service.state.resume`) -------------------------------------------------
@@ -212,7 +224,7 @@ class SequenceState:
             processed_logprob=outcome.processed_logprob,
             processed_top_logprobs=outcome.processed_top_logprobs,
             processed_stats=outcome.processed_stats, parent=parent, score=score,
-            explanation=outcome.explanation)
+            explanation=outcome.explanation, stop_string=self.stop_string)
         return self.last_record
 
     def accept(self, token_id: int, entropy: float, varentropy: float) -> None:
@@ -228,8 +240,26 @@ class SequenceState:
         self.entropy_sum += entropy
         self.varentropy_sum += varentropy
         max_tokens = self.policy.settings["max_tokens"]
-        if token_id in self.stop_ids:
+        match = None
+        if self.text is not None:
+            start = len(self.text)
+            self.text.append(token_id)
+            if self.stops is not None:
+                match = self.stops.find(self.text.text, start)
+        if token_id in self.stop_ids:  # vLLM's order: stop ids, stop strings, then length
             self.finish_reason = FinishReason.STOP
             self.stop_token_id = token_id
+        elif match is not None:
+            self.finish_reason = FinishReason.STOP
+            self.stop_string, self.stop_at = match.stop, match.start
         elif max_tokens and len(self.output_ids) >= max_tokens:
             self.finish_reason = FinishReason.LENGTH
+
+    def output_text(self) -> str:
+        """The output as text, cut before the stop string that ended it unless the policy
+        says include_stop_str_in_output (vLLM); "" without a tokenizer."""
+        if self.text is None:
+            return ""
+        if self.stop_string is None or self.policy.settings["include_stop_str_in_output"]:
+            return self.text.text
+        return self.text.text[:self.stop_at]

@@ -40,7 +40,7 @@ def test_reflection_lists_the_services(server):
         pool = DescriptorPool(database)
         methods = {m.name for m in pool.FindServiceByName("sampler.v1.Sampler").methods}
         assert methods == {"CreateSequences", "ReleaseSequences", "GetSequence", "Step",
-                           "StepStream", "Preview"}
+                           "StepStream", "Preview", "RegisterTokenizer"}
 
 
 def test_policy_file_extends_the_defaults(start_server, tmp_path):

@@ -114,10 +114,17 @@ class AsyncSamplerClient:
                               prompt_ids: Iterable[int] = (), seed: int | None = None,
                               params: Mapping[str, Any] | None = None, *,
                               sequence_id: str | None = None,
-                              eos_token_ids: Iterable[int] = ()) -> AsyncSequence:
+                              eos_token_ids: Iterable[int] = (),
+                              tokenizer: str = "") -> AsyncSequence:
         return (await self.create_sequences([dict(
             policy=policy, prompt_ids=prompt_ids, seed=seed, params=params,
-            sequence_id=sequence_id, eos_token_ids=eos_token_ids)]))[0]
+            sequence_id=sequence_id, eos_token_ids=eos_token_ids, tokenizer=tokenizer)]))[0]
+
+    async def register_tokenizer(self, tokenizer: Any, name: str = "") -> str:
+        """See `SamplerClient.register_tokenizer`."""
+        response = await self._call(self._stub.RegisterTokenizer,
+                                    requests.register_tokenizer_request(tokenizer, name))
+        return response.tokenizer_id
 
     async def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[AsyncSequence]:
         request = requests.create_request(configs)

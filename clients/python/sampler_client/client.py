@@ -390,11 +390,20 @@ class SamplerClient(ChannelClient):
     def create_sequence(self, policy: str | Mapping[str, Any] | None = None,
                         prompt_ids: Iterable[int] = (), seed: int | None = None,
                         params: Mapping[str, Any] | None = None, *, sequence_id: str | None = None,
-                        eos_token_ids: Iterable[int] = ()) -> Sequence:
-        """One sequence. `policy`: a registry name, an inline spec dict, or None for flat `params`."""
+                        eos_token_ids: Iterable[int] = (), tokenizer: str = "") -> Sequence:
+        """One sequence. `policy`: a registry name, an inline spec dict, or None for flat `params`;
+        `tokenizer`: a registered tokenizer's name or id (text, stop strings)."""
         return self.create_sequences([dict(policy=policy, prompt_ids=prompt_ids, seed=seed,
                                            params=params, sequence_id=sequence_id,
-                                           eos_token_ids=eos_token_ids)])[0]
+                                           eos_token_ids=eos_token_ids, tokenizer=tokenizer)])[0]
+
+    def register_tokenizer(self, tokenizer: Any, name: str = "") -> str:
+        """Teaches the service a vocabulary (a Hugging Face tokenizer object or a
+        `sampler_client.vocabulary.Vocabulary`) and returns its id, which sequences name
+        (`tokenizer=`), as they may `name`. Idempotent: the id is a hash of the content."""
+        response = self._call(self._stub.RegisterTokenizer,
+                              requests.register_tokenizer_request(tokenizer, name))
+        return response.tokenizer_id
 
     def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[Sequence]:
         """Several sequences atomically; each config takes `create_sequence`'s keywords."""

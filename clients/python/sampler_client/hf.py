@@ -132,7 +132,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
              eos_token_id: int | SequenceT[int] | None = None, num_beams: int = 1,
              n: int = 1, best_of: int = 0, cot_k: int = 0,
              stats: GenerationStats | None = None, results: list | None = None,
-             trace: list | None = None, **beam_options: Any) -> list[list[int]]:
+             trace: list | None = None, tokenizer: Any = None,
+             **beam_options: Any) -> list[list[int]]:
     """Generates through the service; returns the new token ids of each output, in order.
 
     `input_ids`: a [batch, length] or [length] tensor, or lists of ids (prompts of different
@@ -151,6 +152,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     given, is filled with the time spent in the model and in the sidecar; `results`, if given,
     gets each prompt's group result (None for a plain sequence); `trace`, if given, gets each
     step's choices (a list per step: logprobs, entropy, the policy's explanations).
+    `tokenizer` (the model's Hugging Face tokenizer) is registered with the service, so that
+    `params={"stop": [...]}` (stop strings) apply.
 
     `client` may be built with any transport and `sparse_top_k` (see `SamplerClient`): each
     step sends `out.logits[:, -1, :].float()`, a non-contiguous view of the model's output on
@@ -172,8 +175,9 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
                            max_new_tokens=max_new_tokens, beam_options=beam_options)
     if n > 1 or best_of:
         params = {**(params or {}), "n": n, "best_of": best_of}
+    tokenizer_id = "" if tokenizer is None else client.register_tokenizer(tokenizer)
     handles = client.create_sequences([
-        dict(policy=policy, params=params, prompt_ids=p, eos_token_ids=eos,
+        dict(policy=policy, params=params, prompt_ids=p, eos_token_ids=eos, tokenizer=tokenizer_id,
              seed=None if seed is None else seed + i) for i, p in enumerate(prompts)])
     rows = [_Row(i, []) for i, h in enumerate(handles) for _ in range(h.running_rows)]
     done: list[list[list[int]]] = [[] for _ in prompts]

@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_client.errors import MessageTooLargeError
 from sampler_client.tensors import encode_rows, encode_tensor
+from sampler_client.vocabulary import Vocabulary, vocabulary_from_hf
 
 
 def check_size(request: Message, limit: int) -> None:
@@ -43,11 +44,13 @@ def spec_struct(spec: Mapping[str, Any]) -> struct_pb2.Struct:
 
 def sequence_config(*, sequence_id: str | None, policy: str | Mapping[str, Any] | None,
                     prompt_ids: Iterable[int], seed: int | None, params: Mapping[str, Any] | None,
-                    eos_token_ids: Iterable[int]) -> pb.SequenceConfig:
-    """One sequence to create. `policy` is a registry name or an inline spec dict."""
+                    eos_token_ids: Iterable[int], tokenizer: str = "") -> pb.SequenceConfig:
+    """One sequence to create. `policy` is a registry name or an inline spec dict; `tokenizer`
+    a registered tokenizer's name or id (`register_tokenizer_request`)."""
     config = pb.SequenceConfig(sequence_id=sequence_id or uuid.uuid4().hex,
                                params=sampling_params(params, seed),
-                               prompt_ids=list(prompt_ids), eos_token_ids=list(eos_token_ids))
+                               prompt_ids=list(prompt_ids), eos_token_ids=list(eos_token_ids),
+                               tokenizer=tokenizer)
     if isinstance(policy, Mapping):
         config.policy_spec.CopyFrom(spec_struct(policy))
     elif policy:
@@ -61,6 +64,15 @@ def create_request(configs: Iterable[Mapping[str, Any]]) -> pb.CreateSequencesRe
         sequence_config(**{"sequence_id": None, "policy": None, "prompt_ids": (), "seed": None,
                            "params": None, "eos_token_ids": (), **config})
         for config in configs])
+
+
+def register_tokenizer_request(tokenizer: Any, name: str = "") -> pb.RegisterTokenizerRequest:
+    """RegisterTokenizer of a Hugging Face tokenizer or a `Vocabulary`: the bytes of every
+    token id, the special and EOS ids."""
+    vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_from_hf(tokenizer)
+    return pb.RegisterTokenizerRequest(name=name, tokens=vocabulary.tokens,
+                                       special_ids=sorted(vocabulary.special_ids),
+                                       eos_token_ids=vocabulary.eos_token_ids)
 
 
 def _rows_tensor(values: Any, rows: int) -> pb.Tensor:

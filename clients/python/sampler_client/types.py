@@ -56,11 +56,13 @@ class Choice:
     score: float = 0.0
     #: What the policy's adaptive stages decided: {stage key: {field: value}}.
     explanation: dict[str, Any] = field(default_factory=dict)
+    #: The stop string that finished the sequence at this step, if any.
+    stop_string: str | None = None
 
     @classmethod
     def from_pb(cls, c: pb.Choice) -> "Choice":
         return cls(sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
-                   branch=c.branch, score=c.score,
+                   branch=c.branch, score=c.score, stop_string=c.stop_string or None,
                    explanation=struct_plain(c.explanation),
                    token_id=c.token_id, logprob=c.logprob, top_logprobs=_pairs(c.top_logprobs),
                    entropy=c.stats.entropy, varentropy=c.stats.varentropy, finished=c.finished,
@@ -160,6 +162,11 @@ class SequenceInfo:
     entropy_summary: dict[str, float] = field(default_factory=dict)
     #: The A/B split that assigned the policy ("" when named directly).
     split: str = ""
+    #: With a tokenizer: its id, the output as text (cut before the stop string that ended it
+    #: unless include_stop_str_in_output) and that stop string.
+    tokenizer_id: str = ""
+    text: str = ""
+    stop_string: str | None = None
 
     @classmethod
     def from_pb(cls, s: pb.SequenceInfo) -> "SequenceInfo":
@@ -174,7 +181,8 @@ class SequenceInfo:
                    group=GroupInfo.from_pb(s.group) if s.HasField("group") else None,
                    entropy_summary={f.name: getattr(s.entropy_summary, f.name)
                                     for f in pb.EntropySummary.DESCRIPTOR.fields},
-                   split=s.split)
+                   split=s.split, tokenizer_id=s.tokenizer_id, text=s.text,
+                   stop_string=s.stop_string or None)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,26 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 STOP: FinishReason
 LENGTH: FinishReason
 
+class RegisterTokenizerRequest(_message.Message):
+    __slots__ = ("name", "tokens", "special_ids", "eos_token_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    special_ids: _containers.RepeatedScalarFieldContainer[int]
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., tokens: _Optional[_Iterable[bytes]] = ..., special_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RegisterTokenizerResponse(_message.Message):
+    __slots__ = ("tokenizer_id", "vocab_size")
+    TOKENIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_id: str
+    vocab_size: int
+    def __init__(self, tokenizer_id: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "raw", "shared_memory", "cuda_ipc")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -80,7 +100,7 @@ class TailStats(_message.Message):
     def __init__(self, max: _Optional[float] = ..., log_sum_exp: _Optional[float] = ..., mean: _Optional[float] = ..., mean_square: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of", "stop", "include_stop_str_in_output")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +125,8 @@ class SamplingParams(_message.Message):
     BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     BEST_OF_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -122,7 +144,9 @@ class SamplingParams(_message.Message):
     bad_words: _containers.RepeatedCompositeFieldContainer[TokenIds]
     n: int
     best_of: int
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., n: _Optional[int] = ..., best_of: _Optional[int] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    include_stop_str_in_output: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., n: _Optional[int] = ..., best_of: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -131,13 +155,14 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceConfig(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_spec", "params", "prompt_ids", "eos_token_ids", "resume")
+    __slots__ = ("sequence_id", "policy", "policy_spec", "params", "prompt_ids", "eos_token_ids", "tokenizer", "resume")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_SPEC_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
@@ -145,8 +170,9 @@ class SequenceConfig(_message.Message):
     params: SamplingParams
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokenizer: str
     resume: ResumeState
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., resume: _Optional[_Union[ResumeState, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer: _Optional[str] = ..., resume: _Optional[_Union[ResumeState, _Mapping]] = ...) -> None: ...
 
 class ResumeState(_message.Message):
     __slots__ = ("output_ids", "stats", "record")
@@ -239,7 +265,7 @@ class StepStats(_message.Message):
     def __init__(self, entropy: _Optional[float] = ..., varentropy: _Optional[float] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size", "group", "entropy_summary", "split")
+    __slots__ = ("sequence_id", "policy", "policy_version", "prompt_ids", "output_ids", "stats", "finished", "finish_reason", "stop_token_id", "seed", "resolved_spec", "vocab_size", "group", "entropy_summary", "split", "text", "stop_string", "tokenizer_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +281,9 @@ class SequenceInfo(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: str
     policy_version: PolicyVersion
@@ -270,7 +299,10 @@ class SequenceInfo(_message.Message):
     group: GroupInfo
     entropy_summary: EntropySummary
     split: str
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., entropy_summary: _Optional[_Union[EntropySummary, _Mapping]] = ..., split: _Optional[str] = ...) -> None: ...
+    text: str
+    stop_string: str
+    tokenizer_id: str
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[str] = ..., policy_version: _Optional[_Union[PolicyVersion, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., resolved_spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., vocab_size: _Optional[int] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., entropy_summary: _Optional[_Union[EntropySummary, _Mapping]] = ..., split: _Optional[str] = ..., text: _Optional[str] = ..., stop_string: _Optional[str] = ..., tokenizer_id: _Optional[str] = ...) -> None: ...
 
 class EntropySummary(_message.Message):
     __slots__ = ("mean_entropy", "mean_varentropy", "ema_entropy", "ema_varentropy", "ema_alpha")
@@ -351,7 +383,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Choice(_message.Message):
-    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score", "explanation")
+    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score", "stop_string", "explanation")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +399,7 @@ class Choice(_message.Message):
     PROCESSED_STATS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     parent_row: int
@@ -383,8 +416,9 @@ class Choice(_message.Message):
     processed_stats: StepStats
     branch: int
     score: float
+    stop_string: str
     explanation: _struct_pb2.Struct
-    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., stop_string: _Optional[str] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids")
@@ -661,7 +695,7 @@ class SavedLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SavedRow(_message.Message):
-    __slots__ = ("step", "token_id", "logprob", "top_logprobs", "entropy", "varentropy", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_entropy", "processed_varentropy", "parent", "score", "explanation_json")
+    __slots__ = ("step", "token_id", "logprob", "top_logprobs", "entropy", "varentropy", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_entropy", "processed_varentropy", "parent", "score", "explanation_json", "stop_string")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -678,6 +712,7 @@ class SavedRow(_message.Message):
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     step: int
     token_id: int
     logprob: float
@@ -694,7 +729,8 @@ class SavedRow(_message.Message):
     parent: int
     score: float
     explanation_json: str
-    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., entropy: _Optional[float] = ..., varentropy: _Optional[float] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., processed_entropy: _Optional[float] = ..., processed_varentropy: _Optional[float] = ..., parent: _Optional[int] = ..., score: _Optional[float] = ..., explanation_json: _Optional[str] = ...) -> None: ...
+    stop_string: str
+    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., entropy: _Optional[float] = ..., varentropy: _Optional[float] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., processed_entropy: _Optional[float] = ..., processed_varentropy: _Optional[float] = ..., parent: _Optional[int] = ..., score: _Optional[float] = ..., explanation_json: _Optional[str] = ..., stop_string: _Optional[str] = ...) -> None: ...
 
 class SavedRecord(_message.Message):
     __slots__ = ("sequence_id", "version", "position", "policy_hash", "seed", "state_json")
@@ -733,7 +769,7 @@ class SavedAnswer(_message.Message):
     def __init__(self, row: _Optional[_Union[SavedRow, _Mapping]] = ..., group: _Optional[_Union[SavedGroupAnswer, _Mapping]] = ...) -> None: ...
 
 class SavedSequence(_message.Message):
-    __slots__ = ("sequence_id", "policy", "prompt_ids", "eos_token_ids", "output_ids", "entropies", "varentropies", "record", "vocab_size", "last_answer")
+    __slots__ = ("sequence_id", "policy", "prompt_ids", "eos_token_ids", "output_ids", "entropies", "varentropies", "record", "vocab_size", "last_answer", "tokenizer_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -744,6 +780,7 @@ class SavedSequence(_message.Message):
     RECORD_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAST_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     policy: SavedPolicy
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -754,7 +791,8 @@ class SavedSequence(_message.Message):
     record: SavedRecord
     vocab_size: int
     last_answer: SavedAnswer
-    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[_Union[SavedPolicy, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., varentropies: _Optional[_Iterable[float]] = ..., record: _Optional[_Union[SavedRecord, _Mapping]] = ..., vocab_size: _Optional[int] = ..., last_answer: _Optional[_Union[SavedAnswer, _Mapping]] = ...) -> None: ...
+    tokenizer_id: str
+    def __init__(self, sequence_id: _Optional[str] = ..., policy: _Optional[_Union[SavedPolicy, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., varentropies: _Optional[_Iterable[float]] = ..., record: _Optional[_Union[SavedRecord, _Mapping]] = ..., vocab_size: _Optional[int] = ..., last_answer: _Optional[_Union[SavedAnswer, _Mapping]] = ..., tokenizer_id: _Optional[str] = ...) -> None: ...
 
 class SavedStep(_message.Message):
     __slots__ = ("record", "answer", "vocab_size", "policy")

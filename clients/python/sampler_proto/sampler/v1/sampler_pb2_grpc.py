@@ -66,6 +66,11 @@ class SamplerStub:
                 request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewRequest.SerializeToString,
                 response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewResponse.FromString,
                 _registered_method=True)
+        self.RegisterTokenizer = channel.unary_unary(
+                '/sampler.v1.Sampler/RegisterTokenizer',
+                request_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerRequest.SerializeToString,
+                response_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerResponse.FromString,
+                _registered_method=True)
 
 
 class SamplerServicer:
@@ -119,6 +124,18 @@ class SamplerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterTokenizer(self, request, context):
+        """Teaches the service a model's vocabulary (the bytes of every token id), so that sequences
+        naming it get text: stop strings, the text so far. Idempotent: the vocabulary is
+        identified by a hash of its content, and registering it again answers the same id.
+        Errors: INVALID_ARGUMENT (an empty or oversized vocabulary, ids out of range),
+        ALREADY_EXISTS (the name is bound to another vocabulary), RESOURCE_EXHAUSTED (the cap on
+        tokenizers, --max-tokenizers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SamplerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +168,11 @@ def add_SamplerServicer_to_server(servicer, server):
                     servicer.Preview,
                     request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewRequest.FromString,
                     response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewResponse.SerializeToString,
+            ),
+            'RegisterTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterTokenizer,
+                    request_deserializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerRequest.FromString,
+                    response_serializer=sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +339,33 @@ class Sampler:
             '/sampler.v1.Sampler/Preview',
             sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewRequest.SerializeToString,
             sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.PreviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sampler.v1.Sampler/RegisterTokenizer',
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerRequest.SerializeToString,
+            sampler__proto_dot_sampler_dot_v1_dot_sampler__pb2.RegisterTokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,
