@@ -34,6 +34,7 @@ def test_a_stop_string_spanning_tokens_ends_the_sequence_and_is_cut_from_the_tex
     tokenizer_id = client.register_tokenizer(VOCAB, name="toy")
     assert tokenizer_id == VOCAB.digest == client.register_tokenizer(VOCAB)  # idempotent
     sequence = client.create_sequence("greedy", tokenizer="toy", params={"stop": ["o wo", "!!"]})
+    assert sequence.resumption.tokenizer.name == "toy"  # replay can teach a restarted service
     choices = run(sequence, [1, 2, 3, 4, 5])
     assert [c.token_id for c in choices] == [1, 2, 3]  # "Hel" "lo" " wor": "o wo" completed
     assert choices[-1].finished and choices[-1].finish_reason == "stop"

@@ -11,7 +11,8 @@ from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests, specs
 from sampler_client.calls import Rpc, run_async
 from sampler_client.client import (DEFAULT_MAX_MESSAGE_BYTES, SequenceHandle, TLSConfig,
-                                   make_channel, make_handles, rpc_methods)
+                                   make_channel, make_handles, remember_tokenizer,
+                                   rpc_methods)
 from sampler_client.errors import SamplerError, UnavailableError, from_rpc_error
 from sampler_client.exchange import StepExchange
 from sampler_client.replay import Replay, release, sequence_info
@@ -61,6 +62,8 @@ class AsyncSamplerClient:
         #: The channel's max send size: a larger step is refused before it is sent.
         self.max_message_bytes = max_message_bytes
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
+        #: Tokenizers this client registered, by id and name (replay registers them again).
+        self._tokenizers: dict[str, pb.RegisterTokenizerRequest] = {}
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
         self._methods = rpc_methods(self._channel, self._stub, self._regions)
         self.timeout = timeout
@@ -122,15 +125,16 @@ class AsyncSamplerClient:
 
     async def register_tokenizer(self, tokenizer: Any, name: str = "") -> str:
         """See `SamplerClient.register_tokenizer`."""
-        response = await self._call(self._stub.RegisterTokenizer,
-                                    requests.register_tokenizer_request(tokenizer, name))
+        request = requests.register_tokenizer_request(tokenizer, name)
+        response = await self._call(self._stub.RegisterTokenizer, request)
+        remember_tokenizer(self._tokenizers, request, response)
         return response.tokenizer_id
 
     async def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[AsyncSequence]:
         request = requests.create_request(configs)
         response = await self._call(self._stub.CreateSequences, request)
         return make_handles(self, request, response, AsyncSequence, AsyncSequenceGroup,
-                            self._steps.replay is not None)
+                            self._steps.replay is not None, self._tokenizers)
 
     async def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *,
                                 max_new_tokens: int, **options: Any) -> AsyncSequenceGroup:

@@ -211,22 +211,34 @@ class SequenceGroup(SequenceHandle):
 
 def make_handles(client: Any, request: pb.CreateSequencesRequest,
                  response: pb.CreateSequencesResponse, plain: type, group: type,
-                 replay: bool) -> list[Any]:
+                 replay: bool, tokenizers: Mapping[str, pb.RegisterTokenizerRequest]
+                 ) -> list[Any]:
     """A handle (of class `plain` or `group`) per created sequence; with `replay`, each keeps
-    its config for replay."""
+    its config for replay, and the registration of its tokenizer when `tokenizers` (the
+    client's registrations, by name and id) has it."""
     handles = []
     for config, created in zip(request.sequences, response.sequences):
         handle = (group if created.group_kind else plain)(client, created)
         if replay:
-            handle.resumption = Resumption(config, plain=not created.group_kind)
+            handle.resumption = Resumption(config, plain=not created.group_kind,
+                                           tokenizer=tokenizers.get(config.tokenizer))
         handles.append(handle)
     return handles
 
 
+def remember_tokenizer(kept: dict[str, pb.RegisterTokenizerRequest],
+                       request: pb.RegisterTokenizerRequest,
+                       response: pb.RegisterTokenizerResponse) -> None:
+    """Keeps a registration by the id it got and its name, for replay to repeat it."""
+    kept[response.tokenizer_id] = request
+    if request.name:
+        kept[request.name] = request
+
+
 def rpc_methods(channel: Any, stub: Any, regions: Any) -> dict[str, Any]:
     """The calls an exchange may yield but Step, by name, on a grpc or grpc.aio channel."""
-    methods = {name: getattr(stub, name)
-               for name in ("CreateSequences", "ReleaseSequences", "GetSequence")}
+    methods = {name: getattr(stub, name) for name in (
+        "CreateSequences", "ReleaseSequences", "GetSequence", "RegisterTokenizer")}
     methods.update((name, getattr(regions, name)) for name in (
         "RegisterSystemRegion", "RegisterCudaRegion", "UnregisterRegion", "RegionStatus"))
     methods["Check"] = health.check_method(channel)
@@ -343,6 +355,8 @@ class SamplerClient(ChannelClient):
                          max_message_bytes=max_message_bytes, channel=channel, tls=tls,
                          replay=replay)
         self._steps = steps
+        #: Tokenizers this client registered, by id and name (replay registers them again).
+        self._tokenizers: dict[str, pb.RegisterTokenizerRequest] = {}
         self._regions = sampler_pb2_grpc.SharedMemoryStub(self._channel)
         self._methods = rpc_methods(self._channel, self._stub, self._regions)
 
@@ -401,8 +415,9 @@ class SamplerClient(ChannelClient):
         """Teaches the service a vocabulary (a Hugging Face tokenizer object or a
         `sampler_client.vocabulary.Vocabulary`) and returns its id, which sequences name
         (`tokenizer=`), as they may `name`. Idempotent: the id is a hash of the content."""
-        response = self._call(self._stub.RegisterTokenizer,
-                              requests.register_tokenizer_request(tokenizer, name))
+        request = requests.register_tokenizer_request(tokenizer, name)
+        response = self._call(self._stub.RegisterTokenizer, request)
+        remember_tokenizer(self._tokenizers, request, response)
         return response.tokenizer_id
 
     def create_sequences(self, configs: Iterable[Mapping[str, Any]]) -> list[Sequence]:
@@ -410,7 +425,7 @@ class SamplerClient(ChannelClient):
         request = requests.create_request(configs)
         response = self._call(self._stub.CreateSequences, request)
         return make_handles(self, request, response, Sequence, SequenceGroup,
-                            self._steps.replay is not None)
+                            self._steps.replay is not None, self._tokenizers)
 
     def create_beam_group(self, prompt_ids: Iterable[int], num_beams: int, *, max_new_tokens: int,
                           **options: Any) -> SequenceGroup:

@@ -56,6 +56,7 @@ FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 2.0
 _ROW_FIELD = re.compile(r"rows\[(\d+)\]\.(sequence_id|step)")
 _CREATE_FIELD = re.compile(r"sequences\[(\d+)\]\.sequence_id")
+_TOKENIZER_FIELD = re.compile(r"sequences\[(\d+)\]\.tokenizer")
 
 
 class Resumption:
@@ -64,11 +65,16 @@ class Resumption:
     varentropy (arrays, appended once per step); `record`, the last ResumeRecord (None
     before the first step)."""
 
-    __slots__ = ("config", "plain", "output_ids", "entropies", "varentropies", "record")
+    __slots__ = ("config", "plain", "output_ids", "entropies", "varentropies", "record",
+                 "tokenizer")
 
-    def __init__(self, config: pb.SequenceConfig, plain: bool):
+    def __init__(self, config: pb.SequenceConfig, plain: bool,
+                 tokenizer: pb.RegisterTokenizerRequest | None = None):
         self.config = config
         self.plain = plain
+        #: The registration of the tokenizer the config names, when this client made it: a
+        #: restarted service that forgot the vocabulary is taught it again.
+        self.tokenizer = tokenizer
         self.output_ids = array("i")
         self.entropies = array("f")  # Choice.stats are float32: kept exactly
         self.varentropies = array("f")
@@ -228,13 +234,22 @@ def _renew_regions(placer: TensorPlacer) -> Exchange[None]:
 
 def recreate(handles: Sequence[Any]) -> Exchange[None]:
     """Creates each kept sequence of `handles` where it stands, all in one call; one the
-    service already has (ALREADY_EXISTS, which names one per call) is left as it is."""
+    service already has (ALREADY_EXISTS, which names one per call) is left as it is, and a
+    tokenizer the service forgot (NOT_FOUND naming one's `tokenizer`) is registered again."""
     pending = {handle.sequence_id: handle for handle in handles}
     while pending:
         request = pb.CreateSequencesRequest(sequences=[h.resumption.config_now()
                                                        for h in pending.values()])
         try:
             response = yield Rpc("CreateSequences", request)
+        except NotFoundError as error:
+            forgotten = [int(m[1]) for m in map(_TOKENIZER_FIELD.fullmatch, error.fields) if m]
+            registration = (list(pending.values())[forgotten[0]].resumption.tokenizer
+                            if forgotten else None)
+            if registration is None:
+                raise
+            yield Rpc("RegisterTokenizer", registration)
+            continue
         except AlreadyExistsError as error:
             there = [int(m[1]) for m in map(_CREATE_FIELD.fullmatch, error.fields) if m]
             if not there:

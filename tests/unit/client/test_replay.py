@@ -306,3 +306,29 @@ def test_info_of_a_lost_sequence_recreates_it():
 def test_replay_timeout_must_be_positive():
     with pytest.raises(ValueError, match="replay_timeout"):
         Replay(0)
+
+
+def test_a_tokenizer_the_restarted_service_forgot_is_registered_again():
+    steps, seq = exchange(), handle("a")
+    registration = pb.RegisterTokenizerRequest(name="toy", tokens=[b"a", b"b"])
+    seq.resumption.tokenizer = registration
+    service = Script(("Step", error(NotFoundError, grpc.StatusCode.NOT_FOUND,
+                                    "rows[0].sequence_id")),
+                     ("CreateSequences", error(NotFoundError, grpc.StatusCode.NOT_FOUND,
+                                               "sequences[0].tokenizer")),
+                     ("RegisterTokenizer", pb.RegisterTokenizerResponse(tokenizer_id="t")),
+                     ("CreateSequences", pb.CreateSequencesResponse(sequences=[
+                         pb.CreatedSequence(sequence_id="a", seed=9)])),
+                     ("Step", answer))
+    assert [c.sequence_id for c in step(steps, [seq], service)] == ["a"]
+    assert service.sent("RegisterTokenizer") == [registration]
+
+
+def test_a_tokenizer_this_client_did_not_register_is_not_guessed():
+    steps, seq = exchange(), handle("a")
+    service = Script(("Step", error(NotFoundError, grpc.StatusCode.NOT_FOUND,
+                                    "rows[0].sequence_id")),
+                     ("CreateSequences", error(NotFoundError, grpc.StatusCode.NOT_FOUND,
+                                               "sequences[0].tokenizer")))
+    with pytest.raises(NotFoundError):
+        step(steps, [seq], service)
