@@ -30,6 +30,8 @@ from sampler_service.saved import CommitLog, SavedSequence, SavedStep
 from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
+from sampler_service.policy.processors.structured import structured_of
+from sampler_service.text import grammar as grammars
 from sampler_service.text.detokenize import IncrementalText
 from sampler_service.text.registry import TokenizerRegistry
 from sampler_service.text.stops import StopStrings
@@ -149,6 +151,27 @@ def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
 DEFAULT_MAX_PROMPT_TOKENS = 1 << 20
 
 
+def structured_link(policy: ResolvedPolicy, prefix: str = ""
+                    ) -> tuple[tuple[str, str], str] | None:
+    """((kind, canonical text), the field that set it) of the policy's `structured` stage when
+    it is on: the request's `params.structured.<kind>`, the inline spec's chain entry, or the
+    named policy."""
+    for index, link in enumerate(policy.links):
+        if link.stage.key != "structured":
+            continue
+        spec = structured_of(link.values)
+        if spec is None:
+            return None
+        if "structured" in policy.overrides:
+            where = f"{prefix}params.structured.{spec[0]}"
+        elif policy.name == "inline":
+            where = f"{prefix}policy_spec.chain[{index}].structured.{spec[0]}"
+        else:
+            where = f"{prefix}policy"
+        return spec, where
+    return None
+
+
 class SamplerCore:
     """Creates, steps, inspects and releases sequences; previews policies."""
 
@@ -215,6 +238,14 @@ class SamplerCore:
                 eos_token_ids=frozenset(_check_token_ids(request.eos_token_ids,
                                                          f"{prefix}eos_token_ids")),
                 **self.text_of(request.tokenizer, policy, prefix))
+            if not root.stop_ids and root.text is not None and \
+                    structured_link(policy, prefix) is not None:
+                # a finished grammar ends the sequence at EOS: the vocabulary's, if none given
+                root.eos_token_ids = frozenset(root.text.vocabulary.eos_token_ids)
+                if not root.eos_token_ids:
+                    raise InvalidArgument("structured outputs need EOS ids: give eos_token_ids "
+                                          "or register the tokenizer with its EOS ids",
+                                          f"{prefix}eos_token_ids")
             entry = self._group_or_sequence(root, request, prefix)
             if request.resume is not None:
                 entry.resume(request.resume, f"{prefix}resume")
@@ -227,15 +258,23 @@ class SamplerCore:
 
     def text_of(self, tokenizer: str, policy: ResolvedPolicy, prefix: str = "") -> dict[str, Any]:
         """The text fields of a new sequence's state (`SequenceState.tokenizer_id`, `text`,
-        `stops`) from its tokenizer's name or id; stop strings need one."""
+        `stops`) from its tokenizer's name or id; stop strings need one, and so does a
+        `structured` stage, whose grammar is compiled here (refused naming its field)."""
         stop = policy.settings["stop"]
+        structured = structured_link(policy, prefix)
         if not tokenizer:
+            if structured is not None:
+                raise InvalidArgument("structured outputs need the sequence's tokenizer: name one "
+                                      "registered with RegisterTokenizer or --tokenizer",
+                                      f"{prefix}tokenizer")
             if stop:
                 raise InvalidArgument("stop strings need the sequence's tokenizer: name one "
                                       "registered with RegisterTokenizer or --tokenizer",
                                       f"{prefix}params.stop")
             return {}
         tokenizer_id, vocabulary = self.tokenizers.get(tokenizer, f"{prefix}tokenizer")
+        if structured is not None:
+            grammars.compiled(vocabulary, *structured[0], structured[1])
         return {"tokenizer_id": tokenizer_id, "text": IncrementalText(vocabulary),
                 "stops": StopStrings(stop) if stop else None}
 

@@ -15,6 +15,7 @@ empty chain) costs no copy.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -148,6 +149,43 @@ class Candidates:
         kept = self.values[rows, columns]
         self.writable().index_fill_(0, active, -math.inf)  # a row all −inf is still best first
         self.update(rows, columns, kept)
+
+    def keep_bits(self, rows: list[int], bitmask: torch.Tensor) -> None:
+        """In each of `rows`, token t stays iff bit t % 32 of word t // 32 of `bitmask[row]` is
+        set (xgrammar's token bitmask: int32 [R, ceil(vocab / 32)] on the CPU); every other
+        token becomes −inf. Dense rows through xgrammar's kernel (in place, on the values'
+        device); sparse rows read the bits of the ids they list."""
+        if not rows:
+            return
+        if self.ids is None and self.values.device.type == "cpu" and sys.byteorder == "little":
+            # the bits as bytes, unpacked (≈1 ms for 64 x 49152, against 7 ms for xgrammar's
+            # CPU kernel), then one masking pass that also does the copy of values not owned
+            words = bitmask.numpy() if len(rows) == bitmask.shape[0] else bitmask[rows].numpy()
+            bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1,
+                                 bitorder="little")[:, :self.vocab]
+            remove = torch.from_numpy(bits == 0)
+            if len(rows) == self.rows:
+                self.mask(remove)
+                return
+            index = torch.tensor(rows, dtype=torch.int64)
+            part = self.values.index_select(0, index).masked_fill_(remove, -math.inf)
+            self.writable().index_copy_(0, index, part)
+            return
+        bitmask = bitmask.to(self.values.device)
+        if self.ids is None:
+            values = self.writable()
+            if values.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                from xgrammar import apply_token_bitmask_inplace
+                apply_token_bitmask_inplace(values, bitmask, vocab_size=self.vocab, indices=rows)
+                return
+            ids = torch.arange(self.vocab, device=values.device).expand(len(rows), -1)
+        else:
+            ids = self.ids[rows]
+        index = torch.tensor(rows, dtype=torch.int64, device=self.values.device)
+        words = bitmask.index_select(0, index).to(torch.int64).gather(1, ids >> 5)
+        remove = ((words >> (ids & 31)) & 1) == 0
+        part = self.values.index_select(0, index).masked_fill(remove, -math.inf)
+        self.writable().index_copy_(0, index, part)
 
     def force(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Row rows[i] keeps only tokens[i], with logit 0, even where a stage had masked it; a

@@ -16,6 +16,7 @@ from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.processors.base import Stage
 from sampler_service.policy import splits, watcher
+from sampler_service.policy.processors import structured
 from sampler_service.policy.registry import DEFAULT_POLICIES, parse_policy_document
 from sampler_service.policy.resolved import ALWAYS_OVERRIDABLE, SETTINGS
 from sampler_service.policy.selectors import SELECTORS
@@ -146,13 +147,73 @@ def _param_table(params: tuple[Param, ...], flat_names: dict[str, str]) -> list[
     return lines + [""]
 
 
+def _flat_names(stage: type[Stage]) -> dict[str, str]:
+    """Each parameter's flat request name (`group.param` for a stage set by one mapping)."""
+    group = getattr(stage, "flat_group", None)
+    return {p.name: f"{group}.{p.name}" for p in stage.params} if group else stage.flat_names
+
+
+def _structured_section() -> list[str]:
+    """Structured outputs: the module docstring and one validated example per kind."""
+    parse_policy_document(yaml.safe_load(STRUCTURED_POLICIES), "docgen STRUCTURED_POLICIES")
+    return ["## Structured outputs", "", *_module_doc(structured),
+            "Parameters: the `structured` processor above.", "", "### Examples", "",
+            "A policy file, one policy per kind:", "", "```yaml", STRUCTURED_POLICIES, "```", "",
+            "The Python SDK (flat parameters; `tokenizer=` registers a Hugging Face tokenizer "
+            "through `hf.generate`, or name one registered with `register_tokenizer`):", "",
+            "```python", STRUCTURED_SDK_EXAMPLE, "```", ""]
+
+
+#: One policy per structured kind; `render` validates it, so it cannot go stale.
+STRUCTURED_POLICIES = """\
+policies:
+  person-json:
+    chain:
+      - structured:
+          json_schema:
+            type: object
+            properties:
+              name: {type: string, maxLength: 20}
+              age: {type: integer, minimum: 0, maximum: 120}
+              tags: {type: array, items: {enum: [a, b, c]}, maxItems: 3}
+            required: [name, age]
+      - temperature: {temperature: 0.7}
+    select: sample
+  json-mode:
+    chain: [{structured: {json_object: true}}]
+    select: greedy
+  date:
+    chain: [{structured: {regex: "[0-9]{4}-[0-9]{2}-[0-9]{2}"}}]
+    select: greedy
+  arithmetic:
+    chain:
+      - structured:
+          grammar: |
+            root ::= expr
+            expr ::= term (("+" | "-") term)*
+            term ::= [0-9]+
+    select: greedy
+  sentiment:
+    chain: [{structured: {choice: [positive, negative, neutral]}}]
+    select: greedy
+    overridable: [structured]"""
+
+STRUCTURED_SDK_EXAMPLE = """\
+from sampler_client import hf
+
+schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ids = hf.generate(model, input_ids, client, tokenizer=tok, seed=1, max_new_tokens=48,
+                  params={"temperature": 0.7, "structured": {"json_schema": schema}})
+# or {"json_object": True}, {"regex": "..."}, {"grammar": "root ::= ..."}, {"choice": [...]}"""
+
+
 def _stage_section(stage: type[Stage]) -> list[str]:
     role = getattr(stage, "role", "selector")
     example = json.dumps({stage.key: STAGE_EXAMPLES[stage.key]} if STAGE_EXAMPLES[stage.key]
                          else stage.key)
     where = "chain:\n  - " if role != "selector" else "select: "
     return [f"### `{stage.key}` ({role})", "", inspect.cleandoc(stage.__doc__ or ""), "",
-            *_param_table(stage.params, stage.flat_names),
+            *_param_table(stage.params, _flat_names(stage)),
             "Example:", "", "```yaml", where + example, "```", ""]
 
 
@@ -254,6 +315,7 @@ def render() -> str:
             "Set in a policy's `defaults:` or, where the policy allows (always for "
             + ", ".join(f"`{n}`" for n in sorted(ALWAYS_OVERRIDABLE)) + "), by a request.", "",
             *_param_table(SETTINGS, {p.name: p.name for p in SETTINGS}),
+            *_structured_section(),
             *_groups_section(),
             *_reload_section(),
             "## Shipped policies", "", "```yaml",

@@ -43,6 +43,9 @@ STAGE_EXAMPLES: dict[str, dict[str, Any]] = {
     "exponential_decay_length_penalty": {"start": 10, "factor": 1.05},
     "suppress_tokens": {"ids": [1, 2, 3], "steps": [0]},
     "forced_tokens": {"tokens": {"0": 7}},
+    # structured outputs (needs the sequence's tokenizer)
+    "structured": {"json_schema": {"type": "object", "properties": {"answer": {"type": "string"}},
+                                   "required": ["answer"]}},
     # selectors
     "greedy": {},
     "sample": {},

@@ -12,6 +12,11 @@ Kinds:
 - `int_map`: int -> int, e.g. `{0: 1}` (step -> forced token).
 - `choice`: one of the words in `choices`; true / false are accepted as "true" / "false"
   (Hugging Face's `early_stopping` is True, False or "never").
+- `str_list`: strings (stop strings, structured choices).
+- `json_schema`: a JSON schema, as a mapping or its JSON text (kept as compact JSON text);
+  `regex`, `grammar`: a regular expression, an EBNF / GBNF grammar. Each is parsed when
+  validated (`sampler_service.text.grammar`), so a bad one is refused naming its field; ""
+  is off.
 Non-scalar kinds reach a stage as a Python list with one value per row.
 
 Every number must be finite. Every integer is bounded: an `int` (or `int_map` value) without
@@ -21,6 +26,7 @@ arithmetic stages do with it.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +96,8 @@ class Param:
             return f"token ids in [0, {_number_text(MAX_TOKEN_ID)}]"
         if self.kind == "str_list":
             return f"at most {MAX_STRINGS} strings of 1 to {MAX_STRING_CHARS} characters"
+        if self.kind in GRAMMAR_KINDS:
+            return GRAMMAR_KINDS[self.kind]
         integer = self.kind in ("int", "int_map")
         show = _number_text if integer else (lambda v: f"{v:g}")
         upper = self.upper
@@ -131,6 +139,8 @@ class Param:
             return self._token_ids(value, field)
         if self.kind == "str_list":
             return _strings(value, field)
+        if self.kind in GRAMMAR_KINDS:
+            return _grammar_text(self.kind, value, field)
         if self.kind == "int_lists":
             if not isinstance(value, (list, tuple)):
                 raise InvalidArgument(f"{_label(field)} must be a list of token-id lists, got "
@@ -157,6 +167,8 @@ class Param:
             return {str(k): v for k, v in value}
         if self.kind == "int_lists":
             return [list(s) for s in value]
+        if self.kind == "json_schema":
+            return json.loads(value) if value else ""
         return list(value) if self.kind in ("int_list", "str_list") else value
 
     def _number(self, value: Any, field: str, integer: bool) -> float | int:
@@ -258,3 +270,27 @@ def _strings(value: Any, field: str) -> tuple[str, ...]:
                                   f"{MAX_STRING_CHARS} characters, got {echo(item)}",
                                   f"{field}[{index}]")
     return tuple(value)
+
+
+#: The grammar kinds and their range text.
+GRAMMAR_KINDS = {"json_schema": "a JSON schema (mapping or JSON text)",
+                 "regex": "a regular expression (xgrammar's dialect)",
+                 "grammar": "an EBNF / GBNF grammar with a `root` rule"}
+
+
+def _grammar_text(kind: str, value: Any, field: str) -> str:
+    """A json_schema / regex / grammar value, canonical and parsed ("" = off)."""
+    from sampler_service.text import grammar
+    if isinstance(value, str) and not value:
+        return ""
+    if kind == "json_schema":
+        text = grammar.canonical_schema(value, field)
+    else:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{_label(field)} must be a string, got {echo(value)}", field)
+        if len(value) > grammar.MAX_TEXT_CHARS:
+            raise InvalidArgument(f"{_label(field)} has {len(value)} characters; at most "
+                                  f"{grammar.MAX_TEXT_CHARS}", field)
+        text = value
+    grammar.parsed(kind, text, field)
+    return text

@@ -35,7 +35,10 @@ FLAT_PROCESSOR_PARAMS: dict[str, tuple[str, str]] = {
     flat: (cls.key, param)
     for cls in CANONICAL_ORDER for param, flat in cls.flat_names.items()
 }
-FLAT_NAMES = frozenset(FLAT_PROCESSOR_PARAMS) | SETTING_NAMES
+#: Flat request parameter -> the processor whose values it sets together, as a mapping.
+FLAT_GROUPS: dict[str, str] = {cls.flat_group: cls.key for cls in CANONICAL_ORDER
+                               if cls.flat_group}
+FLAT_NAMES = frozenset(FLAT_PROCESSOR_PARAMS) | frozenset(FLAT_GROUPS) | SETTING_NAMES
 
 
 def check_finite(value: Any, field: str) -> None:
@@ -111,7 +114,9 @@ def _stage_entry(entry: Any, known: Mapping[str, Any], what: str, field: str) ->
             hint = f"; {key!r} is a processor: put it in `chain`"
         raise InvalidArgument(f"unknown {what} {echo(key)}{hint}; known: "
                               f"{', '.join(sorted(known))}", field)
-    return key, validate_values(known[key].params, given, f"{field}.{key}")
+    values = validate_values(known[key].params, given, f"{field}.{key}")
+    known[key].check_values(values, f"{field}.{key}")
+    return key, values
 
 
 def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
@@ -146,9 +151,11 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
         if not isinstance(flat, str) or flat not in FLAT_NAMES:
             raise InvalidArgument(f"{echo(flat)} is not a request parameter; known: "
                                   + ", ".join(sorted(FLAT_NAMES)), where)
-        if flat in FLAT_PROCESSOR_PARAMS and FLAT_PROCESSOR_PARAMS[flat][0] not in keys:
+        owner = FLAT_PROCESSOR_PARAMS[flat][0] if flat in FLAT_PROCESSOR_PARAMS \
+            else FLAT_GROUPS.get(flat)
+        if owner is not None and owner not in keys:
             raise InvalidArgument(f"{flat!r} is overridable but the chain has no "
-                                  f"{FLAT_PROCESSOR_PARAMS[flat][0]!r} processor; add it (with its "
+                                  f"{owner!r} processor; add it (with its "
                                   "off value if it should start off)", where)
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -177,6 +184,10 @@ def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, An
                                   f"overridable: {allowed}", where)
         if flat in SETTING_NAMES:
             settings[flat] = next(p for p in SETTINGS if p.name == flat).validate(value, where)
+        elif flat in FLAT_GROUPS:
+            cls = PROCESSORS[FLAT_GROUPS[flat]]
+            chain[cls.key] = validate_values(cls.params, value, where)
+            cls.check_values(chain[cls.key], where)
         else:
             key, param = FLAT_PROCESSOR_PARAMS[flat]
             schema = next(p for p in PROCESSORS[key].params if p.name == param)

@@ -21,6 +21,11 @@ from sampler_service.state.sequence import ENTROPY_EMA_ALPHA
 def _field_value(field, value) -> Any:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return dict(value)
+    if field.message_type is not None and field.message_type.name == "StructuredOutput":
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            return {}
+        return {kind: list(value.choice.values) if kind == "choice" else getattr(value, kind)}
     if field.message_type is not None:  # repeated TokenIds
         return [list(item.ids) for item in value]
     if field.is_repeated:

@@ -41,7 +41,8 @@ def test_every_stage_has_an_example():
 
 
 @pytest.mark.parametrize("history", list(HISTORIES.values()), ids=list(HISTORIES))
-@pytest.mark.parametrize("key", sorted(STAGE_EXAMPLES))
+@pytest.mark.parametrize("key", sorted(set(STAGE_EXAMPLES) - {"structured"}))  # needs a
+# tokenizer, which a preview has not: tests/unit/policy/test_structured.py
 def test_preview_equals_the_in_process_distribution(client, key, history):
     generator = torch.Generator().manual_seed(len(key))
     logits = torch.randn(VOCAB, generator=generator) * 2

@@ -557,8 +557,9 @@ def test_forced_tokens_off_everywhere_and_vocabulary():
 # -- chains, flat parameters and shipped policies -----------------------------------------------
 def test_canonical_order_is_vllm_v1s():
     assert [cls.key for cls in CANONICAL_ORDER] == [
-        "allowed_token_ids", "bad_words", "min_tokens", "logit_bias", "repetition_penalty",
-        "frequency_penalty", "presence_penalty", "temperature", "min_p", "top_k", "top_p"]
+        "structured", "allowed_token_ids", "bad_words", "min_tokens", "logit_bias",
+        "repetition_penalty", "frequency_penalty", "presence_penalty", "temperature", "min_p",
+        "top_k", "top_p"]
     for key in ("no_repeat_ngram", "exponential_decay_length_penalty", "suppress_tokens",
                 "forced_tokens"):
         assert key in PROCESSORS

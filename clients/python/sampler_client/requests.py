@@ -1,6 +1,7 @@
 """Builds request protos from Python values; shared by the sync and asyncio clients."""
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,7 +34,29 @@ def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -
         raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
     if "bad_words" in given:
         given["bad_words"] = [pb.TokenIds(ids=list(words)) for words in given["bad_words"]]
+    if "structured" in given:
+        given["structured"] = structured_output(given["structured"])
     return pb.SamplingParams(**given)
+
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+def structured_output(value: Mapping[str, Any] | pb.StructuredOutput) -> pb.StructuredOutput:
+    """`{"json_schema": {...}}` (a mapping or JSON text), `{"json_object": True}`,
+    `{"regex": "..."}`, `{"grammar": "..."}` or `{"choice": [...]}` as a StructuredOutput;
+    ValueError unless exactly one of those keys is given."""
+    if isinstance(value, pb.StructuredOutput):
+        return value
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in STRUCTURED_KINDS:
+        raise ValueError(f"structured takes a mapping with one key of {list(STRUCTURED_KINDS)}, "
+                         f"got {value!r}")
+    (kind, item), = value.items()
+    if kind == "json_schema" and not isinstance(item, str):
+        item = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+    if kind == "choice":
+        return pb.StructuredOutput(choice=pb.StringList(values=list(item)))
+    return pb.StructuredOutput(**{kind: item})
 
 
 def spec_struct(spec: Mapping[str, Any]) -> struct_pb2.Struct:

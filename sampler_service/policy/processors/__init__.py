@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import inspect
 
-from sampler_service.policy.processors import (adaptive, constraints, penalties, temperature,
-                                               truncation)
+from sampler_service.policy.processors import (adaptive, constraints, penalties, structured,
+                                               temperature, truncation)
 from sampler_service.policy.processors.base import Processor, RowBatch, Selector, Stage
 from sampler_service.policy.processors.constraints import (AllowedTokenIds, BadWords, LogitBias,
                                                            MinTokens)
 from sampler_service.policy.processors.penalties import (FrequencyPenalty, PresencePenalty,
                                                          RepetitionPenalty)
+from sampler_service.policy.processors.structured import Structured
 from sampler_service.policy.processors.temperature import Temperature
 from sampler_service.policy.processors.truncation import MinP, TopK, TopP
 
-FAMILIES = (adaptive, constraints, penalties, temperature, truncation)
+FAMILIES = (adaptive, constraints, penalties, structured, temperature, truncation)
 
 
 def defined_stages(modules, base: type) -> dict[str, type]:
@@ -26,9 +27,10 @@ def defined_stages(modules, base: type) -> dict[str, type]:
             and cls.__module__ == module.__name__}
 
 
-#: The chain that flat (vLLM-named) parameters build, in vLLM v1's order of operations.
+#: The chain that flat (vLLM-named) parameters build, in vLLM v1's order of operations (the
+#: structured-output bitmask first, as vLLM applies it before the sampling parameters).
 CANONICAL_ORDER: tuple[type[Processor], ...] = (
-    AllowedTokenIds, BadWords, MinTokens, LogitBias, RepetitionPenalty, FrequencyPenalty,
+    Structured, AllowedTokenIds, BadWords, MinTokens, LogitBias, RepetitionPenalty, FrequencyPenalty,
     PresencePenalty, Temperature, MinP, TopK, TopP,
 )
 

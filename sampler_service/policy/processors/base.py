@@ -211,6 +211,15 @@ class Stage(ABC):
     #: The flat (vLLM-named) request parameter that sets each spec parameter, if any.
     flat_names: ClassVar[dict[str, str]] = {}
 
+    #: A flat request parameter that sets all of the stage's values at once, as a mapping
+    #: (`structured`), instead of one flat name per parameter.
+    flat_group: ClassVar[str | None] = None
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], field: str) -> None:
+        """Checks the validated values together (InvalidArgument naming `field`'s parameter);
+        this default accepts any."""
+
     def sparse_tail(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch,
                     tail: TailBound) -> bool:
         """The stage's exactness rule on sparse rows (`sampler_service.policy.sparse`).

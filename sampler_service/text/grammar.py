@@ -1,0 +1,194 @@
+"""Structured-output grammars on xgrammar: parsing (vocabulary-free, when a spec is validated)
+and compilation against a vocabulary (when a sequence is created), both cached by content.
+
+A structured output is a (kind, text) pair, canonical so equal constraints share one entry:
+- `json_schema`: the schema as compact JSON text (key order kept: it is the order of the
+  properties the grammar emits);
+- `json_object`: any JSON object ("" as text);
+- `regex`: the pattern; `grammar`: EBNF / GBNF text (xgrammar's dialect: a `root` rule);
+- `choice`: the strings as a JSON list; the grammar is their alternation.
+
+`parsed` turns a bad schema / regex / grammar into InvalidArgument naming the field, without a
+vocabulary (a policy file or a request is refused where it is written). `compiled` compiles a
+grammar for a vocabulary (xgrammar's token-mask cache; 5-50 ms for a typical schema on 49k
+tokens) and keeps it in an LRU keyed by (vocabulary digest, kind, text), so steps only match.
+A grammar no token of the vocabulary can begin (an empty language, or bytes the vocabulary
+cannot spell) is refused there too.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from sampler_service.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import xgrammar
+    from sampler_client.vocabulary import Vocabulary
+
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+#: Compiled grammars kept (each holds an adaptive token-mask cache: 10 kB to a few MB).
+COMPILED_CACHE_SIZE = 256
+#: Vocabularies with a compiler kept (a sidecar serves one or a few models).
+COMPILERS = 8
+#: The longest regex / grammar / schema text accepted.
+MAX_TEXT_CHARS = 1 << 20
+#: Whitespace in JSON output: none beyond xgrammar's compact separators (", " and ": "), as
+#: llguidance and outlines default to; xgrammar's `any_whitespace` lets a small model emit
+#: whitespace until its token budget runs out.
+JSON_ANY_WHITESPACE = False
+
+
+def xgrammar_module():
+    """xgrammar, or UNIMPLEMENTED-like INVALID_ARGUMENT when the `server` extra lacks it."""
+    try:
+        import xgrammar
+    except ImportError:  # pragma: no cover - the server extra installs it
+        raise InvalidArgument("structured outputs need xgrammar: pip install "
+                              "'sampler-sidecar[server]'", "structured") from None
+    return xgrammar
+
+
+def _reason(exc: BaseException) -> str:
+    """xgrammar's message without its timestamp and C++ source location."""
+    text = str(exc).strip()
+    text = re.sub(r"^\[[0-9:]+\]\s+\S+:\d+:\s*", "", text)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def choice_ebnf(choices: tuple[str, ...]) -> str:
+    """The EBNF of an alternation of literal strings (JSON string escapes are xgrammar's)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _grammar(kind: str, text: str) -> "xgrammar.Grammar":
+    xgr = xgrammar_module()
+    if kind == "json_schema":
+        return xgr.Grammar.from_json_schema(text, any_whitespace=JSON_ANY_WHITESPACE,
+                                            strict_mode=True)
+    if kind == "json_object":
+        return xgr.Grammar.from_json_schema('{"type": "object"}',
+                                            any_whitespace=JSON_ANY_WHITESPACE, strict_mode=False)
+    if kind == "regex":
+        return xgr.Grammar.from_regex(text)
+    if kind == "grammar":
+        return xgr.Grammar.from_ebnf(text)
+    if kind == "choice":
+        return xgr.Grammar.from_ebnf(choice_ebnf(tuple(json.loads(text))))
+    raise ValueError(kind)
+
+
+@functools.lru_cache(maxsize=COMPILED_CACHE_SIZE)
+def _parsed(kind: str, text: str) -> "xgrammar.Grammar | str":
+    try:
+        return _grammar(kind, text)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return _reason(exc)
+
+
+def parsed(kind: str, text: str, field: str) -> "xgrammar.Grammar":
+    """The grammar of a canonical (kind, text), or InvalidArgument(field) with xgrammar's
+    reason (cached either way)."""
+    result = _parsed(kind, text)
+    if isinstance(result, str):
+        what = {"json_schema": "JSON schema", "regex": "regular expression",
+                "grammar": "EBNF grammar", "choice": "choice", "json_object": "JSON"}[kind]
+        raise InvalidArgument(f"invalid {what}: {result}", field)
+    return result
+
+
+def canonical_schema(value: Any, field: str) -> str:
+    """A JSON schema given as a mapping or JSON text, as compact JSON text (key order kept)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidArgument(f"json_schema is not valid JSON: {exc}", field) from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("json_schema must be a JSON object (a mapping or its JSON text)",
+                              field)
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"json_schema is not plain JSON: {exc}", field) from None
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidArgument(f"json_schema has {len(text)} characters; at most "
+                              f"{MAX_TEXT_CHARS}", field)
+    return text
+
+
+# -- compilation against a vocabulary -------------------------------------------------------------
+_lock = threading.Lock()
+_compilers: "OrderedDict[str, xgrammar.GrammarCompiler]" = OrderedDict()
+_compiled: "OrderedDict[tuple[str, str, str], xgrammar.CompiledGrammar]" = OrderedDict()
+
+
+def tokenizer_info(vocabulary: "Vocabulary") -> "xgrammar.TokenizerInfo":
+    """xgrammar's view of a vocabulary: each id's raw bytes (special tokens as b"", which
+    xgrammar never lets a grammar produce), EOS ids as stop tokens."""
+    xgr = xgrammar_module()
+    special = vocabulary.special_ids
+    encoded = [b"" if i in special else token for i, token in enumerate(vocabulary.tokens)]
+    return xgr.TokenizerInfo(encoded, xgr.VocabType.RAW,
+                             stop_token_ids=list(vocabulary.eos_token_ids) or None)
+
+
+def _compiler(vocabulary: "Vocabulary") -> "xgrammar.GrammarCompiler":
+    digest = vocabulary.digest
+    with _lock:
+        compiler = _compilers.get(digest)
+        if compiler is not None:
+            _compilers.move_to_end(digest)
+            return compiler
+    compiler = xgrammar_module().GrammarCompiler(tokenizer_info(vocabulary), max_threads=8,
+                                                 cache_enabled=False)
+    with _lock:
+        _compilers[digest] = compiler
+        while len(_compilers) > COMPILERS:
+            _compilers.popitem(last=False)
+    return compiler
+
+
+def compiled(vocabulary: "Vocabulary", kind: str, text: str,
+             field: str = "structured") -> "xgrammar.CompiledGrammar":
+    """The grammar compiled for `vocabulary` (LRU by digest, kind, text). InvalidArgument
+    naming `field` when it does not parse or when no token can begin an output."""
+    key = (vocabulary.digest, kind, text)
+    with _lock:
+        grammar = _compiled.get(key)
+        if grammar is not None:
+            _compiled.move_to_end(key)
+            return grammar
+    grammar = _compiler(vocabulary).compile_grammar(parsed(kind, text, field))
+    _check_accepting(grammar, vocabulary, field)
+    with _lock:
+        _compiled[key] = grammar
+        while len(_compiled) > COMPILED_CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return grammar
+
+
+def _check_accepting(grammar: "xgrammar.CompiledGrammar", vocabulary: "Vocabulary",
+                     field: str) -> None:
+    """Refuses a grammar whose first mask is empty: it accepts no string, or none the
+    vocabulary can spell (an output could never begin, nor end)."""
+    xgr = xgrammar_module()
+    matcher = xgr.GrammarMatcher(grammar)
+    bitmask = xgr.allocate_token_bitmask(1, vocabulary.size)
+    matcher.fill_next_token_bitmask(bitmask)
+    if not bool(bitmask.any()):
+        raise InvalidArgument("the grammar accepts no output this tokenizer can produce (no "
+                              "string matches it, or none is spelt by the vocabulary's tokens)",
+                              field)
+
+
+def cache_clear() -> None:
+    """Forgets every compiled grammar and compiler (tests, benchmarks)."""
+    with _lock:
+        _compiled.clear()
+        _compilers.clear()
+    _parsed.cache_clear()
