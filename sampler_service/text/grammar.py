@@ -153,6 +153,17 @@ def _compiler(vocabulary: "Vocabulary") -> "xgrammar.GrammarCompiler":
     return compiler
 
 
+def warm(vocabulary: "Vocabulary") -> None:
+    """Builds the vocabulary's grammar compiler now (~130 ms for SmolLM2's 49152 tokens), when
+    the vocabulary is registered, so that the first structured sequence compiles its grammar
+    in a few ms; nothing without xgrammar."""
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:  # pragma: no cover - the server extra installs it
+        return
+    _compiler(vocabulary)
+
+
 def compiled(vocabulary: "Vocabulary", kind: str, text: str,
              field: str = "structured") -> "xgrammar.CompiledGrammar":
     """The grammar compiled for `vocabulary` (LRU by digest, kind, text). InvalidArgument

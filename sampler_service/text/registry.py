@@ -10,6 +10,7 @@ import threading
 
 from sampler_client.vocabulary import Vocabulary
 from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, echo
+from sampler_service.text import grammar
 
 #: Vocabularies one service keeps (`--max-tokenizers`): a sidecar serves one or a few models.
 DEFAULT_MAX_TOKENIZERS = 16
@@ -49,8 +50,10 @@ class TokenizerRegistry:
         self._lock = threading.Lock()
 
     def register(self, vocabulary: Vocabulary, name: str = "") -> str:
-        """Adds `vocabulary` (a no-op when it is known) and binds `name` to it; its id."""
+        """Adds `vocabulary` (a no-op when it is known) and binds `name` to it; its id. Builds
+        its grammar compiler first (`grammar.warm`): call it off the event loop."""
         digest = vocabulary.digest
+        grammar.warm(vocabulary)  # outside the lock: structured outputs compile fast from now on
         with self._lock:
             bound = self._names.get(name)
             if name and bound is not None and bound != digest:

@@ -8,11 +8,8 @@ import re
 
 import pytest
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
-
-from sampler_client import hf  # noqa: E402
-from tests.e2e.test_smollm2 import chat_ids  # noqa: E402
+from sampler_client import hf
+from tests.e2e.test_smollm2 import chat_ids
 
 SEEDS = (1, 2)  # SmolLM2 on the CPU: ~0.15 s a token; the file stays near a minute
 MAX_NEW = 48
@@ -50,6 +47,8 @@ def generate(smollm2, client, prompt: str, structured, seed: int) -> tuple[str, 
 @pytest.mark.e2e
 @pytest.mark.parametrize("schema", SCHEMAS, ids=["nested", "array-enum-number"])
 def test_json_schema_outputs_validate(smollm2, client, schema):
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
     for seed in SEEDS:
         text, ended = generate(smollm2, client, "Describe a person as JSON.",
                                {"json_schema": schema}, seed)
@@ -59,6 +58,7 @@ def test_json_schema_outputs_validate(smollm2, client, schema):
 
 @pytest.mark.e2e
 def test_regex_choice_and_grammar_outputs_match(smollm2, client):
+    pytest.importorskip("xgrammar")
     pattern = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
     choices = ["Paris", "London", "Berlin"]
     grammar = 'root ::= term ("+" term)*\nterm ::= [1-9] [0-9]?'
@@ -73,8 +73,24 @@ def test_regex_choice_and_grammar_outputs_match(smollm2, client):
 
 
 @pytest.mark.e2e
-def test_json_object_outputs_parse(smollm2, client):
-    text, ended = generate(smollm2, client, "Give a JSON object about a cat.",
-                           {"json_object": True}, 1)
-    if ended:  # else cut by max_new_tokens: then only a prefix of an object
-        assert isinstance(json.loads(text), dict), text
+def test_greedy_json_object_equals_xgrammar_in_process(smollm2, client):
+    """The same constraint applied in-process by xgrammar's own Hugging Face logits processor,
+    from the tokenizer object (not our token bytes), gives the same greedy tokens."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    from sampler_service.text.grammar import JSON_ANY_WHITESPACE
+    model, tokenizer = smollm2
+    input_ids = chat_ids(tokenizer, "Give a JSON object about a cat.")
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(
+        '{"type": "object"}', any_whitespace=JSON_ANY_WHITESPACE)
+    expected = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW,
+                              logits_processor=[LogitsProcessor(grammar)]
+                              )[0, input_ids.shape[1]:].tolist()
+    got, = hf.generate(model, input_ids, client,
+                       params={"temperature": 0.0, "structured": {"json_object": True}},
+                       max_new_tokens=MAX_NEW, tokenizer=tokenizer)
+    assert got == expected
+    if got[-1] == tokenizer.eos_token_id:  # completed: a JSON object
+        assert isinstance(json.loads(tokenizer.decode(got, skip_special_tokens=True)), dict)
