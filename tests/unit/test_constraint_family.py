@@ -605,9 +605,6 @@ def test_flat_off_values_leave_the_flat_chain_unchanged():
 
 
 # -- against Hugging Face -----------------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
-from transformers.generation import logits_process as hf  # noqa: E402
-
 SEEDS = [0, 1, 2]
 HF_VOCAB = 50
 
@@ -634,13 +631,14 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_bad_words_matches_hugging_face(seed):
+def test_bad_words_matches_hugging_face(seed, transformers):
     input_ids, logits, splits = hf_batch(seed)
     last = input_ids[:, -3:].tolist()
     # Planted: some rows end with a word's prefix; one word's prefix spans the whole history.
     words = [[7], [2, 11], last[0] + [12], last[1][1:] + [13], [last[2][2], 14], [3],
              input_ids[3].tolist() + [15], [8, 8, 16], [0]]
-    theirs = hf.NoBadWordsLogitsProcessor(words, eos_token_id=[0, 8])(input_ids, logits.clone())
+    processor = transformers.NoBadWordsLogitsProcessor(words, eos_token_id=[0, 8])
+    theirs = processor(input_ids, logits.clone())
     states = states_for(input_ids, splits, eos=(0, 8))
     ours, _, _ = run(BadWords, logits, states, sequences=[words] * len(states))
     assert_same(ours, theirs)
@@ -654,20 +652,20 @@ def test_bad_words_matches_hugging_face(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_no_repeat_ngram_matches_hugging_face(seed, size):
+def test_no_repeat_ngram_matches_hugging_face(seed, size, transformers):
     input_ids, logits, splits = hf_batch(seed)
-    theirs = hf.NoRepeatNGramLogitsProcessor(size)(input_ids, logits.clone())
+    theirs = transformers.NoRepeatNGramLogitsProcessor(size)(input_ids, logits.clone())
     ours, _, _ = run(NoRepeatNGram, logits, states_for(input_ids, splits), size=[size] * 6)
     assert_same(ours, theirs)
     assert not torch.isfinite(theirs).all()  # something was banned
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_no_repeat_ngram_step_by_step_matches_hugging_face(seed):
+def test_no_repeat_ngram_step_by_step_matches_hugging_face(seed, transformers):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 5, (6,), generator=g).tolist()
     state = make_state(prompt, [], sid="hf")
-    processor = hf.NoRepeatNGramLogitsProcessor(2)
+    processor = transformers.NoRepeatNGramLogitsProcessor(2)
     for _ in range(12):
         logits = torch.randn(1, HF_VOCAB, generator=g)
         logits[0, :5] += 6.0  # the small alphabet is likely: repeats are tempting
@@ -680,14 +678,14 @@ def test_no_repeat_ngram_step_by_step_matches_hugging_face(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("start, factor", [(0, 1.5), (3, 1.25), (5, 0.75), (2, 2.0)])
-def test_exponential_decay_matches_hugging_face(seed, start, factor):
+def test_exponential_decay_matches_hugging_face(seed, start, factor, transformers):
     g = torch.Generator().manual_seed(seed)
     prompt_length, eos = 5, [0, 3]
     logits = torch.randn(4, HF_VOCAB, generator=g) * 3
     logits[0, 0], logits[1, 3], logits[2, 0] = -2.5, 4.0, -INF  # negative, positive, masked
     for generated in range(0, 9):
         input_ids = torch.randint(0, HF_VOCAB, (4, prompt_length + generated), generator=g)
-        processor = hf.ExponentialDecayLengthPenalty((start, factor), eos, prompt_length)
+        processor = transformers.ExponentialDecayLengthPenalty((start, factor), eos, prompt_length)
         theirs = processor(input_ids, logits.clone())
         states = states_for(input_ids, [prompt_length] * 4, eos=eos)
         ours, _, _ = run(ExponentialDecayLengthPenalty, logits, states, start=[start] * 4,
@@ -698,12 +696,12 @@ def test_exponential_decay_matches_hugging_face(seed, start, factor):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("generated", [0, 1, 3])
-def test_suppress_tokens_matches_hugging_face(seed, generated):
+def test_suppress_tokens_matches_hugging_face(seed, generated, transformers):
     g = torch.Generator().manual_seed(seed)
     prompt_length, ids = 4, [1, 7, 49]
     input_ids = torch.randint(0, HF_VOCAB, (3, prompt_length + generated), generator=g)
     logits = torch.randn(3, HF_VOCAB, generator=g)
-    processor = hf.SuppressTokensAtBeginLogitsProcessor(ids, prompt_length)
+    processor = transformers.SuppressTokensAtBeginLogitsProcessor(ids, prompt_length)
     theirs = processor(input_ids, logits.clone())
     ours, _, _ = run(SuppressTokens, logits, states_for(input_ids, [prompt_length] * 3),
                      ids=[ids] * 3)

@@ -370,8 +370,6 @@ def test_chain_gives_same_distribution_sparse_and_dense():
 
 
 # -- Hugging Face's processors on random rows -------------------------------------------------
-transformers = pytest.importorskip("transformers")
-
 SEEDS = [0, 1, 2]
 HF_VOCAB = 1000
 
@@ -401,7 +399,7 @@ def hf(processor, logits, input_ids=None):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("k", [1, 5, 50, 999])
-def test_top_k_matches_hugging_face(seed, k):
+def test_top_k_matches_hugging_face(seed, k, transformers):
     logits = random_logits(seed)
     theirs = hf(transformers.TopKLogitsWarper(k), logits)
     for ours in both_paths(TopK, logits, "k", k, 0):
@@ -411,7 +409,7 @@ def test_top_k_matches_hugging_face(seed, k):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.7, 0.9, 0.99])
-def test_top_p_matches_hugging_face(seed, p):
+def test_top_p_matches_hugging_face(seed, p, transformers):
     logits = random_logits(seed)
     theirs = hf(transformers.TopPLogitsWarper(p), logits)
     for ours in both_paths(TopP, logits, "p", p, 1.0):
@@ -419,7 +417,7 @@ def test_top_p_matches_hugging_face(seed, p):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_top_p_matches_hugging_face_beyond_first_prefix(seed):
+def test_top_p_matches_hugging_face_beyond_first_prefix(seed, transformers):
     """A flat row over 5000 tokens: the first 1024-token prefix holds too little mass."""
     g = torch.Generator().manual_seed(seed)
     # Distinct values by construction: a permutation of an evenly spaced grid over [0, 2].
@@ -435,7 +433,7 @@ def test_top_p_matches_hugging_face_beyond_first_prefix(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("p", [0.001, 0.05, 0.2, 0.6])
-def test_min_p_matches_hugging_face(seed, p):
+def test_min_p_matches_hugging_face(seed, p, transformers):
     logits = random_logits(seed)
     theirs = hf(transformers.MinPLogitsWarper(p), logits)
     for ours in both_paths(MinP, logits, "p", p, 0.0):
@@ -444,7 +442,7 @@ def test_min_p_matches_hugging_face(seed, p):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])
-def test_temperature_matches_hugging_face(seed, temperature):
+def test_temperature_matches_hugging_face(seed, temperature, transformers):
     logits = random_logits(seed)
     theirs = hf(transformers.TemperatureLogitsWarper(temperature), logits)
     for ours in both_paths(Temperature, logits, "temperature", temperature, 1.0):
@@ -453,7 +451,7 @@ def test_temperature_matches_hugging_face(seed, temperature):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("penalty", [0.8, 1.3, 2.0])
-def test_repetition_penalty_matches_hugging_face(seed, penalty):
+def test_repetition_penalty_matches_hugging_face(seed, penalty, transformers):
     g = torch.Generator().manual_seed(100 + seed)
     logits = random_logits(seed)
     prompt = torch.randint(0, HF_VOCAB, (4, 30), generator=g)
@@ -468,7 +466,7 @@ def test_repetition_penalty_matches_hugging_face(seed, penalty):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_flat_chain_matches_hugging_face_chain(seed):
+def test_flat_chain_matches_hugging_face_chain(seed, transformers):
     """The flat chain (vLLM v1 order) against HF's processors run in that same order."""
     g = torch.Generator().manual_seed(200 + seed)
     logits = random_logits(seed, rows=1)[0]

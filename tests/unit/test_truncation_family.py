@@ -25,8 +25,6 @@ from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.state import SequenceState
 from tests.unit.helpers import random_logits
 
-transformers = pytest.importorskip("transformers")
-
 CPU = torch.device("cpu")
 INF = math.inf
 FLAT = resolve_flat({})
@@ -151,7 +149,7 @@ def test_min_keep_one_is_the_default_behaviour(cls, given):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("min_keep", [2, 10, 300])
-def test_min_keep_matches_hugging_face_for_top_k_top_p_min_p(seed, min_keep):
+def test_min_keep_matches_hugging_face_for_top_k_top_p_min_p(seed, min_keep, transformers):
     logits = random_logits(seed)
     cases = [(TopK, {"k": 5}, transformers.TopKLogitsWarper(5, min_tokens_to_keep=min_keep)),
              (TopP, {"p": 0.3}, transformers.TopPLogitsWarper(0.3, min_tokens_to_keep=min_keep)),
@@ -176,7 +174,7 @@ TYPICAL = log([0.5, 0.25, 0.125, 0.125])
     (0.2, 2, {0, 1}),        # min_keep counts in typicality order
     (0.2, 3, {0, 1, 2, 3}),
 ])
-def test_typical_hand_computed(p, min_keep, expected):
+def test_typical_hand_computed(p, min_keep, expected, transformers):
     out = run(TypicalP, TYPICAL, p=p, min_keep=min_keep)
     assert kept(out[0]) == expected
     assert torch.equal(out[0][sorted(expected)], TYPICAL[sorted(expected)])
@@ -186,7 +184,7 @@ def test_typical_hand_computed(p, min_keep, expected):
         assert kept(theirs[0]) == expected
 
 
-def test_typical_edge_cases():
+def test_typical_edge_cases(transformers):
     equal = torch.zeros(5)
     assert torch.equal(run(TypicalP, equal, p=0.3)[0], equal)  # every token equally typical
     single = t([-INF, 1.0, -INF])
@@ -200,14 +198,14 @@ def test_typical_edge_cases():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.95])
 @pytest.mark.parametrize("min_keep", [1, 20])
-def test_typical_matches_hugging_face(seed, p, min_keep):
+def test_typical_matches_hugging_face(seed, p, min_keep, transformers):
     logits = random_logits(seed)
     theirs = hf(transformers.TypicalLogitsWarper(p, min_tokens_to_keep=min_keep), logits)
     assert_same(run(TypicalP, logits, p=p, min_keep=min_keep), theirs)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_typical_matches_hugging_face_beyond_first_prefix(seed):
+def test_typical_matches_hugging_face_beyond_first_prefix(seed, transformers):
     """Flat rows over 6000 tokens: the 1024 most typical tokens hold too little mass."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.stack([torch.randperm(6000, generator=g) for _ in range(2)]).float() / 3000
@@ -243,7 +241,7 @@ ETA_ROW = log([0.4, 0.3, 0.2, 0.1])
     (0.05, {0, 1, 2, 3}),
     (0.9, {0, 1}),      # η = min(0.9, 0.264)
 ])
-def test_eta_hand_computed(epsilon, expected):
+def test_eta_hand_computed(epsilon, expected, transformers):
     out = run(EtaCutoff, ETA_ROW, epsilon=epsilon)
     assert kept(out[0]) == expected
     assert kept(hf(transformers.EtaLogitsWarper(epsilon), ETA_ROW.unsqueeze(0))[0]) == expected
@@ -260,7 +258,7 @@ def test_eta_uniform_keeps_everything_and_min_keep():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("epsilon", [1e-4, 3e-4, 2e-3, 0.02, 0.3])
 @pytest.mark.parametrize("min_keep", [1, 7])
-def test_epsilon_and_eta_match_hugging_face(seed, epsilon, min_keep):
+def test_epsilon_and_eta_match_hugging_face(seed, epsilon, min_keep, transformers):
     logits = random_logits(seed)
     for cls, warper in [(EpsilonCutoff, transformers.EpsilonLogitsWarper),
                         (EtaCutoff, transformers.EtaLogitsWarper)]:
@@ -469,7 +467,7 @@ TOP_H_ROW = log([0.5, 0.25, 0.125, 0.125])
     (0.8, 1, {0, 1, 2, 3}),  # 2 and 3 are tied: both stay (HF keeps one, by its sort)
     (0.5, 2, {0, 1}),
 ])
-def test_top_h_hand_computed(top_h, min_keep, expected):
+def test_top_h_hand_computed(top_h, min_keep, expected, transformers):
     out = run(TopH, TOP_H_ROW, top_h=top_h, min_keep=min_keep)
     assert kept(out[0]) == expected
     assert torch.equal(out[0][sorted(expected)], TOP_H_ROW[sorted(expected)])
@@ -487,7 +485,7 @@ def test_top_h_keeps_only_among_the_hundred_best():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("top_h", [0.05, 0.3, 0.6, 0.9, 1.0])
 @pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_top_h_matches_hugging_face(seed, top_h, scale):
+def test_top_h_matches_hugging_face(seed, top_h, scale, transformers):
     logits = random_logits(seed, scale=scale)
     assert_same(run(TopH, logits, top_h=top_h), hf(transformers.TopHLogitsWarper(top_h), logits))
 
@@ -607,7 +605,7 @@ def test_invalid_parameters_name_the_field(entry, field):
     assert err.value.field == field
 
 
-def test_engine_chain_matches_hugging_face_chain():
+def test_engine_chain_matches_hugging_face_chain(transformers):
     spec = parse_policy("family", {
         "chain": [{"temperature": {"temperature": 0.7}}, {"top_k": {"k": 200}},
                   {"typical_p": {"p": 0.95}}, {"epsilon_cutoff": {"epsilon": 3e-4}},
@@ -646,17 +644,16 @@ def test_engine_runs_xtc_top_n_sigma_and_top_h_in_a_policy():
 
 
 @pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
-def test_top_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(p):
+def test_top_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(p, transformers):
     """Flat rows need the histogram path (`nucleus_threshold`); a peaked row beside them keeps
     the prefix path. Each row's result equals Hugging Face's and its own result alone."""
-    from transformers.generation.logits_process import TopPLogitsWarper
     generator = torch.Generator().manual_seed(7)
     flat = torch.randn(3, 20000, generator=generator) * 0.5
     peaked = torch.randn(1, 20000, generator=generator) * 6
     logits = torch.cat([flat, peaked])
     batch = Candidates(logits.clone())
     TopP().apply(batch, {"p": torch.full((4,), p)}, None)
-    expected = TopPLogitsWarper(p)(None, logits.clone())
+    expected = transformers.TopPLogitsWarper(p)(None, logits.clone())
     assert torch.equal(torch.isfinite(batch.to_dense()), torch.isfinite(expected))
     assert int(torch.isfinite(batch.to_dense()[0]).sum()) > 1024  # the histogram path ran
     for row in range(4):
@@ -666,15 +663,15 @@ def test_top_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independe
 
 
 @pytest.mark.parametrize("p", [0.5, 0.9])
-def test_typical_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(p):
+def test_typical_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_independent(
+        p, transformers):
     """More than 1024 typical tokens are needed: the histogram path (`mass_cut_column`)."""
-    from transformers.generation.logits_process import TypicalLogitsWarper
     generator = torch.Generator().manual_seed(11)
     logits = torch.cat([torch.randn(3, 20000, generator=generator) * 0.5,
                         torch.randn(1, 20000, generator=generator) * 6])
     batch = Candidates(logits.clone())
     TypicalP().apply(batch, {"p": torch.full((4,), p)}, None)
-    expected = TypicalLogitsWarper(p)(None, logits.clone())
+    expected = transformers.TypicalLogitsWarper(p)(None, logits.clone())
     assert torch.equal(torch.isfinite(batch.to_dense()), torch.isfinite(expected))
     assert int(torch.isfinite(batch.to_dense()[0]).sum()) > 1024
     for row in range(4):
