@@ -61,3 +61,15 @@ def smollm2_tokenizer():
 def smollm2_vocabulary(smollm2_tokenizer):
     from sampler_client.vocabulary import vocabulary_from_hf
     return vocabulary_from_hf(smollm2_tokenizer)
+
+
+@pytest.fixture
+def transformers():
+    """Hugging Face transformers, or a skip where it is not installed."""
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def xgrammar():
+    """xgrammar (structured outputs), or a skip where it is not installed."""
+    return pytest.importorskip("xgrammar")

@@ -82,12 +82,71 @@ def _grammar(kind: str, text: str) -> "xgrammar.Grammar":
     raise ValueError(kind)
 
 
+#: xgrammar's serialized grammar expressions (`Grammar.serialize_json`, format v18): type
+#: codes, each followed by its data length and data.
+_BYTES, _CLASS, _CLASS_STAR, _EMPTY, _RULE, _SEQUENCE, _CHOICES, _TAGS, _REPEAT = range(9)
+_SERIAL_VERSIONS = ("v18",)
+
+
+def endless_rules(grammar: "xgrammar.Grammar") -> list[str]:
+    """When the grammar accepts no string, the names of its rules that derive no finite
+    string (each alternative needs a rule that never ends), the root rule first; else [] (and
+    [] when xgrammar's serialization is a version this reader does not know: no verdict).
+
+    The least fixed point of "a rule ends when some alternative is a sequence of parts that
+    all end": bytes, character classes and the empty string end; a reference ends when its
+    rule does; a repeat ends when its minimum is 0 or its rule ends; a tag dispatch (a
+    structural-tag construct) is taken to end."""
+    data = json.loads(grammar.serialize_json())
+    if data.get("__VERSION__") not in _SERIAL_VERSIONS:
+        return []
+    flat, starts = data["grammar_expr_data"], data["grammar_expr_indptr"]
+    rules = data["rules"]
+
+    def expr(index: int) -> tuple[int, list[int]]:
+        start = starts[index]
+        return flat[start], flat[start + 2:start + 2 + flat[start + 1]]
+
+    ends = [False] * len(rules)
+
+    def expr_ends(index: int) -> bool:
+        kind, body = expr(index)
+        if kind in (_BYTES, _CLASS, _CLASS_STAR, _EMPTY, _TAGS):
+            return True
+        if kind == _RULE:
+            return ends[body[0]]
+        if kind == _REPEAT:
+            return body[1] == 0 or ends[body[0]]
+        if kind == _SEQUENCE:
+            return all(expr_ends(part) for part in body)
+        if kind == _CHOICES:
+            return any(expr_ends(part) for part in body)
+        return True  # an expression kind this reader does not know: assume it ends
+
+    changed = True
+    while changed:
+        changed = False
+        for index, rule in enumerate(rules):
+            if not ends[index] and expr_ends(rule[1]):
+                ends[index] = changed = True
+    root = data["root_rule_id"]
+    if ends[root]:
+        return []
+    order = [root] + [index for index in range(len(rules)) if index != root]
+    return [rules[index][0] for index in order if not ends[index]]
+
+
 @functools.lru_cache(maxsize=COMPILED_CACHE_SIZE)
 def _parsed(kind: str, text: str) -> "xgrammar.Grammar | str":
     try:
-        return _grammar(kind, text)
+        grammar = _grammar(kind, text)
     except (RuntimeError, ValueError, TypeError) as exc:
         return _reason(exc)
+    endless = endless_rules(grammar)
+    if endless:
+        return (f"the grammar accepts no string: rule {endless[0]!r} can never end (each of "
+                f"its alternatives needs a rule that never ends: {', '.join(endless)})")
+    return grammar
 
 
 def parsed(kind: str, text: str, field: str) -> "xgrammar.Grammar":

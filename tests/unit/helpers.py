@@ -5,7 +5,15 @@ import math
 
 import torch
 
+from sampler_client.vocabulary import Vocabulary
 from sampler_service.policy.sparse import SparseLogits
+
+#: A toy tokenizer's token bytes: id 0 is EOS (special); 1 is another special token; the rest
+#: are pieces of text (partial UTF-8 among them).
+TOY_PIECES = [b"", b"", b"a", b"b", b"ab", b"ba", b"c", b"yes", b"no", b"ye", b"s", b"n", b"o",
+              b"y", b"1", b"2", b"12", b"-", b"x", b"abc", b"\xc3", b"\xa9", "é".encode(), b"{",
+              b"}", b'"', b":", b'{"', b'":']
+TOY_VOCABULARY = Vocabulary(tuple(TOY_PIECES), frozenset({0, 1}), (0,))
 
 
 def random_logits(seed: int, rows: int = 4, vocab: int = 1000, scale: float = 3.0) -> torch.Tensor:

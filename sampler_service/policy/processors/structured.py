@@ -221,8 +221,9 @@ def _advance(holder: _Matcher | None, state: "SequenceState",
         holder = _Matcher(state.sequence_id, key,
                           xgr.GrammarMatcher(compiled, override_stop_tokens=list(key[3]) or None))
     for token in output[holder.consumed:]:
-        if not holder.broken and not holder.matcher.accept_token(token):
-            holder.broken = True
+        if not holder.broken and (holder.matcher.is_terminated()
+                                  or not holder.matcher.accept_token(token)):
+            holder.broken = True  # a token after the end, or one the grammar refuses
         holder.consumed += 1
         holder.last = token
     return holder

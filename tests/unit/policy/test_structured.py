@@ -10,25 +10,19 @@ import re
 import pytest
 import torch
 
-pytest.importorskip("xgrammar")
+from sampler_service.engine import Engine
+from sampler_service.errors import InvalidArgument
+from sampler_service.policy.candidates import Candidates
+from sampler_service.policy.processors.base import RowBatch
+from sampler_service.policy.registry import PolicyRegistry
+from sampler_service.server.convert import params_from_pb
+from sampler_service.service import SamplerCore, SequenceRequest, StepRow
+from sampler_service.state import SequenceStore
+from sampler_service.state.sequence import FinishReason
+from sampler_client.requests import sampling_params
+from tests.unit.helpers import TOY_PIECES, TOY_VOCABULARY, random_logits
 
-from sampler_client.vocabulary import Vocabulary  # noqa: E402
-from sampler_service.engine import Engine  # noqa: E402
-from sampler_service.errors import InvalidArgument  # noqa: E402
-from sampler_service.policy.candidates import Candidates  # noqa: E402
-from sampler_service.policy.processors.base import RowBatch  # noqa: E402
-from sampler_service.policy.registry import PolicyRegistry  # noqa: E402
-from sampler_service.server.convert import params_from_pb  # noqa: E402
-from sampler_service.service import SamplerCore, SequenceRequest, StepRow  # noqa: E402
-from sampler_service.state import SequenceStore  # noqa: E402
-from sampler_service.state.sequence import FinishReason  # noqa: E402
-from sampler_client.requests import sampling_params  # noqa: E402
-
-#: id 0 is EOS (special); 1 is another special token; the rest are pieces of text.
-PIECES = [b"", b"", b"a", b"b", b"ab", b"ba", b"c", b"yes", b"no", b"ye", b"s", b"n", b"o",
-          b"y", b"1", b"2", b"12", b"-", b"x", b"abc", b"\xc3", b"\xa9", "é".encode(), b"{", b"}",
-          b'"', b":", b'{"', b'":']
-VOCAB = Vocabulary(tuple(PIECES), frozenset({0, 1}), (0,))
+PIECES, VOCAB = TOY_PIECES, TOY_VOCABULARY
 #: Logits wider than the vocabulary (padded ids).
 WIDTH = len(PIECES) + 5
 
@@ -74,7 +68,7 @@ def reference(prefix: bytes, accepts, done: bool) -> set[int]:
 
 
 @pytest.mark.parametrize("choices", [["yes", "no"], ["abc", "ab", "a"], ["12", "-1", "é"]])
-def test_choice_masks_equal_the_prefix_reference(choices):
+def test_choice_masks_equal_the_prefix_reference(choices, xgrammar):
     c = core()
     create(c, "s", {"choice": choices}, temperature=0.0)
     encoded = [s.encode() for s in choices]
@@ -94,7 +88,7 @@ def test_choice_masks_equal_the_prefix_reference(choices):
         output += PIECES[token]
 
 
-def test_regex_masks_equal_the_prefix_reference():
+def test_regex_masks_equal_the_prefix_reference(xgrammar):
     c = core()
     pattern = "(ab|ba)+c?"
     create(c, "r", {"regex": pattern}, temperature=0.0)
@@ -115,14 +109,14 @@ def test_regex_masks_equal_the_prefix_reference():
     assert step(c, "r", 0).finished
 
 
-def test_padded_ids_and_special_tokens_are_masked():
+def test_padded_ids_and_special_tokens_are_masked(xgrammar):
     c = core()
     create(c, "j", {"json_object": True})
     finite = _finite(c, "j")
     assert 1 not in finite and not finite & set(range(len(PIECES), WIDTH))
 
 
-def test_a_retried_step_does_not_advance_the_matcher_and_a_branch_has_its_own():
+def test_a_retried_step_does_not_advance_the_matcher_and_a_branch_has_its_own(xgrammar):
     c = core()
     create(c, "s", {"choice": ["yes", "no", "ye"]}, temperature=0.0)
     after_y = reference(b"y", lambda t: any(e.startswith(t) for e in (b"yes", b"ye")), False)
@@ -144,7 +138,7 @@ def test_a_retried_step_does_not_advance_the_matcher_and_a_branch_has_its_own():
         b"y" + PIECES[first.token_id] in (b"yes", b"ye"))
 
 
-def test_forks_each_follow_their_own_tokens():
+def test_forks_each_follow_their_own_tokens(xgrammar):
     c = core()
     c.create_sequences([SequenceRequest("f", params={"structured": {"choice": ["yes", "no"]},
                                                      "n": 2, "temperature": 0.0, "seed": 1},
@@ -163,23 +157,48 @@ def test_forks_each_follow_their_own_tokens():
     assert all(t in (0,) or PIECES[t] and b"yes".startswith(b"y" + PIECES[t]) for t in tokens)
 
 
+@pytest.mark.parametrize("select, defaults", [
+    ({"beam": {"width": 3}}, {}), ({"beam": {"width": 4, "groups": 2}}, {}),
+    ({"cot": {"k": 3}}, {}), ("sample", {"n": 3, "seed": 4}), ("sample", {"best_of": 3, "seed": 5}),
+])
+def test_every_row_of_a_group_follows_the_grammar(select, defaults, xgrammar):
+    """Beams keep a matcher per hypothesis, forks and CoT branches one each: every finished
+    output of the group is one of the choices."""
+    choices = ["a-b-c", "ab-ba", "12-x", "x-1", "no-ab"]  # no dead end in the toy vocabulary
+    c = core()
+    c.create_sequences([SequenceRequest("g", policy_spec={
+        "chain": [{"structured": {"choice": choices}}], "select": select,
+        "defaults": {"max_tokens": 12, **defaults}}, tokenizer="toy", eos_token_ids=(0,))])
+    for index in range(12):
+        rows = c.read("g", lambda entry: entry.running_rows)
+        if not rows:
+            break
+        c.step([StepRow("g")] * rows, random_logits(index, rows, WIDTH))
+    group = c.store.get("g")
+    assert group.finished
+    outputs = [b"".join(PIECES[t] for t in h.token_ids).decode() for h in group.hypotheses()]
+    assert outputs and set(outputs) <= set(choices)
+
+
 @pytest.mark.parametrize("structured, field", [
     ({"regex": "a("}, "sequences[0].params.structured.regex"),
     ({"json_schema": {"type": "foo"}}, "sequences[0].params.structured.json_schema"),
     ({"json_schema": "{not json"}, "sequences[0].params.structured.json_schema"),
     ({"grammar": "root ::= b"}, "sequences[0].params.structured.grammar"),
     ({"grammar": 'root ::= root "a"'}, "sequences[0].params.structured.grammar"),
+    ({"grammar": 'root ::= "a" b\nb ::= "c" b | b "d"'},  # accepts nothing: b never ends
+     "sequences[0].params.structured.grammar"),
     ({"regex": "a", "choice": ["b"]}, "sequences[0].params.structured.choice"),
     ({"regex": "q+"}, "sequences[0].params.structured.regex"),  # no token spells "q"
     ({"nope": 1}, "sequences[0].params.structured.nope"),
 ])
-def test_compile_errors_name_their_field(structured, field):
+def test_compile_errors_name_their_field(structured, field, xgrammar):
     with pytest.raises(InvalidArgument) as err:
         create(core(), "bad", structured)
     assert err.value.field == field
 
 
-def test_a_policy_spec_names_its_chain_entry_and_a_tokenizer_is_needed():
+def test_a_policy_spec_names_its_chain_entry_and_a_tokenizer_is_needed(xgrammar):
     c = core()
     with pytest.raises(InvalidArgument) as err:
         c.create_sequences([SequenceRequest("p", policy_spec={

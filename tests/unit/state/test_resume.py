@@ -15,9 +15,11 @@ from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.service import SamplerCore, SequenceRequest, StepRow
 from sampler_service.state.resume import ResumePoint
 from sampler_service.state.store import SequenceStore
-from tests.unit.helpers import random_logits
+from tests.unit.helpers import TOY_VOCABULARY, random_logits
 
 VOCAB = 300
+#: Outputs the structured specs allow (spelt by TOY_VOCABULARY, the tokenizer "toy"; 5+ tokens).
+CHOICES = ["a-b-c-a", "b-a-b-x", "1-2-1-2", "x-ab-c", "x-ab-12"]
 STEPS = 9
 SPECS = {
     "mirostat": {"chain": [{"temperature": {"temperature": 0.9}}],
@@ -35,16 +37,25 @@ SPECS = {
     "forks": {"chain": [{"temperature": {"temperature": 1.2}}], "select": "sample",
               "defaults": {"n": 3, "max_tokens": 8, "seed": 5}},
     "cot": {"chain": [], "select": {"cot": {"k": 3}}, "defaults": {"max_tokens": 8}},
+    # the grammar matcher is rebuilt from the tokens, per row and per hypothesis
+    "structured": {"chain": [{"structured": {"choice": CHOICES}},
+                             {"temperature": {"temperature": 1.5}}], "select": "sample", "defaults": {"seed": 7, "n": 2, "max_tokens": 8}},
+    "structured-beam": {"chain": [{"structured": {"choice": CHOICES}}],
+                        "select": {"beam": {"width": 3}}, "defaults": {"max_tokens": 8}},
 }
 
 
 def new_core() -> SamplerCore:
-    return SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")))
+    core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")))
+    core.tokenizers.register(TOY_VOCABULARY, "toy")
+    return core
 
 
 def request(name: str, resume: ResumePoint | None = None, **changes) -> SequenceRequest:
+    tokenizer = "toy" if name.startswith("structured") else ""
     return dataclasses.replace(SequenceRequest("s", policy_spec=SPECS[name], prompt_ids=(1, 2, 3),
-                                               eos_token_ids=(0,), resume=resume), **changes)
+                                               eos_token_ids=(0,), resume=resume,
+                                               tokenizer=tokenizer), **changes)
 
 
 #: Steps at which EOS (id 0) is made a close second in every row, so that beams finish
@@ -93,9 +104,11 @@ def run(name: str, steps: int, restart_at: int | None = None) -> list[list[tuple
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("restart_at", [1, 2, 5])
 def test_a_resumed_sequence_continues_as_the_uninterrupted_one(name, restart_at):
+    if name.startswith("structured"):
+        pytest.importorskip("xgrammar")
     uninterrupted = run(name, STEPS)
     assert len(uninterrupted) > restart_at
-    if "beam" in name:  # hypotheses finished into the slots before the later restarts
+    if name in ("beam", "diverse-beam"):  # hypotheses finished into slots before the restarts
         core = new_core()
         core.create_sequences([request(name)])
         state = [step(core, i, eos_near_top=True) for i in range(EOS_STEPS[1] + 1)][-1].resume.state
