@@ -31,6 +31,7 @@ from sampler_service.state import SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
 from sampler_service.policy.processors.structured import structured_of
+from sampler_service.text import encode
 from sampler_service.text import grammar as grammars
 from sampler_service.text.detokenize import IncrementalText
 from sampler_service.text.registry import TokenizerRegistry
@@ -151,25 +152,39 @@ def _check_token_ids(ids: Sequence[int], field_name: str) -> tuple[int, ...]:
 DEFAULT_MAX_PROMPT_TOKENS = 1 << 20
 
 
+def link_field(policy: ResolvedPolicy, index: int, name: str, prefix: str = "") -> str:
+    """The field that set parameter `name` of the policy's chain entry `index`: the request's
+    flat parameter (`params.bad_words`, `params.structured.regex`), the inline spec's chain
+    entry, or the named policy."""
+    stage = policy.links[index].stage
+    flat = f"{stage.flat_group}.{name}" if stage.flat_group else stage.flat_names.get(name)
+    if flat is not None and flat.split(".")[0] in policy.overrides:
+        return f"{prefix}params.{flat}"
+    if policy.name == "inline":
+        return f"{prefix}policy_spec.chain[{index}].{stage.key}.{name}"
+    return f"{prefix}policy"
+
+
 def structured_link(policy: ResolvedPolicy, prefix: str = ""
                     ) -> tuple[tuple[str, str], str] | None:
     """((kind, canonical text), the field that set it) of the policy's `structured` stage when
-    it is on: the request's `params.structured.<kind>`, the inline spec's chain entry, or the
-    named policy."""
+    it is on."""
     for index, link in enumerate(policy.links):
         if link.stage.key != "structured":
             continue
         spec = structured_of(link.values)
-        if spec is None:
-            return None
-        if "structured" in policy.overrides:
-            where = f"{prefix}params.structured.{spec[0]}"
-        elif policy.name == "inline":
-            where = f"{prefix}policy_spec.chain[{index}].structured.{spec[0]}"
-        else:
-            where = f"{prefix}policy"
-        return spec, where
+        return None if spec is None else (spec, link_field(policy, index, spec[0], prefix))
     return None
+
+
+def text_entries(policy: ResolvedPolicy, prefix: str = ""
+                 ) -> list[tuple[str, tuple[Any, ...], str]]:
+    """(rule, value, field) of each chain parameter holding text to encode (bad words and DRY
+    breakers given as strings)."""
+    return [(param.text_rule, link.values[param.name], link_field(policy, index, param.name,
+                                                                   prefix))
+            for index, link in enumerate(policy.links) for param in link.stage.params
+            if param.text_rule and encode.has_text(link.values[param.name])]
 
 
 class SamplerCore:
@@ -262,19 +277,23 @@ class SamplerCore:
         `structured` stage, whose grammar is compiled here (refused naming its field)."""
         stop = policy.settings["stop"]
         structured = structured_link(policy, prefix)
+        texts = text_entries(policy, prefix)
         if not tokenizer:
-            if structured is not None:
-                raise InvalidArgument("structured outputs need the sequence's tokenizer: name one "
-                                      "registered with RegisterTokenizer or --tokenizer",
-                                      f"{prefix}tokenizer")
-            if stop:
-                raise InvalidArgument("stop strings need the sequence's tokenizer: name one "
-                                      "registered with RegisterTokenizer or --tokenizer",
-                                      f"{prefix}params.stop")
+            needs = [("structured outputs", f"{prefix}tokenizer")] if structured else []
+            needs += [("stop strings", f"{prefix}params.stop")] if stop else []
+            needs += [("bad words or DRY breakers given as text",
+                       f"{field}[{next(i for i, v in enumerate(items) if isinstance(v, str))}]")
+                      for _, items, field in texts]
+            if needs:
+                what, field = needs[0]
+                raise InvalidArgument(f"{what} need the sequence's tokenizer: name one "
+                                      "registered with RegisterTokenizer or --tokenizer", field)
             return {}
         tokenizer_id, vocabulary = self.tokenizers.get(tokenizer, f"{prefix}tokenizer")
         if structured is not None:
             grammars.compiled(vocabulary, *structured[0], structured[1])
+        for rule, items, field in texts:  # encoded now: refusals at creation, steps find it cached
+            encode.token_sequences(vocabulary, rule, items, field)
         return {"tokenizer_id": tokenizer_id, "text": IncrementalText(vocabulary),
                 "stops": StopStrings(stop) if stop else None}
 

@@ -7,7 +7,9 @@ feeds `docs/policies.md` (see `docgen`).
 Kinds:
 - `float`, `int`, `bool`: scalars; the engine hands them to a stage as one [rows] tensor.
 - `int_list`: token ids, e.g. `[2, 13]`.
-- `int_lists`: token-id sequences, e.g. `[[7, 8], [9]]` (bad words, DRY sequence breakers).
+- `int_lists`: token-id sequences, e.g. `[[7, 8], [9]]` (bad words, DRY sequence breakers);
+  where the parameter has a `text_rule`, an entry may be a string instead, which the stage
+  encodes with the sequence's tokenizer by that rule (`sampler_service.text.encode`).
 - `token_bias`: token id -> float, e.g. `{50256: -100}` (keys may be strings, as in JSON).
 - `int_map`: int -> int, e.g. `{0: 1}` (step -> forced token).
 - `choice`: one of the words in `choices`; true / false are accepted as "true" / "false"
@@ -81,6 +83,9 @@ class Param:
     exclusive_minimum: bool = False
     #: Overrides the generated range text (e.g. for ids that are positions, not tokens).
     range_doc: str | None = None
+    #: `int_lists` only: how a string entry becomes token-id sequences (a rule of
+    #: `sampler_service.text.encode`); "" = token ids only.
+    text_rule: str = ""
     #: The allowed words of a `choice` parameter.
     choices: tuple[str, ...] = ()
 
@@ -92,8 +97,12 @@ class Param:
             return "true / false"
         if self.kind == "choice":
             return " / ".join(self.choices)
-        if self.kind in ("int_list", "int_lists"):
+        if self.kind == "int_list":
             return f"token ids in [0, {_number_text(MAX_TOKEN_ID)}]"
+        if self.kind == "int_lists":
+            ids = f"lists of token ids in [0, {_number_text(MAX_TOKEN_ID)}]"
+            return ids + (f", or strings of 1 to {MAX_STRING_CHARS} characters (encoded with the "
+                          "sequence's tokenizer)" if self.text_rule else "")
         if self.kind == "str_list":
             return f"at most {MAX_STRINGS} strings of 1 to {MAX_STRING_CHARS} characters"
         if self.kind in GRAMMAR_KINDS:
@@ -143,9 +152,11 @@ class Param:
             return _grammar_text(self.kind, value, field)
         if self.kind == "int_lists":
             if not isinstance(value, (list, tuple)):
-                raise InvalidArgument(f"{_label(field)} must be a list of token-id lists, got "
-                                      f"{echo(value)}", field)
-            sequences = tuple(self._token_ids(v, f"{field}[{i}]") for i, v in enumerate(value))
+                raise InvalidArgument(f"{_label(field)} must be a list of token-id lists or "
+                                      f"strings, got {echo(value)}", field)
+            sequences = tuple(self._sequence_or_text(v, f"{field}[{i}]") if self.text_rule
+                              else self._token_ids(v, f"{field}[{i}]")
+                              for i, v in enumerate(value))
             if any(not s for s in sequences):
                 raise InvalidArgument(f"{_label(field)} must not hold an empty sequence", field)
             return sequences
@@ -166,7 +177,7 @@ class Param:
         if self.kind in ("token_bias", "int_map"):
             return {str(k): v for k, v in value}
         if self.kind == "int_lists":
-            return [list(s) for s in value]
+            return [s if isinstance(s, str) else list(s) for s in value]
         if self.kind == "json_schema":
             return json.loads(value) if value else ""
         return list(value) if self.kind in ("int_list", "str_list") else value
@@ -196,6 +207,18 @@ class Param:
             what = "token id" if self.kind == "token_bias" else "key"
             raise InvalidArgument(f"{what} {number} must be in [0, {_number_text(MAX_INT)}]", field)
         return number
+
+    def _sequence_or_text(self, value: Any, field: str) -> tuple[int, ...] | str:
+        """One `int_lists` entry: token ids, or a string of 1 to MAX_STRING_CHARS characters."""
+        if isinstance(value, str):
+            if not 1 <= len(value) <= MAX_STRING_CHARS:
+                raise InvalidArgument(f"{_label(field)} must be a string of 1 to "
+                                      f"{MAX_STRING_CHARS} characters, got {echo(value)}", field)
+            return value
+        if not isinstance(value, (list, tuple)):
+            raise InvalidArgument(f"{_label(field)} must be a list of token ids or a string "
+                                  f"(not both), got {echo(value)}", field)
+        return self._token_ids(value, field)
 
     def _token_ids(self, value: Any, field: str) -> tuple[int, ...]:
         if not isinstance(value, (list, tuple)):

@@ -26,13 +26,19 @@ def _field_value(field, value) -> Any:
         if kind is None:
             return {}
         return {kind: list(value.choice.values) if kind == "choice" else getattr(value, kind)}
-    if field.message_type is not None:  # repeated TokenIds
-        return [list(item.ids) for item in value]
+    if field.message_type is not None:  # repeated TokenIds: ids or text (both: refused later)
+        return [_token_ids_or_text(item) for item in value]
     if field.is_repeated:
         return list(value)
     if field.type == field.TYPE_FLOAT:  # 0.7 arrives as 0.699999988; keep the value the caller wrote
         return float(str(np.float32(value)))
     return value
+
+
+def _token_ids_or_text(item: pb.TokenIds) -> Any:
+    if item.text and item.ids:
+        return {"ids": list(item.ids), "text": item.text}
+    return item.text if item.text else list(item.ids)
 
 
 def params_from_pb(params: pb.SamplingParams) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     async def RegisterTokenizer(self, request, context):
         def register():  # off the event loop: checking and hashing 100k+ tokens takes a while
             vocabulary = checked_vocabulary(list(request.tokens), list(request.special_ids),
-                                            list(request.eos_token_ids))
+                                            list(request.eos_token_ids), request.tokenizer_json)
             return self.core.tokenizers.register(vocabulary, request.name), vocabulary.size
 
         tokenizer_id, size = await asyncio.to_thread(register)

@@ -71,7 +71,9 @@ class IncrementalText:
 
     @property
     def pending(self) -> bytes:
-        """The bytes of the incomplete trailing character held back (at most 3)."""
+        """The bytes of the incomplete trailing character held back (at most 3). Python's
+        incremental decoder also holds the first two bytes of an encoded surrogate (ED A0-BF),
+        which no byte completes: the next one turns them into U+FFFD, as HF's decode does."""
         return self._decoder.getstate()[0]
 
     @property

@@ -10,7 +10,7 @@ import threading
 
 from sampler_client.vocabulary import Vocabulary
 from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, echo
-from sampler_service.text import grammar
+from sampler_service.text import encode, grammar
 
 #: Vocabularies one service keeps (`--max-tokenizers`): a sidecar serves one or a few models.
 DEFAULT_MAX_TOKENIZERS = 16
@@ -20,10 +20,10 @@ MAX_VOCAB = 1 << 21
 MAX_TOKEN_BYTES = 1024
 
 
-def checked_vocabulary(tokens: list[bytes], special_ids: list[int], eos_token_ids: list[int]
-                       ) -> Vocabulary:
+def checked_vocabulary(tokens: list[bytes], special_ids: list[int], eos_token_ids: list[int],
+                       tokenizer_json: str = "") -> Vocabulary:
     """A Vocabulary from a RegisterTokenizer request's fields, checked (InvalidArgument naming
-    the field)."""
+    the field; a tokenizer JSON must spell every id as `tokens` do)."""
     if not tokens:
         raise InvalidArgument("a vocabulary needs at least one token", "tokens")
     if len(tokens) > MAX_VOCAB:
@@ -37,7 +37,10 @@ def checked_vocabulary(tokens: list[bytes], special_ids: list[int], eos_token_id
             if not 0 <= token_id < len(tokens):
                 raise InvalidArgument(f"id {token_id} is outside the vocabulary of "
                                       f"{len(tokens)} tokens", f"{name}[{index}]")
-    return Vocabulary(tuple(tokens), frozenset(special_ids), tuple(eos_token_ids))
+    vocabulary = Vocabulary(tuple(tokens), frozenset(special_ids), tuple(eos_token_ids),
+                            encoder_json=tokenizer_json)
+    encode.check_encoder(vocabulary, "tokenizer_json")
+    return vocabulary
 
 
 class TokenizerRegistry:
@@ -50,16 +53,22 @@ class TokenizerRegistry:
         self._lock = threading.Lock()
 
     def register(self, vocabulary: Vocabulary, name: str = "") -> str:
-        """Adds `vocabulary` (a no-op when it is known) and binds `name` to it; its id. Builds
+        """Adds `vocabulary` (a no-op when it is known, except that one with its tokenizer JSON
+        replaces one without) and binds `name` to it; its id. Builds
         its grammar compiler first (`grammar.warm`): call it off the event loop."""
         digest = vocabulary.digest
         grammar.warm(vocabulary)  # outside the lock: structured outputs compile fast from now on
+        if vocabulary.encoder_json:  # and text is encoded without building the encoder first
+            encode.encoder(vocabulary, "tokenizer_json")
         with self._lock:
             bound = self._names.get(name)
             if name and bound is not None and bound != digest:
                 raise AlreadyExists(f"tokenizer name {echo(name)} is bound to another vocabulary "
                                     f"({bound[:19]}…); choose another name", "name")
-            if digest not in self._by_id:
+            known = self._by_id.get(digest)
+            if known is not None and vocabulary.encoder_json and not known.encoder_json:
+                self._by_id[digest] = vocabulary  # the same vocabulary, now able to encode
+            elif known is None:
                 if len(self._by_id) >= self._max:
                     raise ResourceExhausted(f"{len(self._by_id)} tokenizers are registered, the "
                                             "cap (--max-tokenizers)", "--max-tokenizers")

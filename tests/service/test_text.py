@@ -2,12 +2,17 @@
 that names its tokenizer, stop strings found across tokens, the text so far, and the refusals."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import grpc
 import pytest
 import torch
 
-from sampler_client.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from sampler_client.vocabulary import Vocabulary
+from sampler_client.errors import (AlreadyExistsError, FailedPreconditionError,
+                                   InvalidArgumentError, NotFoundError)
+from sampler_client.vocabulary import Vocabulary, vocabulary_from_hf
+from sampler_proto.sampler.v1 import sampler_pb2 as pb, sampler_pb2_grpc
 
 #: A toy vocabulary: id 0 is EOS (special), the others are short pieces of text.
 PIECES = [b"", b"Hel", b"lo", b" wor", b"ld", b"!", b"\n", b"\xe2\x82", b"\xac", b" the", b" end"]
@@ -99,7 +104,6 @@ def test_a_sequence_with_text_resumes_with_it(client, start_server):
     """Re-created from its resume record on another service, a sequence's text and its stop
     strings' state come back from its tokens."""
     from sampler_client import SamplerClient
-    from sampler_proto.sampler.v1 import sampler_pb2 as pb, sampler_pb2_grpc
 
     client.register_tokenizer(VOCAB, name="toy")
     sequence = client.create_sequence("greedy", tokenizer="toy", params={"stop": ["lo w"]})
@@ -133,3 +137,49 @@ def test_tokenizer_flag_loads_a_gguf_at_start_and_a_bad_path_is_refused(start_se
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(ValueError, match="--tokenizer bad="):
         loaded_tokenizers(ServerConfig(tokenizers=(("bad", tmp_path / "junk.json"),)))
+
+
+def test_bad_words_and_dry_breakers_given_as_text(client, smollm2_tokenizer):
+    """Encoded with the tokenizer the SDK registered (it sends its tokenizer.json): a bad word's
+    tokens, alone and after a space, are never chosen; DRY breakers as strings are accepted."""
+    client.register_tokenizer(smollm2_tokenizer, name="smollm2")
+    width = len(smollm2_tokenizer)
+    banned = [smollm2_tokenizer.encode(w, add_special_tokens=False) for w in ("Hello", " Hello")]
+    assert all(len(ids) == 1 for ids in banned)
+    sequence = client.create_sequence("greedy", tokenizer="smollm2",
+                                      params={"bad_words": ["Hello", [5, 6]]})
+    logits = torch.zeros(1, width)
+    logits[0, banned[0][0]], logits[0, banned[1][0]], logits[0, 7] = 10.0, 9.0, 8.0
+    assert sequence.step(logits).token_id == 7
+    dry = client.create_sequence({"chain": [{"dry": {"multiplier": 0.8, "breakers": ["\n", ":"]}}],
+                                  "select": "greedy"}, tokenizer="smollm2")
+    assert dry.step(logits).token_id == banned[0][0]
+
+
+def test_text_for_token_ids_is_refused_precisely(server, client, smollm2_tokenizer):
+    with pytest.raises(InvalidArgumentError) as err:  # no tokenizer
+        client.create_sequence("greedy", params={"bad_words": ["Hello"]})
+    assert err.value.fields == ["sequences[0].params.bad_words[0]"]
+    full = vocabulary_from_hf(smollm2_tokenizer)
+    client.register_tokenizer(dataclasses.replace(full, encoder_json=""), name="bytes-only")
+    with pytest.raises(FailedPreconditionError) as err:  # a tokenizer that cannot encode
+        client.create_sequence("greedy", tokenizer="bytes-only", params={"bad_words": ["Hello"]})
+    assert err.value.fields == ["sequences[0].params.bad_words[0]"]
+    with pytest.raises(FailedPreconditionError) as err:
+        client.create_sequence({"chain": [{"dry": {"multiplier": 0.8, "breakers": ["Hi there"]}}],
+                                "select": "greedy"}, tokenizer="bytes-only")
+    assert err.value.fields == ["sequences[0].policy_spec.chain[0].dry.breakers[0]"]
+    client.create_sequence({"chain": [{"dry": {"multiplier": 0.8, "breakers": ["\n"]}}],
+                            "select": "greedy"}, tokenizer="bytes-only")  # bytes are enough
+    data = json.loads(full.encoder_json)
+    data["model"]["vocab"]["Hello"] += 1
+    with pytest.raises(InvalidArgumentError) as err:
+        client.register_tokenizer(dataclasses.replace(full, encoder_json=json.dumps(data)))
+    assert err.value.fields == ["tokenizer_json"]
+    both = pb.SamplingParams(bad_words=[pb.TokenIds(ids=[5], text="x")])  # one of the two
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raw:
+            sampler_pb2_grpc.SamplerStub(channel).CreateSequences(pb.CreateSequencesRequest(
+                sequences=[pb.SequenceConfig(sequence_id="b", policy="greedy", params=both)]))
+    assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad_words[0]" in raw.value.details()

@@ -33,7 +33,8 @@ def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -
     if unknown:
         raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
     if "bad_words" in given:
-        given["bad_words"] = [pb.TokenIds(ids=list(words)) for words in given["bad_words"]]
+        given["bad_words"] = [pb.TokenIds(text=words) if isinstance(words, str)
+                              else pb.TokenIds(ids=list(words)) for words in given["bad_words"]]
     if "structured" in given:
         given["structured"] = structured_output(given["structured"])
     return pb.SamplingParams(**given)
@@ -91,11 +92,13 @@ def create_request(configs: Iterable[Mapping[str, Any]]) -> pb.CreateSequencesRe
 
 def register_tokenizer_request(tokenizer: Any, name: str = "") -> pb.RegisterTokenizerRequest:
     """RegisterTokenizer of a Hugging Face tokenizer or a `Vocabulary`: the bytes of every
-    token id, the special and EOS ids."""
+    token id, the special and EOS ids, and the tokenizer JSON when known (so that the service
+    can encode bad words and DRY breakers given as text)."""
     vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_from_hf(tokenizer)
     return pb.RegisterTokenizerRequest(name=name, tokens=vocabulary.tokens,
                                        special_ids=sorted(vocabulary.special_ids),
-                                       eos_token_ids=vocabulary.eos_token_ids)
+                                       eos_token_ids=vocabulary.eos_token_ids,
+                                       tokenizer_json=vocabulary.encoder_json)
 
 
 def _rows_tensor(values: Any, rows: int) -> pb.Tensor:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,11 +39,15 @@ _METASPACE = "▁"
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Token bytes per id (b"" for control tokens), the control ids and the EOS ids."""
+    """Token bytes per id (b"" for control tokens), the control ids and the EOS ids; and,
+    when known, the `tokenizers` JSON it was read from (`encoder_json`), which lets the service
+    encode text (bad words and DRY breakers given as strings). The encoder is not part of the
+    vocabulary's identity (`digest`, equality)."""
 
     tokens: tuple[bytes, ...]
     special_ids: frozenset[int]
     eos_token_ids: tuple[int, ...] = ()
+    encoder_json: str = field(default="", compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -137,9 +141,11 @@ def _model_vocab(model: dict) -> Iterable[tuple[str, int]]:
 
 
 def vocabulary_from_json(data: dict, *, size: int | None = None,
-                         eos_token_ids: Iterable[int] = (), source: str = "tokenizer") -> Vocabulary:
-    """A vocabulary from a `tokenizers` JSON document (tokenizer.json's content). `size`
-    defaults to the highest id + 1; ids at or beyond it are dropped."""
+                         eos_token_ids: Iterable[int] = (), source: str = "tokenizer",
+                         encoder_json: str = "") -> Vocabulary:
+    """A vocabulary from a `tokenizers` JSON document (tokenizer.json's content; `encoder_json`
+    its text, kept so the service can encode). `size` defaults to the highest id + 1; ids at
+    or beyond it are dropped."""
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict) \
             or "vocab" not in data["model"]:
         raise ValueError(f"{source}: not a tokenizer (no model.vocab in its JSON)")
@@ -156,7 +162,7 @@ def vocabulary_from_json(data: dict, *, size: int | None = None,
         size = max(by_id, default=-1) + 1
     return Vocabulary(tokens=tuple(by_id.get(i, b"") for i in range(size)),
                       special_ids=frozenset(i for i in special if i < size),
-                      eos_token_ids=tuple(eos_token_ids))
+                      eos_token_ids=tuple(eos_token_ids), encoder_json=encoder_json)
 
 
 def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -169,9 +175,10 @@ def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
 def vocabulary_from_hf(tokenizer: Any) -> Vocabulary:
     """A vocabulary from a transformers fast tokenizer: its backend JSON, `len(tokenizer)` ids
     and its `eos_token_id`."""
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    return vocabulary_from_json(data, size=len(tokenizer), eos_token_ids=_eos_ids(tokenizer),
-                                source=type(tokenizer).__name__)
+    text = tokenizer.backend_tokenizer.to_str()
+    return vocabulary_from_json(json.loads(text), size=len(tokenizer),
+                                eos_token_ids=_eos_ids(tokenizer),
+                                source=type(tokenizer).__name__, encoder_json=text)
 
 
 def _auto_tokenizer(directory: Path, **kwargs):
@@ -213,7 +220,8 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
         except (OSError, ValueError, KeyError, IndexError, struct.error) as err:
             raise ValueError(f"{path}: GGUF file without a usable tokenizer ({err})") from err
     try:
-        data = json.loads(path.read_bytes())
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a tokenizer (neither GGUF nor tokenizer JSON: {err})") from err
-    return vocabulary_from_json(data, source=str(path))
+    return vocabulary_from_json(data, source=str(path), encoder_json=text)

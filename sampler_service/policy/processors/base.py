@@ -14,6 +14,7 @@ from sampler_service.policy.noise import seed_to_int64
 from sampler_service.policy.params import Param
 from sampler_service.policy.sparse import SparseLogits, TailBound
 from sampler_service.policy.statistics import RawStatistics, raw_statistics, top_two_logits
+from sampler_service.text import encode
 
 if TYPE_CHECKING:
     from sampler_service.groups.base import Group
@@ -106,6 +107,14 @@ class RowBatch:
         self.greedy = torch.zeros(self.rows, dtype=torch.bool, device=device)
         #: Per-sequence state to store once the step's tokens are accepted: key -> row values.
         self.pending: dict[str, list[Any]] = {}
+
+    def token_sequences(self, row: int, rule: str, items: tuple[Any, ...], field: str
+                        ) -> tuple[tuple[int, ...], ...]:
+        """A row's `int_lists` value as token-id sequences, its texts encoded by `rule` with the
+        row's tokenizer (`sampler_service.text.encode.token_sequences`; cached)."""
+        text = getattr(self.states[row], "text", None)
+        return encode.token_sequences(None if text is None else text.vocabulary, rule, items,
+                                      field)
 
     def memory(self, key: str, default: Any) -> list[Any]:
         """Each row's per-sequence state under `key` (`default` for a sequence without it).

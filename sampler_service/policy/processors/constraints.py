@@ -204,15 +204,19 @@ class BadWords(MaskingProcessor):
     end); for a longer sequence, its last id is banned when prompt + output ends with the rest
     of it. Like HF (whose `input_ids` include the prompt) the match may reach into the prompt;
     vLLM v1 matches against the generated tokens only, which differs only while the output is
-    shorter than the sequence. Constraint; reads the last len(sequence) − 1 ids of the history,
-    no per-sequence state. Off: an empty list.
+    shorter than the sequence. A word given as text (vLLM `bad_words`, with the sequence's
+    tokenizer) becomes vLLM's sequences: the word without leading whitespace, encoded, and
+    " " + word encoded when that differs in its first id but not in length; encoded when the
+    sequence is created (cached). Constraint; reads the last len(sequence) − 1 ids of the
+    history, no per-sequence state. Off: an empty list.
     Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
 
     key = "bad_words"
     role = "constraint"
-    params = (Param("sequences", "int_lists", default=(), off=(),
-                    doc="token-id sequences that must not be produced"),)
+    params = (Param("sequences", "int_lists", default=(), off=(), text_rule="bad_words",
+                    doc="token-id sequences that must not be produced, or words (vLLM's "
+                        "`bad_words`: each banned as encoded alone and after a space)"),)
     flat_names = {"sequences": "bad_words"}
 
     def masked(self, candidates: Candidates, args: dict[str, Any], batch: RowBatch
@@ -222,9 +226,10 @@ class BadWords(MaskingProcessor):
             return None
         per_row = []
         largest = -1
-        for state, words in zip(batch.states, sequences):
+        for row, (state, words) in enumerate(zip(batch.states, sequences)):
             banned: list[int] = []
             if words:
+                words = batch.token_sequences(row, "bad_words", words, "bad_words.sequences")
                 singles, longer, top = _bad_words_plan(words)
                 largest = max(largest, top)
                 banned.extend(t for t in singles if t not in state.eos_token_ids)

@@ -325,11 +325,13 @@ class Dry(TokenChangeProcessor):
     it, so token 3 loses multiplier · base^0.
 
     Sequence breakers interrupt repeats: a repeat never reaches back across the last occurrence
-    of a breaker sequence in w, and a single-token breaker is never penalised itself. The
-    service has no tokenizer, so breakers are token-id sequences: pass your tokenizer's ids for
-    llama.cpp's default breakers "\\n", ":", "\\"", "*" (llama.cpp also uses, for each string,
-    every token containing it and token sequences that spell it across a token boundary; list
-    those sequences here for the same effect). The default is no breakers.
+    of a breaker sequence in w, and a single-token breaker is never penalised itself. Breakers
+    given as strings (llama.cpp's defaults are "\\n", ":", "\\"", "*") are processed as
+    llama.cpp does with the sequence's tokenizer: every token whose text contains the string is
+    a single-token breaker, and a token ending with a proper prefix of it starts a sequence
+    whose tail is the rest encoded (at most 40 bytes per string, 20 tail ids;
+    `sampler_service.text.encode`). Token-id sequences are taken as they are. The default is no
+    breakers.
 
     Peer: llama.cpp `src/llama-sampling.cpp`, `llama_sampler_dry_apply` (ported from
     koboldcpp), with the prompt accepted into the window as llama.cpp's server does.
@@ -356,9 +358,10 @@ class Dry(TokenChangeProcessor):
               doc="longest repeat left unpenalised"),
         Param("last_n", "int", default=-1, off=0, minimum=-1,
               doc="window: the last n tokens of prompt + output (-1: all of them; 0: off)"),
-        Param("breakers", "int_lists", default=(), off=None,
-              doc="sequence breakers as token-id sequences, e.g. the ids of \"\\n\", \":\", "
-                  "\"\\\"\", \"*\" in your tokenizer"),
+        Param("breakers", "int_lists", default=(), off=None, text_rule="breakers",
+              doc="sequence breakers: strings (llama.cpp's `dry_sequence_breakers`, e.g. "
+                  "\"\\n\", \":\", \"\\\"\", \"*\"; need the sequence's tokenizer) or "
+                  "token-id sequences"),
     )
 
     def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
@@ -374,12 +377,14 @@ class Dry(TokenChangeProcessor):
         ).to(torch.int64)
         on = active.nonzero().flatten().tolist()
         rows, windows, limits = [], [], []
+        breakers: dict[int, tuple[tuple[int, ...], ...]] = {}
         for i, n, a, top, b in zip(on, args["last_n"][on].tolist(), allowed[on].tolist(),
                                    max_exponent[on].tolist(), base[on].tolist()):
             window = np.array(_window(batch.states[i], n), dtype=np.int64)
             if len(window) <= a:
                 continue
-            tails, heads, _ = _breaker_table(args["breakers"][i])
+            breakers[i] = batch.token_sequences(i, "breakers", args["breakers"][i], "dry.breakers")
+            tails, heads, _ = _breaker_table(breakers[i])
             limit = _restart_limit(window, tails, heads) if heads.size else len(window)
             if limit < a:
                 continue
@@ -400,7 +405,7 @@ class Dry(TokenChangeProcessor):
         extends[last] = False  # nothing follows a window's last token
         extends = np.flatnonzero(extends)
         row_of, tokens, lengths = row_of[extends], flat[extends + 1], lengths[extends]
-        singles = [(i, t) for i in rows for t in _breaker_table(args["breakers"][i])[2].tolist()]
+        singles = [(i, t) for i in rows for t in _breaker_table(breakers[i])[2].tolist()]
         if singles:  # a single-token breaker is never penalised itself
             stride = int(max(flat.max(), max(t for _, t in singles))) + 1
             free = ~np.isin(row_of * stride + tokens, [i * stride + t for i, t in singles])

@@ -9,7 +9,8 @@ grammar is compiled against that vocabulary when the sequence is created, so eve
 comes then, naming the field (`sequences[0].params.structured.json_schema`,
 `...policy_spec.chain[0].structured.regex`, `sequences[0].tokenizer`): a schema, regex or
 grammar that does not parse, a JSON Schema feature not supported, more than one kind, a
-grammar no token of the vocabulary can begin, no tokenizer.
+grammar that accepts no string (a rule that can never end), a grammar no token of the
+vocabulary can begin, no tokenizer.
 
 Each step masks every token the grammar does not allow (−inf), before the sampling
 parameters; once the output is complete only the sequence's EOS / stop ids remain, so it ends
@@ -98,7 +99,7 @@ class Structured(Processor):
     `guided_grammar`, `guided_choice`, `response_format: json_object`), on the engine they use
     by default, xgrammar: the spec is compiled against the sequence's vocabulary when the
     sequence is created (a bad schema, regex or grammar is INVALID_ARGUMENT then, naming its
-    field, and so is a grammar no token can begin) and cached by (vocabulary, kind, text); a
+    field, and so is a grammar that accepts no string or that no token can begin) and cached by (vocabulary, kind, text); a
     step only advances the matcher and fills a token bitmask, batched over the rows. Placed
     first in the flat chain, as vLLM applies its grammar bitmask before the sampling
     parameters. Ids past the vocabulary (padded logits) and special tokens other than EOS are

@@ -63,6 +63,10 @@ def test_tokenizer_json_directory_and_gguf_give_the_same_vocabulary(smollm2_toke
     from_gguf = load_vocabulary(smollm2_gguf_path())
     assert from_gguf == smollm2_vocabulary
     assert from_gguf.digest == load_vocabulary(str(tmp_path)).digest == smollm2_vocabulary.digest
+    # each keeps the tokenizer JSON it came from (for encoding), outside its identity
+    for vocabulary in (from_file, from_gguf, smollm2_vocabulary):
+        assert json.loads(vocabulary.encoder_json)["model"]["type"] == "BPE"
+    assert from_file.encoder_json == (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
 
 
 def test_digest_is_a_content_hash():

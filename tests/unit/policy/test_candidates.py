@@ -161,3 +161,48 @@ def test_restrict_still_grows_for_finite_ties():
     assert candidates.values.shape[1] == 4
     assert sorted(candidates.ids[0].tolist()) == [0, 1, 2, 3]
     assert torch.equal(candidates.to_dense(), values.masked_fill(values < 3.0, -INF))
+
+
+# -- keep_bits: a token bitmask (xgrammar's layout) ---------------------------------------------
+def _bits_reference(values: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Token t of a listed row stays iff bit t % 32 of word t // 32 is set, read one by one."""
+    out = values.clone()
+    words = bitmask.to(torch.int64) & 0xFFFFFFFF
+    for row in rows:
+        for token in range(values.shape[1]):
+            if not (int(words[row, token // 32]) >> (token % 32)) & 1:
+                out[row, token] = -INF
+    return out
+
+
+def _random_bitmask(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(-2 ** 31, 2 ** 31, (rows, (vocab + 31) // 32), generator=generator,
+                          dtype=torch.int64)
+    return words.to(torch.int32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 130), seed=st.integers(0, 2 ** 31),
+       subset=st.booleans())
+def test_keep_bits_equals_reading_each_bit(rows, vocab, seed, subset):
+    values = random_logits(seed, rows, vocab)
+    bitmask = _random_bitmask(rows, vocab, seed)
+    chosen = list(range(0, rows, 2)) if subset else list(range(rows))
+    candidates = Candidates(values)
+    candidates.keep_bits(chosen, bitmask)
+    assert torch.equal(candidates.values, _bits_reference(values, chosen, bitmask))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_keep_bits_on_cuda_equals_the_cpu(dtype, xgrammar):
+    """On CUDA the mask goes through xgrammar's kernel, on the values' device."""
+    values = random_logits(3, 8, 49152).to(dtype)
+    bitmask = _random_bitmask(8, 49152, 3)
+    rows = [0, 3, 4, 7]
+    on_cpu, on_cuda = Candidates(values.clone()), Candidates(values.cuda())
+    on_cpu.keep_bits(rows, bitmask)
+    on_cuda.keep_bits(rows, bitmask)
+    assert torch.equal(on_cuda.values.cpu(), on_cpu.values)

@@ -29,8 +29,8 @@ def check_against_hf(tokenizer, vocab: Vocabulary, ids: list[int]) -> Incrementa
         assert appended == text.text and len(text) == len(text.text)
         pending = text.pending
         assert len(pending) <= 3
-        if pending:  # a valid but incomplete character: more bytes could complete it
-            with pytest.raises(UnicodeDecodeError, match="unexpected end of data"):
+        if pending:  # the start of a character (or of a surrogate, which never completes)
+            with pytest.raises(UnicodeDecodeError):
                 pending.decode("utf-8")
         assert text.finished_text == decode(tokenizer, ids[:n])
     assert text.bytes == b"".join(vocab.tokens[i] for i in ids)

@@ -30,16 +30,18 @@ STOP: FinishReason
 LENGTH: FinishReason
 
 class RegisterTokenizerRequest(_message.Message):
-    __slots__ = ("name", "tokens", "special_ids", "eos_token_ids")
+    __slots__ = ("name", "tokens", "special_ids", "eos_token_ids", "tokenizer_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     tokens: _containers.RepeatedScalarFieldContainer[bytes]
     special_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., tokens: _Optional[_Iterable[bytes]] = ..., special_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    tokenizer_json: str
+    def __init__(self, name: _Optional[str] = ..., tokens: _Optional[_Iterable[bytes]] = ..., special_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...
 
 class RegisterTokenizerResponse(_message.Message):
     __slots__ = ("tokenizer_id", "vocab_size")
@@ -171,10 +173,12 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "text")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    text: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SequenceConfig(_message.Message):
     __slots__ = ("sequence_id", "policy", "policy_spec", "params", "prompt_ids", "eos_token_ids", "tokenizer", "resume")
