@@ -15,6 +15,11 @@ registered; if one fails to import, is not such a class, or takes a key a built-
 plug-in has, each bad one is logged and the start fails with one `PluginError` naming them
 all: a policy may depend on the plug-in, and serving without it would change its tokens.
 
+A stage that explains categorical decisions (text or true/false fields of `batch.explain`)
+declares their values in `decisions` (field -> allowed values) to have them counted in
+`sampler_decisions_total`; anything undeclared is counted as decision="other", so a plug-in
+cannot create unbounded metric series.
+
 Only installed packages are loaded, and only at start-up: nothing is ever loaded because of a
 client request (no code over the wire). A policy, inline or put through the admin API, can
 only name stages registered here. `docs/policies.md` documents the built-ins only: `make

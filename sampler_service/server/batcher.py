@@ -11,7 +11,8 @@ Two requests that step the same sequence never share a batch (the later one wait
 next), so each sees the other's effect exactly as if they had come one after the other.
 
 Each caller gets exactly its own result; `run` returns one result (or exception) per request,
-so a bad request fails alone.
+so a bad request fails alone. `on_batch`, when set, is called with the rows of each batch as
+it goes to the engine (the `sampler_batch_rows` histogram).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class StepBatcher(Generic[Item]):
     """Feeds `run(items) -> results` (called in `executor`) with batches of submitted items."""
 
     def __init__(self, run: Callable[[Sequence[Item]], Sequence[Any]], executor: Executor,
-                 window_s: float = 200e-6, max_rows: int = 256):
+                 window_s: float = 200e-6, max_rows: int = 256,
+                 on_batch: Callable[[int], None] | None = None):
         if max_rows < 1:
             raise ValueError("--max-batch-rows must be at least 1")
         if window_s < 0:
@@ -69,6 +71,8 @@ class StepBatcher(Generic[Item]):
         #: Batches run and requests answered (for tests and metrics).
         self.batches = 0
         self.requests = 0
+        #: Called with the rows of each batch before it runs (metrics); None: nothing.
+        self.on_batch = on_batch
 
     @contextlib.contextmanager
     def caller(self) -> Iterator[None]:
@@ -111,6 +115,11 @@ class StepBatcher(Generic[Item]):
                 continue
             await self._wait_for_others()
             batch = self._take()
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(sum(p.rows for p in batch))
+                except Exception:  # an observer must never stop the feed
+                    log.exception("the batch observer failed")
             try:
                 results = await loop.run_in_executor(self._executor, self._run,
                                                      [p.item for p in batch])

@@ -1,6 +1,13 @@
 """The `sampler.v1.Sampler` servicer on grpc.aio: steps go through the micro-batcher, every
 other call runs in the engine's executor thread, so the event loop never blocks on the engine
-and health answers whatever the load."""
+and health answers whatever the load.
+
+Metrics (`ServiceMetrics`): the unary calls are counted by `map_errors`; a StepStream counts
+as open while it is (`sampler_open_streams`), and each of its messages as one request, in
+flight from its arrival to its answer and counted with its own (in-band) status. Every step
+request's logits bytes are counted by how they arrived, and a successful step's time in the
+service by policy and transport. The servicer hands the batcher the metrics' batch observer
+when it has none (rows per engine call)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +21,9 @@ from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_service.errors import ResourceExhausted
 from sampler_service.server import convert
 from sampler_service.server.batcher import StepBatcher
-from sampler_service.server.error_mapping import abort, as_service_error, map_errors
-from sampler_service.server.metrics import ServiceMetrics
+from sampler_service.server.error_mapping import (abort, as_service_error, map_errors,
+                                                  record_failure)
+from sampler_service.server.metrics import MIXED_POLICY, ServiceMetrics, transport_of
 from sampler_service.server.status import to_rpc_status
 from sampler_service.service import SamplerCore
 from sampler_service.server.steps import StepRunner, StepWork
@@ -42,6 +50,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         self.executor = executor
         self.max_streams = max_streams
         self.open_streams = 0
+        if batcher.on_batch is None:
+            batcher.on_batch = metrics.observe_batch
 
     async def _in_engine_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
@@ -70,6 +80,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         whose deadline passes before its step is committed changes nothing
         (DEADLINE_EXCEEDED)."""
         started = time.perf_counter()
+        self.metrics.observe_payload(request)
         regions = contextlib.ExitStack()  # its regions stay registered until it has run
         regions.enter_context(self.runner.hold(request))
         remaining = context.time_remaining()
@@ -83,7 +94,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 result = None
         elapsed = time.perf_counter() - started
         result.service_micros = int(elapsed * 1e6)
-        self.metrics.step_seconds.observe(elapsed)
+        self.metrics.observe_step(work.outcome.get("policy", MIXED_POLICY), transport_of(request),
+                                  elapsed)
         return result
 
     @map_errors
@@ -97,25 +109,32 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                                       f"(--max-streams) is {self.max_streams}: close idle "
                                       "streams, share one per worker, or raise --max-streams",
                                       "--max-streams")
-            self.metrics.errors.labels("StepStream", error.code).inc()
+            record_failure(self.metrics, "StepStream", error)
             await abort(context, error)
         self.open_streams += 1
+        self.metrics.open_streams.inc()
         try:
             with self.batcher.caller():
                 async for request in request_iterator:
+                    self.metrics.inflight.inc()
                     try:
                         response = await self._step(request, context)
                     except Exception as exc:  # answered in-band; the stream goes on
-                        response = self._in_band(exc, request.request_id)
+                        response = self._in_band(exc, request)
+                    else:
+                        self.metrics.observe_rpc("StepStream", "OK")
+                    finally:
+                        self.metrics.inflight.dec()
                     yield response
         finally:
             self.open_streams -= 1
+            self.metrics.open_streams.dec()
 
-    def _in_band(self, exc: Exception, request_id: str) -> pb.StepResponse:
-        """A failed stream request's answer: its error as a status, counted."""
+    def _in_band(self, exc: Exception, request: pb.StepRequest) -> pb.StepResponse:
+        """A failed stream request's answer: its error as a status, counted and logged."""
         error = as_service_error(exc)
-        self.metrics.errors.labels("StepStream", error.code).inc()
-        return pb.StepResponse(error=to_rpc_status(error), request_id=request_id)
+        record_failure(self.metrics, "StepStream", error, request)
+        return pb.StepResponse(error=to_rpc_status(error), request_id=request.request_id)
 
     @map_errors
     async def RegisterTokenizer(self, request, context):
@@ -149,6 +168,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                     reference=(decode(request.reference_logits, "reference_logits")
                                if request.HasField("reference_logits") else None))
 
+        self.metrics.observe_payload(request)
         ids, probs = await self._in_engine_thread(preview)
         limit = request.max_candidates or len(ids)
         return pb.PreviewResponse(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
@@ -15,6 +15,7 @@ from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import SamplerServiceError, detached
 from sampler_service.policy.candidates import row_maxima
 from sampler_service.server import convert
+from sampler_service.server.metrics import MIXED_POLICY, policy_label
 from sampler_service.service import SamplerCore, StepCall
 from sampler_service.step_logits import StepLogits
 from sampler_service.transport.codec import decode_tensor, region_refs, wire_tensor
@@ -28,10 +29,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StepWork:
     """One step request as the batcher hands it over, with its caller's deadline
-    (`time.monotonic()`; None: none): a step planned after it changes nothing."""
+    (`time.monotonic()`; None: none): a step planned after it changes nothing. Once it has
+    been answered, `outcome["policy"]` is the metrics label of its sequences' policy
+    (`StepRunner.policy_label`)."""
 
     request: pb.StepRequest
     deadline: float | None = None
+    outcome: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class StepRunner:
@@ -111,7 +115,23 @@ class StepRunner:
                        for r in requests)
         small = rows < SINGLE_THREAD_ROWS and elements < SINGLE_THREAD_ELEMENTS
         with intra_op_threads(1 if small else self.threads):
-            return self._run(requests, [w.deadline for w in works])
+            results = self._run(requests, [w.deadline for w in works])
+        for work, result in zip(works, results):
+            if not isinstance(result, Exception):
+                work.outcome["policy"] = self.policy_label(work.request)
+        return results
+
+    def policy_label(self, request: pb.StepRequest) -> str:
+        """The metrics label of the policy of the sequences `request` stepped
+        (`metrics.policy_label`; "(mixed)" for several). Read in the engine thread, after the
+        step: no other call can have released them in between."""
+        names = set()
+        for sequence_id in {row.sequence_id for row in request.rows}:
+            try:
+                names.add(self.core.store.get(sequence_id).root.policy.name)
+            except SamplerServiceError:  # cannot happen in the engine thread; never fails a step
+                continue
+        return policy_label(names.pop()) if len(names) == 1 else MIXED_POLICY
 
     def _run(self, requests: Sequence[pb.StepRequest], deadlines: Sequence[float | None]
              ) -> list[pb.StepResponse | Exception]:

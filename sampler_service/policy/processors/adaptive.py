@@ -262,6 +262,7 @@ class HotOrCold(Processor):
     key = "hot_or_cold"
     role = "transform"
     drops_when_off = False  # explains its decision for every row
+    decisions = {"challenging": ("true", "false")}
     params = (Param("hot", "float", default=1.0, off=1.0, minimum=0.0,
                     doc="temperature of a challenging token"),
               Param("cold", "float", default=1.0, off=1.0, minimum=0.0,
@@ -389,6 +390,7 @@ class Sed(Processor):
     key = "sed"
     role = "monitor"
     drops_when_off = False  # explains its decision for every row
+    decisions = {"chaotic": ("true", "false")}
     params = (Param("entropy_threshold", "float", default=2.0, off=0.0, minimum=0.0,
                     doc="raw entropy (nats) above which a step is chaotic; 0 = this criterion off"),
               Param("ratio_threshold", "float", default=0.5, off=0.0, minimum=0.0, maximum=1.0,

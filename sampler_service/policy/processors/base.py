@@ -224,6 +224,11 @@ class Stage(ABC):
     #: (`structured`), instead of one flat name per parameter.
     flat_group: ClassVar[str | None] = None
 
+    #: The categorical decisions the stage reports in its explanations (`RowBatch.explain`):
+    #: each text or true/false field and every value it can take ("true" / "false" for a
+    #: flag). The metrics count exactly these; any other value counts as "other".
+    decisions: ClassVar[dict[str, tuple[str, ...]]] = {}
+
     @classmethod
     def check_values(cls, values: dict[str, Any], field: str) -> None:
         """Checks the validated values together (InvalidArgument naming `field`'s parameter);

@@ -120,6 +120,7 @@ class Entropix(Selector):
     """
 
     key = "entropix"
+    decisions = {"quadrant": QUADRANTS, "action": ACTIONS}
     params = (
         Param("temperature", "float", default=0.666, off=None, minimum=0.0, maximum=100.0,
               doc="T₀, the base temperature the rules adjust (the rules may triple it)"),
