@@ -1,13 +1,17 @@
 """Command line (also `python -m sampler_service ...`):
 
 - `sampler-service serve ...` runs the gRPC service;
+- `sampler-service health [--target ...]` asks a running service's grpc.health.v1 whether it
+  is SERVING (the image's HEALTHCHECK; light: no torch);
 - `sampler-service policies validate FILE` checks a policy file or directory offline;
 - `sampler-service policies list|show|put|delete ... --target HOST:PORT` administers a running
   service's policies through its PolicyAdmin API (started with an admin token).
 
 Exit codes: 0 done, 1 the policy file is invalid or the service refused the call (the gRPC
-status and message are printed), 2 bad usage or the server could not start. The server and
-the policy parser (torch) are imported only by the commands that need them, so that
+status and message are printed), 2 bad usage or the server could not start. `health`: 0
+SERVING, 1 any other status (NOT_SERVING, UNKNOWN, or a service the server does not know),
+2 unreachable, timed out or any other error. The server and the policy parser (torch) are
+imported only by the commands that need them, so that `health` and
 `policies list|show|put|delete` start fast.
 """
 from __future__ import annotations
@@ -19,16 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sampler_client import PolicyAdminClient, SamplerError, TLSConfig
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sampler-service",
                                      description="Sampler Sidecar: LLM decoding policies over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
+    _add_health(commands)
     _add_policies(commands)
     return parser
 
@@ -111,13 +112,93 @@ def _add_serve(commands) -> None:
                             "an fsync per step")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get on SIGTERM")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                       help="least severe level logged (default: INFO; nothing is logged per "
+                            "step or token at INFO)")
+    serve.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                       help="text (default) or json: one JSON object per line on stderr (ts, "
+                            "level, logger, msg and structured fields such as `event`); json "
+                            "prints no plain `listening on` line on stdout")
     token = serve.add_mutually_exclusive_group()
     token.add_argument("--admin-token", help="serve the PolicyAdmin API to callers bearing this "
                        "token (visible in `ps`: prefer --admin-token-file)")
     token.add_argument("--admin-token-file", type=Path,
                        help="read the admin token from this file (e.g. a Kubernetes Secret "
                        "mount), read once at start; default: no admin API")
+
+
+#: The service `health` asks about by default: SERVING once every port is bound and the
+#: kernels are warm (sampler_service.server.app.SAMPLER_SERVICE, not imported: it needs torch).
+HEALTH_SERVICE = "sampler.v1.Sampler"
+#: The health-only port of the image (`--health-port 8081`) on loopback.
+HEALTH_TARGET = "127.0.0.1:8081"
+#: The values of --log-level and --log-format (sampler_service.logs: kept in step by a test;
+#: not imported here so that the other commands load no more than they need).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+
+def _add_health(commands) -> None:
+    health = commands.add_parser(
+        "health", help="check a running service's grpc.health.v1 status (exit 0 when SERVING)",
+        description="Asks grpc.health.v1 Check of a running service; prints the status. Exit "
+                    "0 SERVING, 1 any other status (NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN), 2 "
+                    "unreachable, timed out or another error.")
+    health.add_argument("--target", default=HEALTH_TARGET, metavar="HOST:PORT | unix:PATH",
+                        help=f"the service's health port, data port or Unix socket, plaintext "
+                             f"(default: {HEALTH_TARGET}, the image's health port)")
+    health.add_argument("--service", default=HEALTH_SERVICE, metavar="NAME",
+                        help=f"the service name to check ('' for the server as a whole; "
+                             f"default: {HEALTH_SERVICE})")
+    health.add_argument("--timeout", type=_positive_seconds, default=3.0, metavar="S",
+                        help="seconds to wait for the answer (default: 3)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+#: grpc.health.v1 HealthCheckResponse.ServingStatus by number.
+HEALTH_STATUSES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def check_health(target: str, service: str = HEALTH_SERVICE, timeout: float = 3.0) -> int:
+    """grpc.health.v1 Check of `service` at `target` over a plaintext channel: prints the
+    status and returns 0 for SERVING, 1 for another status (a service the server does not
+    know: SERVICE_UNKNOWN), or 2 with a one-line message on stderr when there is no answer.
+    Imports grpc and the health messages alone (~0.1 s): it runs as a container HEALTHCHECK."""
+    import grpc
+    try:
+        from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+    except ImportError:  # a client-only install (no `server` extra): the SDK's own messages
+        from sampler_client.health import HealthCheckRequest, HealthCheckResponse
+    try:
+        with grpc.insecure_channel(target) as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=HealthCheckRequest.SerializeToString,
+                                        response_deserializer=HealthCheckResponse.FromString)
+            status = check(HealthCheckRequest(service=service), timeout=timeout).status
+    except grpc.RpcError as exc:
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        if code == grpc.StatusCode.NOT_FOUND:  # the server answers, and does not know `service`
+            print(f"SERVICE_UNKNOWN ({service!r} is not known to {target})")
+            return 1
+        details = exc.details() if callable(getattr(exc, "details", None)) else exc
+        what = "no answer within the timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED \
+            else f"{getattr(code, 'name', 'error')}: {' '.join(str(details).split())}"
+        print(f"sampler-service health: {target}: {what}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a target grpc cannot parse
+        print(f"sampler-service health: {target}: {exc}", file=sys.stderr)
+        return 2
+    print(HEALTH_STATUSES.get(status, f"status {status}"))
+    return 0 if status == 1 else 1
 
 
 def _add_policies(commands) -> None:
@@ -216,6 +297,7 @@ def _spec_from_file(name: str, path: Path) -> Any:
 
 def _admin_tls(args: argparse.Namespace):
     """The TLSConfig when any --tls-* flag is given, else None (a plaintext channel)."""
+    from sampler_client import TLSConfig
     if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
         return None
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -232,6 +314,9 @@ def _admin_tls(args: argparse.Namespace):
 
 
 def administer(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sampler_client import PolicyAdminClient, SamplerError
     token = _read_token(args.token_file) if args.token_file else args.token
     with PolicyAdminClient(args.target, token=token, timeout=args.timeout,
                            tls=_admin_tls(args)) as admin:
@@ -276,9 +361,10 @@ def _tokenizer_flag(value: str) -> tuple[str, Path]:
 def serve(args: argparse.Namespace) -> int:
     for name, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from sampler_service import logs
     from sampler_service.errors import SamplerServiceError
     from sampler_service.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve_forever
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         token = _read_token(args.admin_token_file) if args.admin_token_file else args.admin_token
         config = ServerConfig(host=args.host, port=None if args.no_tcp else args.port,
@@ -302,10 +388,15 @@ def serve(args: argparse.Namespace) -> int:
                               journal_fsync=args.journal_fsync,
                               tokenizers=tuple(args.tokenizer),
                               max_tokenizers=args.max_tokenizers)
-        serve_forever(config)
+        serve_forever(config, announce=args.log_format == "text")
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)
-        print(f"sampler-service: {exc}" + (f" (at {field})" if field else ""), file=sys.stderr)
+        message = f"{exc}" + (f" (at {field})" if field else "")
+        if args.log_format == "json":  # every line of the stream stays JSON
+            logging.getLogger("sampler_service.cli").error(
+                "cannot start: %s", message, extra={"event": "start_failed", "reason": message})
+        else:
+            print(f"sampler-service: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -314,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "health":
+        return check_health(args.target, args.service, args.timeout)
     if args.action == "validate":
         return validate_policies(args.path)
+    import yaml
     try:
         return administer(args)
     except (OSError, ValueError, yaml.YAMLError) as exc:

@@ -206,6 +206,8 @@ class SamplerCore:
         #: Told every committed change before its answer returns (`attach_journal`).
         self.journal: CommitLog | None = None
         self._lock = threading.Lock()  # one step at a time: the engine owns the device
+        #: (policy, version, error kind) whose refused follow_latest moves were logged at WARNING.
+        self._stays_warned: set[tuple[str, int, str]] = set()
 
     @property
     def device(self) -> torch.device:
@@ -503,9 +505,13 @@ class SamplerCore:
                 if version != pinned.version:
                     state.policy = resolve(spec, version, pinned.overrides, split=pinned.split)
                     moved.append((state, pinned))
-            except SamplerServiceError as exc:
-                log.warning("sequence %r stays on %s v%d: %s", state.sequence_id, pinned.name,
-                            pinned.version.number, exc)
+            except SamplerServiceError as exc:  # tried again each step: warned once per version
+                once = (pinned.name, pinned.version.number, type(exc).__name__)
+                level = logging.DEBUG if once in self._stays_warned else logging.WARNING
+                self._stays_warned.add(once)
+                log.log(level, "sequence %r stays on %s v%d (and so may others on it; further "
+                        "ones are logged at DEBUG): %s", state.sequence_id, pinned.name,
+                        pinned.version.number, exc)
         return moved
 
     @staticmethod

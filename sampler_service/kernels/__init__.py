@@ -39,14 +39,19 @@ def _cache_directory() -> bool:
     """Whether compiled kernels can be cached on disk, choosing where: `NUMBA_CACHE_DIR` when
     set, else beside the sources when writable, else a directory under the system's temporary
     one (a read-only install, e.g. a container's root file system)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return True
+    given = os.environ.get("NUMBA_CACHE_DIR")
+    if given:  # numba's own setting, if it can be written (else: no cache, not a failed start)
+        try:
+            os.makedirs(given, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(given, os.W_OK)
     if os.access(os.path.dirname(__file__), os.W_OK):
         return True
-    fallback = os.path.join(tempfile.gettempdir(), "sampler-sidecar-numba")
     try:
+        fallback = os.path.join(tempfile.gettempdir(), "sampler-sidecar-numba")
         os.makedirs(fallback, exist_ok=True)
-    except OSError:
+    except OSError:  # gettempdir() raises FileNotFoundError when no temporary directory works
         return False
     if not os.access(fallback, os.W_OK):
         return False

@@ -112,11 +112,16 @@ class PolicyWatcher:
         except Exception as exc:  # noqa: BLE001 - one bad reload must not end the watcher
             message = _describe(exc)
             log.error("policy reload from %s rejected, the old policies keep serving: %s",
-                      self.path, message, exc_info=exc if _unexpected(exc) else None)
+                      self.path, message, exc_info=exc if _unexpected(exc) else None,
+                      extra={"event": "reload", "result": "error", "path": str(self.path),
+                             "reason": message})
             self._report(None, message)
             return None
         log.info("policies reloaded from %s: added %s, changed %s, removed %s", self.path,
-                 list(change.added), list(change.changed), list(change.removed))
+                 list(change.added), list(change.changed), list(change.removed),
+                 extra={"event": "reload", "result": "ok", "path": str(self.path),
+                        "added": list(change.added), "changed": list(change.changed),
+                        "removed": list(change.removed)})
         self._report(change, None)
         return change
 

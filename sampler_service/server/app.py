@@ -21,6 +21,7 @@ import re
 import signal
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,17 +236,43 @@ class SamplerServer:
             if self.state is not None:
                 self.state.close()
             raise
+        self.metrics_host = (None if config.metrics_port is None
+                             else check_host(config.metrics_host or self.host, "--metrics-host"))
         self.metrics_port = (None if config.metrics_port is None
-                             else self.metrics.serve(
-                                 check_host(config.metrics_host or self.host, "--metrics-host"),
-                                 config.metrics_port))
+                             else self.metrics.serve(self.metrics_host, config.metrics_port))
         self.watcher = None
         if config.policies is not None and config.policy_reload_s > 0:
             self.watcher = PolicyWatcher(registry, config.policies, config.default_policies,
                                          config.policy_reload_s, self.metrics.observe_reload)
             self.watcher.start()
-        log.info("serving on %s (device %s, shared memory %s, TLS on the TCP port: %s)",
-                 self.address, self.core.device, "on" if self.shared_memory else "off", self.tls)
+        self._log_start()
+
+    @property
+    def health_address(self) -> str | None:
+        """host:port of the health-only port (the bound port), None without one."""
+        if self.health_port is None:
+            return None
+        return host_port(check_host(self.config.health_host, "--health-host"), self.health_port)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The Prometheus endpoint (with the bound port, also for --metrics-port 0), or None."""
+        if self.metrics_port is None:
+            return None
+        return f"http://{host_port(self.metrics_host, self.metrics_port)}/metrics"
+
+    def _log_start(self) -> None:
+        """The `start` line: every address bound, whichever the config left off as null."""
+        data = None if self.port is None else host_port(self.host, self.port)
+        uds = None if self.config.uds is None else str(self.config.uds)
+        fields = {"data": data, "uds": uds, "health": self.health_address,
+                  "metrics": self.metrics_url, "device": str(self.core.device),
+                  "shared_memory": self.shared_memory, "tls": self.tls}
+        log.info("started: data port %s, Unix socket %s, health port %s, metrics %s (device %s, "
+                 "shared memory %s, TLS on the data port: %s)", data or "off", uds or "off",
+                 self.health_address or "off", self.metrics_url or "off", self.core.device,
+                 "on" if self.shared_memory else "off", self.tls,
+                 extra={"event": "start", **fields})
 
     def _call(self, coroutine):
         """Runs a coroutine on the server's loop and waits for its result."""
@@ -289,6 +316,7 @@ class SamplerServer:
             if not self._server.add_insecure_port(f"unix:{config.uds}"):
                 raise OSError(f"could not bind the Unix socket {config.uds}")
         self._health_server = None
+        self.health_port = None
         if config.health_port is not None:
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
@@ -324,6 +352,7 @@ class SamplerServer:
         Stopping a stopped server does nothing."""
         if self._loop.is_closed():
             return
+        started = time.monotonic()
         if self.watcher is not None:
             self.watcher.stop()
         self._call(self._stop(self.config.grace_s if grace_s is None else grace_s))
@@ -335,6 +364,8 @@ class SamplerServer:
         self.metrics.stop()
         if self.config.uds is not None and self.config.uds.exists():
             self.config.uds.unlink()
+        took = time.monotonic() - started
+        log.info("stopped (in %.2fs)", took, extra={"event": "stop", "took_s": round(took, 3)})
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -356,24 +387,43 @@ def _warm_kernels() -> None:
 SIGNAL_POLL_S = 0.2
 
 
-def serve_forever(config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then stops gracefully."""
+def serve_forever(config: ServerConfig, announce: bool = True) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully (draining for `config.grace_s`).
+    `announce` prints the addresses on stdout (`sampler-service listening on ...`), the line
+    scripts wait for; the `start` log line carries them in any case."""
     server = SamplerServer(config)
+    received: list[int] = []
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("signal %d: draining for up to %.1fs", signum, config.grace_s)
+        received.append(signum)  # logged by the main loop: a handler must not take log locks
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    where = server.address if config.uds is None or server.port is None else \
-        f"{server.address} and unix:{config.uds}"
-    tls = "" if server.tls == "off" or server.port is None else f", {server.tls} on the TCP port"
-    print(f"sampler-service listening on {where} (device {server.core.device}{tls})", flush=True)
+    if announce:
+        print(listening_line(server), flush=True)
     # Waits in short slices: the kernel may hand SIGTERM to any of the process's threads
     # (gRPC's, the engine's), and then only a main thread that wakes up runs the handler; a
     # wait without a timeout could sleep through it for good.
     while not stopping.wait(SIGNAL_POLL_S):
         pass
+    name = signal.Signals(received[0]).name
+    log.info("%s received: draining for up to %.1fs", name, config.grace_s,
+             extra={"event": "drain", "signal": name, "grace_s": config.grace_s})
     server.stop()
+
+
+def listening_line(server: SamplerServer) -> str:
+    """`sampler-service listening on ADDRESS[ and unix:PATH] (device D[, TLS])`, then the
+    health and metrics addresses when served (the bound ports, also for port 0)."""
+    config = server.config
+    where = server.address if config.uds is None or server.port is None else \
+        f"{server.address} and unix:{config.uds}"
+    tls = "" if server.tls == "off" or server.port is None else f", {server.tls} on the TCP port"
+    line = f"sampler-service listening on {where} (device {server.core.device}{tls})"
+    if server.health_address is not None:
+        line += f"; health {server.health_address}"
+    if server.metrics_url is not None:
+        line += f"; metrics {server.metrics_url}"
+    return line

@@ -27,8 +27,24 @@ def test_nothing_writable_compiles_without_a_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(kernels.os, "access", lambda path, mode: False)
     assert kernels._cache_directory() is False
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # an explicit choice is kept
-    assert kernels._cache_directory() is True
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # an explicit choice it cannot write
+    assert kernels._cache_directory() is False
+
+
+def test_numba_cache_dir_is_kept_when_writable_and_no_temporary_directory_is_survived(
+        monkeypatch, tmp_path):
+    pytest.importorskip("numba")
+    import sampler_service.kernels as kernels
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    assert kernels._cache_directory() is True and (tmp_path / "cache").is_dir()
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    package = os.path.dirname(kernels.__file__)
+    monkeypatch.setattr(kernels.os, "access", lambda path, mode: not path.startswith(package))
+
+    def no_temporary_directory():
+        raise FileNotFoundError("No usable temporary directory found")
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", no_temporary_directory)
+    assert kernels._cache_directory() is False  # compiles at each start instead of failing
 
 
 def test_warm_runs_every_kernel():
