@@ -7,7 +7,7 @@ PROTO_SRC := protos/sampler/v1/sampler.proto
 STUBS_DIR := clients/python
 STUBS_PKG := $(STUBS_DIR)/sampler_proto
 
-.PHONY: venv proto check-proto docs check-docs test test-gpu demo serve bench clean
+.PHONY: venv proto check-proto docs check-docs deploy-check test test-gpu demo serve bench image clean
 
 # torch==2.13.0 first (the CPU build on this disk): pyproject's torch range is then satisfied.
 # The example plug-in package is installed too: `make test` runs its test and uses its entry point.
@@ -47,7 +47,14 @@ check-docs: $(STAMP)
 	$(BIN)/python -m sampler_service.policy.docgen | diff - docs/policies.md \
 	  || (echo "docs/policies.md is stale: run 'make docs' and commit." && exit 1)
 
-test: $(STAMP) check-proto check-docs
+# Renders every kustomize overlay (with the venv's pinned kubectl) and checks the result:
+# Kubernetes' strict schemas for 1.30 and the newest kubernetes-validate ships, Pod Security
+# "restricted", and that every port a probe, annotation, PodMonitor or NetworkPolicy names is
+# one the sampler serves (deploy/check_manifests.py says what it checked, per overlay).
+deploy-check: $(STAMP)
+	$(BIN)/python deploy/check_manifests.py
+
+test: $(STAMP) check-proto check-docs deploy-check
 	$(BIN)/python -m pytest -q
 
 # The GPU tests (CUDA engine, CUDA IPC regions and transport); they skip without CUDA. Needs a
@@ -66,6 +73,25 @@ serve: $(STAMP)
 # processors and the amax/softmax floors; rewrites docs/performance.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_vs_peers.py --markdown docs/performance.md
+
+# The service image: `make image` (CPU torch), `make image VARIANT=cuda` (CUDA torch + cupy),
+# tagged $(IMAGE):$(IMAGE_TAG). Needs Docker with BuildKit; `make test` checks the Dockerfile
+# without building it (tests/deploy/test_dockerfile.py).
+DOCKER  ?= docker
+IMAGE   ?= sampler-sidecar
+VARIANT ?= cpu
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_TAG ?= $(VERSION)$(if $(filter cuda,$(VARIANT)),-cuda)
+image:
+	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "make image: VARIANT must be cpu or cuda, not '$(VARIANT)'" >&2; exit 2;; esac
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "make image: '$(DOCKER)' not found: install Docker (BuildKit) or set DOCKER=..." >&2; exit 2; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make image: '$(DOCKER)' cannot reach a Docker daemon: start it or set DOCKER_HOST" >&2; exit 2; }
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f deploy/Dockerfile \
+	  --build-arg VARIANT=$(VARIANT) \
+	  --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+	  --build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null | sed -E 's#://[^/@]+@#://#')" \
+	  -t $(IMAGE):$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache
