@@ -13,6 +13,10 @@ SERVING, 1 any other status (NOT_SERVING, UNKNOWN, or a service the server does 
 2 unreachable, timed out or any other error. The server and the policy parser (torch) are
 imported only by the commands that need them, so that `health` and
 `policies list|show|put|delete` start fast.
+
+A client-only install (`pip install .`, no `server` extra) runs `health` and
+`policies list|delete`; `serve` and `policies validate|show|put` exit 2 naming the missing
+module and `pip install 'sampler-sidecar[server]'`, and every --help ends with that note.
 """
 from __future__ import annotations
 
@@ -24,18 +28,68 @@ from pathlib import Path
 from typing import Any
 
 
+#: The `server` extra (pyproject.toml): the modules `serve` imports when it starts, by
+#: importable name, each with the distribution that provides it. `health` and
+#: `policies list|delete` need none of them (a client-only `pip install .` runs them).
+SERVER_EXTRA = "sampler-sidecar[server]"
+SERVER_MODULES = {"torch": "torch", "yaml": "pyyaml", "grpc_health": "grpcio-health-checking",
+                  "grpc_reflection": "grpcio-reflection", "prometheus_client": "prometheus-client"}
+#: Modules of the extra `serve` starts without: imported when a feature needs them (structured
+#: outputs, text), or with a fallback (numba's CPU kernels have torch paths).
+SERVER_LAZY_MODULES = {"xgrammar": "xgrammar", "tokenizers": "tokenizers", "numba": "numba"}
+
+
+def missing_server_modules() -> list[str]:
+    """The modules of the `server` extra that are not installed ([] when it is). Looks them
+    up without importing them (a few milliseconds)."""
+    from importlib.util import find_spec
+
+    def absent(name: str) -> bool:
+        try:
+            return find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    return [name for name in SERVER_MODULES if absent(name)]
+
+
+def server_extra_message(missing: list[str]) -> str:
+    """What to install when the `missing` modules of the server extra are not there."""
+    dists = {**SERVER_MODULES, **SERVER_LAZY_MODULES}
+    names = ", ".join(repr(name) + (f" ({dists[name]})" if dists.get(name, name) != name else "")
+                      for name in missing)
+    modules = "module" if len(missing) == 1 else "modules"
+    return (f"the server is not installed: no {modules} named {names}. It is the `server` extra: "
+            f"pip install '{SERVER_EXTRA}' (in a clone of the repository: pip install "
+            "'.[server]'; for the CPU-only torch, run first: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu)")
+
+
+def _server_module_of(exc: ModuleNotFoundError) -> str | None:
+    """The server extra's module `exc` failed to find, or None for any other module."""
+    top = (exc.name or "").partition(".")[0]
+    return top if top in SERVER_MODULES or top in SERVER_LAZY_MODULES else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sampler-service",
-                                     description="Sampler Sidecar: LLM decoding policies over gRPC.")
+    """The command line. Where the server extra is missing, every --help ends with a note
+    naming the missing module and what to install."""
+    missing = missing_server_modules()
+    epilog = None if not missing else (
+        f"Note: {server_extra_message(missing)}. Without it `serve` and `policies "
+        "validate|show|put` exit 2; `health` and `policies list|delete` work.")
+    parser = argparse.ArgumentParser(
+        prog="sampler-service", epilog=epilog,
+        description="Sampler Sidecar: LLM decoding policies over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_serve(commands)
-    _add_health(commands)
-    _add_policies(commands)
+    _add_serve(commands, epilog)
+    _add_health(commands, epilog)
+    _add_policies(commands, epilog)
     return parser
 
 
-def _add_serve(commands) -> None:
-    serve = commands.add_parser("serve", help="run the gRPC service")
+def _add_serve(commands, epilog: str | None = None) -> None:
+    serve = commands.add_parser("serve", help="run the gRPC service", epilog=epilog)
     serve.add_argument("--host", default="127.0.0.1",
                        help="IP address or host name to bind (default: loopback)")
     serve.add_argument("--port", type=int, default=50051, help="TCP port (0: any free port)")
@@ -138,9 +192,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
 
-def _add_health(commands) -> None:
+def _add_health(commands, epilog: str | None = None) -> None:
     health = commands.add_parser(
-        "health", help="check a running service's grpc.health.v1 status (exit 0 when SERVING)",
+        "health", epilog=epilog,
+        help="check a running service's grpc.health.v1 status (exit 0 when SERVING)",
         description="Asks grpc.health.v1 Check of a running service; prints the status. Exit "
                     "0 SERVING, 1 any other status (NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN), 2 "
                     "unreachable, timed out or another error.")
@@ -201,11 +256,12 @@ def check_health(target: str, service: str = HEALTH_SERVICE, timeout: float = 3.
     return 0 if status == 1 else 1
 
 
-def _add_policies(commands) -> None:
-    policies = commands.add_parser("policies", help="validate policy files; administer a "
-                                   "running service's policies")
+def _add_policies(commands, epilog: str | None = None) -> None:
+    policies = commands.add_parser("policies", epilog=epilog, help="validate policy files; "
+                                   "administer a running service's policies")
     actions = policies.add_subparsers(dest="action", required=True)
-    validate = actions.add_parser("validate", help="check a policy file or directory offline")
+    validate = actions.add_parser("validate", epilog=epilog,
+                                  help="check a policy file or directory offline")
     validate.add_argument("path", type=Path, metavar="FILE",
                           help="a YAML policy file, or a directory of *.yaml / *.yml files")
     remote = argparse.ArgumentParser(add_help=False)
@@ -219,15 +275,18 @@ def _add_policies(commands) -> None:
     remote.add_argument("--tls-cert", type=Path, metavar="FILE",
                         help="client certificate for mutual TLS (with --tls-key; implies TLS)")
     remote.add_argument("--tls-key", type=Path, metavar="FILE", help="key of --tls-cert")
-    actions.add_parser("list", parents=[remote], help="the policies in force")
-    show = actions.add_parser("show", parents=[remote], help="one policy as YAML, with its version")
+    actions.add_parser("list", parents=[remote], epilog=epilog, help="the policies in force")
+    show = actions.add_parser("show", parents=[remote], epilog=epilog,
+                              help="one policy as YAML, with its version")
     show.add_argument("name")
-    put = actions.add_parser("put", parents=[remote], help="add or replace a policy from a YAML "
-                             "file: a bare spec, or a document with `policies: {NAME: spec}`")
+    put = actions.add_parser("put", parents=[remote], epilog=epilog,
+                             help="add or replace a policy from a YAML file: a bare spec, or a "
+                                  "document with `policies: {NAME: spec}`")
     put.add_argument("name")
     put.add_argument("path", type=Path, metavar="FILE")
-    delete = actions.add_parser("delete", parents=[remote], help="delete a policy (refused "
-                                "while live sequences pin it, unless --force)")
+    delete = actions.add_parser("delete", parents=[remote], epilog=epilog,
+                                help="delete a policy (refused while live sequences pin it, "
+                                     "unless --force)")
     delete.add_argument("name")
     delete.add_argument("--force", action="store_true",
                         help="delete even if live sequences pin it (they keep their version)")
@@ -314,9 +373,9 @@ def _admin_tls(args: argparse.Namespace):
 
 
 def administer(args: argparse.Namespace) -> int:
-    import yaml
-
     from sampler_client import PolicyAdminClient, SamplerError
+    if args.action in ("show", "put"):
+        import yaml  # the server extra's pyyaml: missing, main() says what to install
     token = _read_token(args.token_file) if args.token_file else args.token
     with PolicyAdminClient(args.target, token=token, timeout=args.timeout,
                            tls=_admin_tls(args)) as admin:
@@ -362,6 +421,9 @@ def serve(args: argparse.Namespace) -> int:
     for name, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     from sampler_service import logs
+    if missing := missing_server_modules():  # a client-only install: no `server` extra
+        logs.configure(args.log_level, args.log_format)
+        return _cannot_start(args, server_extra_message(missing))
     from sampler_service.errors import SamplerServiceError
     from sampler_service.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve_forever
     logs.configure(args.log_level, args.log_format)
@@ -391,30 +453,55 @@ def serve(args: argparse.Namespace) -> int:
         serve_forever(config, announce=args.log_format == "text")
     except (SamplerServiceError, OSError, ValueError) as exc:
         field = getattr(exc, "field", None)
-        message = f"{exc}" + (f" (at {field})" if field else "")
-        if args.log_format == "json":  # every line of the stream stays JSON
-            logging.getLogger("sampler_service.cli").error(
-                "cannot start: %s", message, extra={"event": "start_failed", "reason": message})
-        else:
-            print(f"sampler-service: {message}", file=sys.stderr)
-        return 2
+        return _cannot_start(args, f"{exc}" + (f" (at {field})" if field else ""))
+    except ModuleNotFoundError as exc:  # e.g. --tokenizer without the extra's `tokenizers`
+        if (module := _server_module_of(exc)) is None:
+            raise
+        return _cannot_start(args, server_extra_message([module]))
     return 0
+
+
+def _cannot_start(args: argparse.Namespace, message: str) -> int:
+    """Reports why `serve` cannot start (one JSON line under --log-format json); exit 2."""
+    if args.log_format == "json":  # every line of the stream stays JSON
+        logging.getLogger("sampler_service.cli").error(
+            "cannot start: %s", message, extra={"event": "start_failed", "reason": message})
+    else:
+        print(f"sampler-service: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = args.command if args.command != "policies" else f"policies {args.action}"
+    try:
+        return _run(args)
+    except ModuleNotFoundError as exc:  # a client-only install: no `server` extra
+        if (module := _server_module_of(exc)) is None:
+            raise
+        print(f"sampler-service {command}: {server_extra_message([module])}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "health":
         return check_health(args.target, args.service, args.timeout)
     if args.action == "validate":
         return validate_policies(args.path)
-    import yaml
     try:
         return administer(args)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, *_yaml_errors()) as exc:
         print(f"sampler-service policies {args.action}: {exc}", file=sys.stderr)
         return 2
+
+
+def _yaml_errors() -> tuple[type[Exception], ...]:
+    """yaml.YAMLError where yaml is loaded (show and put use it; list and delete run without
+    the server extra, which brings pyyaml)."""
+    yaml = sys.modules.get("yaml")
+    return (yaml.YAMLError,) if yaml is not None else ()
 
 
 if __name__ == "__main__":
