@@ -31,6 +31,8 @@ def _numba_installed() -> bool:
 
 #: numba is installed (the `server` extra): the CPU kernels and their thread pool can run.
 NUMBA = _numba_installed()
+#: The largest float32: where an arithmetic stage saturates instead of reaching +inf.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _on_numpy_rows(values: torch.Tensor) -> bool:
@@ -247,11 +249,17 @@ class Candidates:
 
     def divide(self, divisor: torch.Tensor) -> None:
         """Row r's values divided by divisor[r] > 0 (temperature). Keeps the order. Values not
-        yet owned are not copied first: the quotients are written to new ones in one pass."""
+        yet owned are not copied first: the quotients are written to new ones in one pass.
+
+        A quotient past float32's range saturates at its largest value instead of becoming
+        +inf (a logit near the top of the range divided by T < 1): the token still takes all
+        the probability, as the exact quotient would, and no later stage or kernel sees +inf
+        (one more pass: ~0.65 ms for 64 x 128256 on 2 cores)."""
         if self._shared:
             self.values, self._shared = self.values / divisor.unsqueeze(1), False
         else:
             self.values.div_(divisor.unsqueeze(1))
+        self.values.clamp_(max=_FLOAT32_MAX)
 
     def best_first(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of each row's `width` best tokens, sorted best first (equal values in

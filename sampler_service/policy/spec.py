@@ -1,11 +1,11 @@
 """Parses and validates policy specs (YAML or inline dicts) and resolves them for a sequence.
 
-A spec (DESIGN.md section 4):
+A spec (docs/policies.md; docs/architecture.md for where it is resolved):
 
     description: text
     chain: [ {processor_key: {param: value}}, ... ]   # run in the order written
     select: greedy | sample | {selector_key: {param: value}}
-    defaults: {max_tokens: 256, stop_token_ids: [...], seed: 1, logprobs: 0}
+    defaults: {max_tokens: 256, stop_token_ids: [...], seed: 1, logprobs: 0}   # any setting
     overridable: [flat parameter names a request may set]
     follow_latest: false   # true: running sequences move to a new version at their next step
 
@@ -25,7 +25,7 @@ from sampler_service.errors import InvalidArgument, echo
 from sampler_service.policy.params import key_text, validate_values
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.resolved import (ALWAYS_OVERRIDABLE, SETTING_NAMES, SETTINGS, Link,
-                                             PolicyVersion, ResolvedPolicy)
+                                             PolicyVersion, ResolvedPolicy, fold_aliases)
 from sampler_service.policy.selectors import SELECTORS
 
 SPEC_KEYS = ("description", "chain", "select", "defaults", "overridable", "follow_latest")
@@ -141,7 +141,8 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
         raise InvalidArgument("a policy must end in exactly one selector: set `select` to one of "
                               + ", ".join(sorted(SELECTORS)), f"{field}.select")
     select = _stage_entry(raw["select"], SELECTORS, "selector", f"{field}.select")
-    defaults = validate_values(SETTINGS, raw.get("defaults"), f"{field}.defaults")
+    defaults = fold_aliases(validate_values(SETTINGS, raw.get("defaults"), f"{field}.defaults"),
+                            raw.get("defaults") or (), f"{field}.defaults")
     overridable_raw = raw.get("overridable") or []
     if not isinstance(overridable_raw, list):
         raise InvalidArgument("overridable must be a list of parameter names",
@@ -170,16 +171,22 @@ def parse_policy(name: str, raw: Any, field: str = "spec") -> PolicySpec:
 
 
 def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, Any],
-            field: str = "params", split: str = "") -> ResolvedPolicy:
-    """Applies request overrides to a policy, checking each is allowed and in range."""
+            field: str = "params", split: str = "", inline: bool = False) -> ResolvedPolicy:
+    """Applies request overrides to a policy, checking each is allowed and in range.
+
+    `inline`: the spec came with the request (an inline `policy_spec`), so its author is the
+    caller: every sequence setting (seed, max_tokens, stop ids, ...) may be set by the request
+    too, as in the spec's `defaults:`, whatever its `overridable` says. Processor parameters
+    still need `overridable` (their stage must be in the chain)."""
     chain = {key: dict(values) for key, values in spec.chain}
     settings = dict(spec.defaults)
+    free = spec.overridable | ALWAYS_OVERRIDABLE | (SETTING_NAMES if inline else frozenset())
     for flat, value in overrides.items():
         where = f"{field}.{flat}"
         if flat not in FLAT_NAMES:
             raise InvalidArgument(f"unknown parameter {echo(flat)}", where)
-        if flat not in spec.overridable and flat not in ALWAYS_OVERRIDABLE:
-            allowed = ", ".join(sorted(spec.overridable | ALWAYS_OVERRIDABLE))
+        if flat not in free:
+            allowed = ", ".join(sorted(free))
             raise InvalidArgument(f"policy {echo(spec.name)} does not let a request set {flat!r}; "
                                   f"overridable: {allowed}", where)
         if flat in SETTING_NAMES:
@@ -192,6 +199,7 @@ def resolve(spec: PolicySpec, version: PolicyVersion, overrides: Mapping[str, An
             key, param = FLAT_PROCESSOR_PARAMS[flat]
             schema = next(p for p in PROCESSORS[key].params if p.name == param)
             chain[key][param] = schema.validate(value, where)
+    settings = fold_aliases(settings, overrides, field)
     links = tuple(Link(PROCESSORS[key](), chain[key]) for key, _ in spec.chain)
     selector = Link(SELECTORS[spec.select[0]](), dict(spec.select[1]))
     return ResolvedPolicy(spec.name, version, links, selector, settings, split=split,

@@ -1,5 +1,5 @@
-"""Each processor on tiny hand-computed rows (DESIGN.md section 8), then against Hugging Face's
-processors on random rows.
+"""Each processor on tiny hand-computed rows (the formulas in docs/policies.md), then against
+Hugging Face's processors on random rows.
 
 Processors are driven directly: a `Candidates` over a float32 copy of the logits, a `RowBatch`
 of real `SequenceState`s, and the [rows] parameter tensors the engine would build.
@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from sampler_service.engine import Engine
 from sampler_service.policy.candidates import Candidates
@@ -40,8 +41,9 @@ def run(cls, logits, states=None, **args):
         logits = logits.unsqueeze(0)
     rows = logits.shape[0]
     states = states if states is not None else [make_state() for _ in range(rows)]
-    kinds = {p.name: _DTYPES[p.kind] for p in cls.params}
-    tensors = {name: torch.tensor(list(values), dtype=kinds[name]) for name, values in args.items()}
+    kinds = {p.name: torch.float64 if p.float64 else _DTYPES.get(p.kind) for p in cls.params}
+    tensors = {name: torch.tensor(list(values), dtype=kinds[name]) if kinds[name] else list(values)
+               for name, values in args.items()}
     candidates = Candidates(logits.clone())
     batch = RowBatch(states, CPU)
     cls().apply(candidates, tensors, batch)
@@ -485,3 +487,165 @@ def test_flat_chain_matches_hugging_face_chain(seed, transformers):
     theirs = torch.log_softmax(x, dim=1)[0]
     assert_same(ours, theirs)
     assert 1 < int(torch.isfinite(ours).sum()) <= 40
+
+
+# -- top_k: vLLM's -1 -------------------------------------------------------------------------
+def test_top_k_minus_one_is_vllms_off_and_is_stored_as_zero():
+    """vLLM's "off" is -1 (Hugging Face's and llama.cpp's is 0): both are taken, flat and in a
+    spec, and -1 resolves to 0, so the stage is dropped as off and the plan says k=0."""
+    flat = resolve_flat({"top_k": -1, "top_p": 0.9})
+    link = next(l for l in flat.links if l.stage.key == "top_k")
+    assert link.values["k"] == 0 and link.is_off
+    assert "top_k" not in [l.stage.key for l in flat.active_links]
+    spec = parse_policy("p", {"chain": [{"top_k": {"k": -1}}], "select": "sample"})
+    assert dict(spec.chain[0][1])["k"] == 0
+    assert resolve_flat({"top_k": 0}).spec() == resolve_flat({"top_k": -1}).spec()
+
+
+@pytest.mark.parametrize("k", [-2, -100, -(2 ** 31)])
+def test_top_k_other_negatives_are_refused_naming_the_field(k):
+    from sampler_service.errors import InvalidArgument
+    with pytest.raises(InvalidArgument) as flat:
+        resolve_flat({"top_k": k})
+    assert flat.value.field == "params.top_k"
+    assert "top_k" in flat.value.message and "-1 (= 0)" in flat.value.message
+    with pytest.raises(InvalidArgument) as spec:
+        parse_policy("p", {"chain": [{"top_k": {"k": k}}], "select": "sample"})
+    assert spec.value.field == "spec.chain[0].top_k.k"
+
+
+# -- top_p, rule hf: Hugging Face's TopPLogitsWarper bit for bit --------------------------------
+def top_p_hf_rows(logits: torch.Tensor, p: float, min_keep: int = 1, **extra) -> torch.Tensor:
+    """`TopP` with `rule: hf` on every row of `logits` (dense processed logits)."""
+    rows = logits.shape[0]
+    out, _, _ = run(TopP, logits, p=[p] * rows, min_keep=[min_keep] * rows,
+                    rule=["hf"] * rows, **extra)
+    return out
+
+
+@st.composite
+def hf_top_p_cases(draw):
+    """(logits [1, V], p, min_keep): normal rows, rows with ties (rounded), rows with masked
+    entries, and p on Hugging Face's boundary: 1 − p equal (in float32) to an ascending
+    cumulative probability, or one float32 step either side of it."""
+    vocab = draw(st.integers(2, 600))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    scale = draw(st.sampled_from([0.3, 2.0, 6.0, 15.0]))
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    if draw(st.booleans()):
+        logits = torch.round(logits * 2) / 2  # ties
+    masked = draw(st.integers(0, vocab - 1))
+    if masked and draw(st.booleans()):
+        logits[0, torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:masked]] \
+            = -INF
+    min_keep = draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        p = draw(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True))
+    else:
+        ascending = torch.sort(logits, descending=False)[0].softmax(dim=-1).cumsum(dim=-1)[0]
+        c = ascending[draw(st.integers(0, vocab - 1))]
+        c = [c, torch.nextafter(c, torch.tensor(2.0)), torch.nextafter(c, torch.tensor(-1.0))][
+            draw(st.integers(0, 2))]
+        p = 1.0 - float(c)
+        assume(0.0 < p < 1.0)
+    return logits, p, min_keep
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hf_top_p_cases())
+def test_top_p_rule_hf_equals_transformers_top_p_warper(transformers, case):
+    logits, p, min_keep = case
+    theirs = transformers.TopPLogitsWarper(p, min_tokens_to_keep=min_keep)(None, logits.clone())
+    ours = top_p_hf_rows(logits, p, min_keep)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    assert torch.equal(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+
+
+def test_top_p_rules_differ_on_hugging_faces_boundary(transformers):
+    """Where 1 − p equals an ascending float32 cumsum, Hugging Face's float32 comparison and the
+    exact rule's float64 sums part ways on many rows: `rule: hf` is the one that agrees."""
+    differ = 0
+    for seed in range(40):
+        logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(seed)) * 2
+        ascending = torch.sort(logits)[0].softmax(dim=-1).cumsum(dim=-1)[0]
+        p = 1.0 - float(ascending[600 + seed])
+        theirs = torch.isfinite(transformers.TopPLogitsWarper(p)(None, logits.clone()))
+        assert torch.equal(torch.isfinite(top_p_hf_rows(logits, p)), theirs)
+        exact, _, _ = run(TopP, logits, p=[p], rule=["exact"])
+        differ += not torch.equal(torch.isfinite(exact), theirs)
+    assert differ > 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k, p", [(50, 0.9), (5, 0.5), (400, 0.99)])
+def test_top_p_rule_hf_after_top_k_equals_transformers_chain(seed, k, p, transformers):
+    """After a top-k the batch is sparse; the hf rule works on the whole rows (−inf where top-k
+    removed a token), as Hugging Face's TopPLogitsWarper does after its TopKLogitsWarper."""
+    logits = random_logits(seed, rows=3)
+    candidates = Candidates(logits.clone())
+    batch = RowBatch([make_state() for _ in range(3)], CPU)
+    TopK().apply(candidates, {"k": torch.tensor([k] * 3)}, batch)
+    assert not candidates.dense
+    TopP().apply(candidates, {"p": torch.tensor([p] * 3, dtype=torch.float64),
+                              "rule": ["hf"] * 3}, batch)
+    theirs = transformers.TopPLogitsWarper(p)(None, transformers.TopKLogitsWarper(k)(
+        None, logits.clone()))
+    ours = candidates.to_dense()
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    assert torch.equal(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+
+
+def test_top_p_mixed_rules_and_off_rows_equal_each_row_alone():
+    logits = random_logits(4, rows=4)
+    out, _, candidates = run(TopP, logits, p=[0.8, 0.8, 1.0, 0.3],
+                             rule=["hf", "exact", "hf", "exact"])
+    assert candidates.dense
+    assert torch.equal(out[2], logits[2])  # p = 1: off under either rule
+    for row, rule in ((0, "hf"), (1, "exact"), (3, "exact")):
+        alone, _, _ = run(TopP, logits[row], p=[[0.8, 0.8, 1.0, 0.3][row]], rule=[rule])
+        assert torch.equal(out[row], alone[0])
+
+
+def test_top_p_hf_rule_as_a_flat_parameter_and_in_a_spec():
+    from sampler_service.errors import InvalidArgument
+    flat = resolve_flat({"top_p": 0.9, "top_p_rule": "hf"})
+    link = next(l for l in flat.links if l.stage.key == "top_p")
+    assert link.values["rule"] == "hf" and link.values["p"] == 0.9
+    assert resolve_flat({"top_p": 0.9}).links[-1].values["rule"] == "exact"
+    with pytest.raises(InvalidArgument) as err:
+        resolve_flat({"top_p": 0.9, "top_p_rule": "vllm"})
+    assert err.value.field == "params.top_p_rule" and "exact, hf" in err.value.message
+    spec = parse_policy("p", {"chain": [{"top_p": {"p": 0.9, "rule": "hf"}}], "select": "sample"})
+    assert dict(spec.chain[0][1])["rule"] == "hf"
+
+
+def test_top_p_hf_rule_through_the_engine_uses_p_as_written(transformers):
+    """The engine hands top_p's p to the stage in float64 (the value as written), so 1 − p is
+    Hugging Face's Python float arithmetic; float32 p would move this boundary."""
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(5)) * 2
+    ascending = torch.sort(logits)[0].softmax(dim=-1).cumsum(dim=-1)[0]
+    moved = 0
+    for index in range(500, 1000, 7):
+        p = 1.0 - float(ascending[index])
+        if not 0.0 < p < 1.0:
+            continue
+        state = make_state(top_p=p, top_p_rule="hf")
+        ours = torch.isfinite(Engine(CPU).distribution(state, logits[0]))
+        theirs = torch.isfinite(transformers.TopPLogitsWarper(p)(None, logits.clone())[0])
+        assert torch.equal(ours, theirs), index
+        rounded = float(torch.tensor(p, dtype=torch.float32))
+        moved += not torch.equal(theirs, torch.isfinite(
+            transformers.TopPLogitsWarper(rounded)(None, logits.clone())[0]))
+    assert moved > 0
+
+
+def test_min_tokens_still_masks_eos_under_ignore_eos():
+    """vLLM's min_tokens masks `all_stop_token_ids`, which keep the model's EOS when
+    ignore_eos is set: so does ours."""
+    logits = torch.arange(8, dtype=torch.float32).expand(2, 8).clone()
+    states = [make_state(eos=(5,), stop_token_ids=[2], ignore_eos=ignore)
+              for ignore in (True, False)]
+    assert states[0].stop_ids == {2} and states[0].min_tokens_ids == {2, 5}
+    out, _, _ = run(MinTokens, logits, states, min_tokens=[1, 1])
+    assert kept(out[0]) == kept(out[1]) == {0, 1, 3, 4, 6, 7}

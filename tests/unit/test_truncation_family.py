@@ -1,4 +1,4 @@
-"""The truncation family (DESIGN.md section 8): `min_keep` on every truncation, typical-p,
+"""The truncation family (docs/policies.md, Truncation): `min_keep` on every truncation, typical-p,
 epsilon and eta cut-offs, top-nσ, XTC and top-H.
 
 Each processor on tiny hand-computed rows, against Hugging Face's processor (or a line-by-line
@@ -50,7 +50,10 @@ def tensors(cls, rows: int, given: dict) -> dict[str, torch.Tensor]:
     for p in cls.params:
         value = given.get(p.name, p.default)
         values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
-        out[p.name] = torch.tensor(values, dtype=_DTYPES[p.kind])
+        if p.kind not in _DTYPES:  # a choice: one value per row, as a list
+            out[p.name] = values
+            continue
+        out[p.name] = torch.tensor(values, dtype=torch.float64 if p.float64 else _DTYPES[p.kind])
     return out
 
 
@@ -592,7 +595,8 @@ def test_every_truncation_takes_min_keep():
     ({"typical_p": {"p": 1.5}}, "spec.chain[0].typical_p.p"),
     ({"epsilon_cutoff": {"epsilon": -0.1}}, "spec.chain[0].epsilon_cutoff.epsilon"),
     ({"eta_cutoff": {"epsilon": 2}}, "spec.chain[0].eta_cutoff.epsilon"),
-    ({"xtc": {"probability": 1.5}}, "spec.chain[0].xtc.probability"),
+    ({"xtc": {"probability": "always"}}, "spec.chain[0].xtc.probability"),
+    ({"xtc": {"min_keep": -1}}, "spec.chain[0].xtc.min_keep"),
     ({"xtc": {"seed": -2}}, "spec.chain[0].xtc.seed"),
     ({"xtc": {"seed": 1.5}}, "spec.chain[0].xtc.seed"),
     ({"top_h": {"top_h": 1.1}}, "spec.chain[0].top_h.top_h"),
@@ -678,3 +682,31 @@ def test_typical_p_on_rows_too_flat_for_the_prefix_matches_hf_and_is_batch_indep
         alone = Candidates(logits[row:row + 1].clone())
         TypicalP().apply(alone, {"p": torch.full((1,), p)}, None)
         assert torch.equal(alone.to_dense()[0], batch.to_dense()[row])
+
+
+# -- XTC: llama.cpp's ranges ---------------------------------------------------------------------
+def test_xtc_min_keep_zero_is_llama_cpps_default_and_stored_as_one():
+    spec = parse_policy("x", {"chain": [{"xtc": {"probability": 1.0, "min_keep": 0}}],
+                              "select": "sample"})
+    assert dict(spec.chain[0][1])["min_keep"] == 1
+    for threshold in (0.05, 0.15, 0.25):
+        assert kept(run(Xtc, XTC_ROW, probability=1.0, threshold=threshold, min_keep=0)[0]) \
+            == llama_xtc(XTC_ROW.tolist(), threshold, 0) \
+            == kept(run(Xtc, XTC_ROW, probability=1.0, threshold=threshold, min_keep=1)[0])
+
+
+@pytest.mark.parametrize("probability, threshold, like", [
+    (1.7, 0.15, (1.0, 0.15)),   # a probability ≥ 1 cuts at every step
+    (-0.3, 0.15, None),         # ≤ 0: off
+    (1.0, -0.2, (1.0, 0.0)),    # a threshold ≤ 0 makes every finite token a top choice
+    (1.0, 0.7, None),           # > 0.5: off
+])
+def test_xtc_takes_any_probability_and_threshold_as_llama_cpp_does(probability, threshold, like):
+    parse_policy("x", {"chain": [{"xtc": {"probability": probability, "threshold": threshold}}],
+                       "select": "sample"})
+    out = run(Xtc, XTC_ROW, probability=probability, threshold=threshold)[0]
+    if like is None:
+        assert torch.equal(out, XTC_ROW)
+    else:
+        assert torch.equal(out, run(Xtc, XTC_ROW, probability=like[0], threshold=like[1])[0])
+        assert kept(out) == llama_xtc(XTC_ROW.tolist(), threshold, 1)

@@ -206,3 +206,31 @@ def test_keep_bits_on_cuda_equals_the_cpu(dtype, xgrammar):
     on_cpu.keep_bits(rows, bitmask)
     on_cuda.keep_bits(rows, bitmask)
     assert torch.equal(on_cuda.values.cpu(), on_cpu.values)
+
+
+# -- divide: a quotient past float32's range saturates -------------------------------------------
+@pytest.mark.parametrize("select", ["sample", "greedy"])
+def test_a_logit_near_float32_max_under_t_below_1_takes_the_row(select):
+    """x / T would be +inf; saturated, the token still takes all the probability, every row."""
+    from sampler_service.engine import Engine
+    from sampler_service.policy.registry import PolicyRegistry
+    from sampler_service.service import SamplerCore, SequenceRequest, StepRow
+    from sampler_service.state import SequenceStore
+    core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(), Engine(torch.device("cpu")))
+    spec = {"chain": [{"temperature": {"temperature": 0.5}}], "select": select}
+    core.create_sequences([SequenceRequest(f"s{i}", policy_spec=spec, params={"seed": i})
+                           for i in range(64)])
+    logits = random_logits(0, 64, 1000)
+    top = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))
+    logits[torch.arange(64), top] = torch.finfo(torch.float32).max
+    answers = core.step([StepRow(f"s{i}") for i in range(64)], logits)
+    assert [a.record.token_id for a in answers] == top.tolist()
+    assert all(a.record.logprob == 0.0 for a in answers)
+
+
+def test_divide_saturates_and_keeps_masked_tokens():
+    values = torch.tensor([[3e38, -3e38, 1.0, -INF]])
+    candidates = Candidates(values)
+    candidates.divide(torch.tensor([0.5]))
+    big = torch.finfo(torch.float32).max
+    assert candidates.values.tolist() == [[big, -INF, 2.0, -INF]]
