@@ -73,6 +73,19 @@ def _reports(raw: Candidates, top_n: Sequence[int], stats: RawStatistics) -> lis
                                                    stats.varentropy.tolist()))]
 
 
+def processed_reports(dist: Candidates, top_n: Sequence[int]
+                      ) -> list[tuple[TopList, tuple[float, float]]]:
+    """Per row of processed log-probabilities `dist` (−inf = masked, dense or sparse, each row
+    with a finite value): its `top_n[row]` best (token id, value), best first, and the entropy
+    and varentropy of the softmax of its values: what a choice reports of its processed
+    distribution (`processed_top_logprobs`, `processed_stats`)."""
+    ids, values = _top(dist, max(top_n, default=0))
+    stats = raw_statistics(dist.values)
+    return [(tuple(zip(ids[row][:n], values[row][:n])), (h, v))
+            for row, (n, h, v) in enumerate(zip(top_n, stats.entropy.tolist(),
+                                                stats.varentropy.tolist()))]
+
+
 def _raw_top_refusals(sparse: SparseLogits, top_n: Sequence[int]) -> list[Refusal]:
     """Sparse rows whose `top_n[row]` best raw logprobs (the `logprobs` setting) are not
     provably all sent: they are when N ≤ K and the N-th sent logit is above the tail's max
@@ -135,7 +148,8 @@ class Engine:
         if cached is not None and all(ref() is link for ref, link in zip(cached[0], links)):
             return cached[1]
         args = {p.name: torch.tensor([l.values[p.name] for l in links],
-                                     dtype=_TENSOR_DTYPES[p.kind], device=self.device)
+                                     dtype=torch.float64 if p.float64 else _TENSOR_DTYPES[p.kind],
+                                     device=self.device)
                 if p.kind in _TENSOR_DTYPES else [l.values[p.name] for l in links]
                 for p in stage.params}
         if len(self._args) >= ARGS_CACHE_ENTRIES:
@@ -233,12 +247,9 @@ class Engine:
             if processed_logprobs:
                 dist = selector.stage.distribution(candidates, args, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
-                ids, values = _top(dist, max(top_n[i] for i in row_list))
-                dist_stats = raw_statistics(dist.values)
-                for j, (i, h, v) in enumerate(zip(row_list, dist_stats.entropy.tolist(),
-                                                  dist_stats.varentropy.tolist())):
-                    processed_top[i] = tuple(zip(ids[j][:top_n[i]], values[j][:top_n[i]]))
-                    processed_stats[i] = (h, v)
+                for i, (top, dist_stats) in zip(row_list, processed_reports(
+                        dist, [top_n[i] for i in row_list])):
+                    processed_top[i], processed_stats[i] = top, dist_stats
 
         if refusals:
             raise NotExact.of(refusals)

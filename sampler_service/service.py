@@ -227,7 +227,8 @@ class SamplerCore:
             return resolve(policy, version, params, f"{prefix}params", split)
         if spec:
             policy = parse_policy("inline", dict(spec), f"{prefix}policy_spec")
-            return resolve(policy, PolicyVersion(0, policy.content_hash()), params, f"{prefix}params")
+            return resolve(policy, PolicyVersion(0, policy.content_hash()), params,
+                           f"{prefix}params", inline=True)
         return resolve_flat(params, f"{prefix}params")
 
     # -- sequences ----------------------------------------------------------------------------
@@ -255,6 +256,13 @@ class SamplerCore:
                 eos_token_ids=frozenset(_check_token_ids(request.eos_token_ids,
                                                          f"{prefix}eos_token_ids")),
                 **self.text_of(request.tokenizer, policy, prefix))
+            if policy.settings["ignore_eos"] and structured_link(policy, prefix) is not None:
+                where = (f"{prefix}params.ignore_eos" if "ignore_eos" in policy.overrides else
+                         f"{prefix}policy_spec.defaults.ignore_eos" if request.policy_spec else
+                         f"{prefix}policy")
+                raise InvalidArgument("ignore_eos cannot go with structured outputs: a "
+                                      "completed grammar allows only EOS (or a stop id), which "
+                                      "must end the sequence", where)
             if not root.stop_ids and root.text is not None and \
                     structured_link(policy, prefix) is not None:
                 # a finished grammar ends the sequence at EOS: the vocabulary's, if none given
@@ -595,7 +603,7 @@ class SamplerCore:
             if state.vocab_size and state.vocab_size != vocab:
                 raise InvalidArgument(f"sequence {sid!r} stepped with vocab {state.vocab_size} "
                                       f"before; this request has {vocab}", "logits.shape")
-            largest = max(state.history.max_token_id, max(state.stop_ids, default=-1))
+            largest = max(state.history.max_token_id, max(state.min_tokens_ids, default=-1))
             if largest >= vocab:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
@@ -695,7 +703,7 @@ class SamplerCore:
                               prompt_ids=_check_token_ids(prompt_ids, "prompt_ids"), seed=0,
                               eos_token_ids=frozenset(_check_token_ids(eos_token_ids, "eos_token_ids")),
                               output_ids=list(_check_token_ids(history, "history")))
-        largest = max(state.history.max_token_id, max(state.stop_ids, default=-1))
+        largest = max(state.history.max_token_id, max(state.min_tokens_ids, default=-1))
         if largest >= logits.shape[0]:
             raise InvalidArgument(f"token id {largest} is outside the vocabulary of "
                                   f"{logits.shape[0]}", "history")

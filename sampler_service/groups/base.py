@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
-from sampler_service.engine import report_rows
+from sampler_service.engine import RawRowReport, processed_reports, report_rows
+from sampler_service.policy.candidates import Candidates
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.errors import InvalidArgument
 from sampler_service.state import FinishReason, SequenceState, StepRecord
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """A finished candidate: a beam hypothesis, a fork's sample or a CoT path."""
+    """A finished candidate: a beam hypothesis, a fork's sample or a CoT path (or a running
+    row, finish reason unset). `entropies` and `varentropies`: one per token, the raw entropy
+    and varentropy (nats) of the distribution of the row that chose it (what that step's
+    choices continuing the row reported as their stats); NaN for steps restored from a resume
+    record that did not carry them."""
 
     token_ids: tuple[int, ...]
     score: float
@@ -39,6 +44,8 @@ class Hypothesis:
     branch: int
     confidence: float | None = None
     answer_ids: tuple[int, ...] = ()
+    entropies: tuple[float, ...] = ()
+    varentropies: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,11 +185,18 @@ class Group(ABC):
         return self.root.branch(f"{self.sequence_id}#{index}", seed)
 
 
+def history(row: SequenceState) -> dict[str, tuple[float, ...]]:
+    """A row's raw statistics per token, as `Hypothesis` fields."""
+    return {"entropies": tuple(row.entropies), "varentropies": tuple(row.varentropies)}
+
+
 def restore_branch(row: SequenceState, data: Reader, position: int, what: str) -> None:
-    """Restores a fork or CoT branch from its row state (`row_state` with `output_ids`) after
-    `position` steps of its group: it has one token per step until it finished."""
+    """Restores a fork or CoT branch from its row state (`row_state` with `output_ids` and,
+    when the record has them, their statistics) after `position` steps of its group: it has
+    one token per step until it finished."""
     ids = data.token_ids("output_ids")
-    restore_row(row, ids, data, data.where("output_ids"))
+    restore_row(row, ids, data, data.where("output_ids"), data.history(len(ids)),
+                data.where("entropies"))
     if len(ids) > position or (not row.finished and len(ids) != position):
         raise InvalidArgument(f"a {what} has one token per step until it finishes: {len(ids)} "
                               f"tokens after {position} steps", data.where("output_ids"))
@@ -190,16 +204,32 @@ def restore_branch(row: SequenceState, data: Reader, position: int, what: str) -
 
 def row_records(logits: torch.Tensor, step: int, parents: Sequence[int], tokens: Sequence[int],
                 scores: Sequence[float], top_n: int, finish: FinishReason = FinishReason.NONE,
-                explanations: Sequence[dict] = ()) -> tuple[StepRecord, ...]:
+                explanations: Sequence[dict] = (), reports: Sequence[RawRowReport] | None = None,
+                processed: torch.Tensor | None = None) -> tuple[StepRecord, ...]:
     """Records of output rows that continue input rows `parents` of `logits` [rows, vocab] with
-    `tokens`: the raw logprob of each token and its parent's raw statistics (and explanation,
-    one per input row when given). `finish` marks every row finished (the group's last step)."""
-    reports = report_rows(logits, [top_n] * logits.shape[0])
+    `tokens`: the raw logprob of each token and its parent's raw statistics (`reports`, when
+    already computed: `report_rows` of `logits` with `top_n`) and explanation (one per input
+    row, when given). `finish` marks every row finished (the group's last step). `processed`
+    [rows, vocab] (when the request asked for processed logprobs): the processed
+    log-probabilities the group chose each input row's tokens by; each output row reports its
+    token's value there, its parent's `top_n` best values and the entropy and varentropy of
+    the softmax of its parent's values (`processed_reports`)."""
+    reports = report_rows(logits, [top_n] * logits.shape[0]) if reports is None else reports
     chosen = logits[torch.tensor(parents), torch.tensor(tokens)].tolist() if parents else []
+    extra: list = [((), None)] * logits.shape[0]
+    picked = [None] * len(parents)
+    if processed is not None:
+        extra = processed_reports(Candidates(processed), [top_n] * processed.shape[0])
+        if parents:
+            where = processed.device
+            picked = processed[torch.tensor(parents, device=where),
+                               torch.tensor(tokens, device=where)].tolist()
     return tuple(StepRecord(
         step=step, token_id=token, logprob=value - reports[parent].log_normalizer,
         top_logprobs=reports[parent].top_logprobs, entropy=reports[parent].entropy,
         varentropy=reports[parent].varentropy, finished=finish is not FinishReason.NONE,
         finish_reason=finish, stop_token_id=None, parent=parent, score=score,
-        explanation=explanations[parent] if explanations else {})
-        for parent, token, score, value in zip(parents, tokens, scores, chosen))
+        explanation=explanations[parent] if explanations else {},
+        processed_logprob=p_value, processed_top_logprobs=extra[parent][0],
+        processed_stats=extra[parent][1])
+        for parent, token, score, value, p_value in zip(parents, tokens, scores, chosen, picked))

@@ -26,17 +26,21 @@ A group that finished stops sending rows; the result merges every group's slots,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping
+import math
+from array import array
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from sampler_service.errors import InvalidArgument
-from sampler_service.groups.base import Group, GroupRecord, GroupResult, GroupStep, Hypothesis, row_records
+from sampler_service.engine import report_rows
+from sampler_service.groups.base import (Group, GroupRecord, GroupResult, GroupStep, Hypothesis,
+                                         history, row_records)
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.state import FinishReason, SequenceState
-from sampler_service.state.resume import Reader, restore_row, row_state
+from sampler_service.state.resume import Reader, packed_doubles, restore_row, row_state
 
 if TYPE_CHECKING:
     from sampler_service.engine import Engine
@@ -63,14 +67,22 @@ class BeamSettings:
         return length ** self.length_penalty
 
 
+def _doubles(values: Sequence[float] = ()) -> array:
+    return array("d", values)
+
+
 @dataclass(frozen=True)
 class Slot:
-    """One finished-hypothesis slot of a beam group (HF `sequences` / `beam_scores` entry)."""
+    """One finished-hypothesis slot of a beam group (HF `sequences` / `beam_scores` entry),
+    with the raw entropy and varentropy of each of its tokens (GetSequence's history), kept
+    as arrays of doubles: 16 bytes per token, at most W slots per beam group."""
 
     token_ids: tuple[int, ...] = ()
     sum_logprobs: float = NEG
     finish_reason: FinishReason = FinishReason.NONE
     branch: int = 0
+    entropies: array = field(default_factory=_doubles)
+    varentropies: array = field(default_factory=_doubles)
 
 
 @dataclass(frozen=True)
@@ -104,11 +116,14 @@ class Advance:
 
 
 def advance(beams: Beams, scores: torch.Tensor, stop_ids: torch.Tensor, generated: int,
-            settings: BeamSettings, slot_offset: int) -> Advance:
+            settings: BeamSettings, slot_offset: int,
+            row_stats: Sequence[tuple[float, float]] | None = None) -> Advance:
     """One HF beam-search step of `beams` over processed log-probabilities `scores` [w, V].
 
     `generated` is the output length once this step's token is appended; `slot_offset` the
-    index of this group's first beam among all the group's rows (for `Slot.branch`)."""
+    index of this group's first beam among all the group's rows (for `Slot.branch`);
+    `row_stats` the raw (entropy, varentropy) of each beam's row at this step, which a
+    hypothesis finishing from it appends to the beam's history (None: NaN)."""
     width, vocab = scores.shape
     keep = max(2, 1 + stop_ids.numel()) * width
     accumulated = (scores + beams.scores[:, None]).reshape(1, -1)
@@ -140,10 +155,13 @@ def advance(beams: Beams, scores: torch.Tensor, stop_ids: torch.Tensor, generate
             slots.append(beams.slots[index])
             continue
         parent, token = candidate_parents[index - width], candidate_tokens[index - width]
-        slots.append(Slot(tuple(beams.rows[parent].output_ids) + (token,),
+        row = beams.rows[parent]
+        entropy, varentropy = (math.nan, math.nan) if row_stats is None else row_stats[parent]
+        slots.append(Slot(tuple(row.output_ids) + (token,),
                           float(top_scores[0, index - width]),
                           FinishReason.STOP if token in stop_set else FinishReason.LENGTH,
-                          slot_offset + parent))
+                          slot_offset + parent, _doubles(row.entropies + [entropy]),
+                          _doubles(row.varentropies + [varentropy])))
 
     if settings.early_stopping == "never" and settings.length_penalty > 0.0:
         best_length = settings.max_tokens
@@ -177,7 +195,8 @@ class BeamGroup(Group):
         return sum(len(b.rows) for b in self.beams if not b.done)
 
     def running(self) -> list[Hypothesis]:
-        return [Hypothesis(tuple(row.output_ids), score, score, FinishReason.NONE, index)
+        return [Hypothesis(tuple(row.output_ids), score, score, FinishReason.NONE, index,
+                           **history(row))
                 for b in self.beams if not b.done
                 for index, (row, score) in enumerate(zip(b.rows, b.scores.tolist()))]
 
@@ -188,14 +207,16 @@ class BeamGroup(Group):
 
     def resume_state(self) -> dict[str, Any]:
         """`groups`: per beam group (one without diversity), its `rows` (row states with their
-        `output_ids`, in beam order), running `scores`, finished `slots` (`token_ids`,
-        `sum_logprobs`, `finish_reason`, `branch`), `slot_scores`, `slot_finished`,
-        `improvable` and `done`."""
+        `output_ids` and statistics, in beam order), running `scores`, finished `slots`
+        (`token_ids`, `sum_logprobs`, `finish_reason`, `branch`, `entropies`, `varentropies`),
+        `slot_scores`, `slot_finished`, `improvable` and `done`."""
         return {"groups": [{
             "rows": [row_state(row, with_tokens=True) for row in b.rows],
             "scores": b.scores.tolist(),
             "slots": [{"token_ids": list(slot.token_ids), "sum_logprobs": slot.sum_logprobs,
-                       "finish_reason": int(slot.finish_reason), "branch": slot.branch}
+                       "finish_reason": int(slot.finish_reason), "branch": slot.branch,
+                       "entropies": packed_doubles(slot.entropies),
+                       "varentropies": packed_doubles(slot.varentropies)}
                       for slot in b.slots],
             "slot_scores": b.slot_scores.tolist(), "slot_finished": b.slot_finished.tolist(),
             "improvable": b.improvable, "done": b.done} for b in self.beams]}
@@ -209,11 +230,9 @@ class BeamGroup(Group):
                 if len(ids) != position:
                     raise InvalidArgument(f"a running beam has one token per step: {len(ids)} "
                                           f"tokens after {position} steps", data.where("output_ids"))
-                restore_row(row, ids, data, data.where("output_ids"), past_finish=True)
-            slots = tuple(Slot(s.token_ids("token_ids"), s.score("sum_logprobs"),
-                               FinishReason(s.integer("finish_reason", 0, 2)),
-                               s.integer("branch", 0, self.settings.width - 1))
-                          for s in group.readers("slots", width))
+                restore_row(row, ids, data, data.where("output_ids"), data.history(len(ids)),
+                            data.where("entropies"), past_finish=True)
+            slots = tuple(_slot(s, self.settings.width) for s in group.readers("slots", width))
             beams.append(Beams(
                 b.rows, torch.tensor(group.numbers("scores", width, scores=True)), slots,
                 torch.tensor(group.numbers("slot_scores", width, scores=True)),
@@ -222,30 +241,42 @@ class BeamGroup(Group):
         self.beams = tuple(beams)
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
+        """With `processed_logprobs`, each output row reports the value its beam's score added
+        for its token: its parent row's processed log-probability (the chain's output on the
+        raw log-probabilities, less the diversity penalty; not renormalised), which is what
+        Hugging Face's beam search reports in `generate(..., output_scores=True,
+        return_dict_in_generate=True).scores` (see `Choice.processed_logprob` in the proto)."""
         settings, logits = self.settings, inputs.raw
         size = settings.width // settings.groups
         live = [g for g, b in enumerate(self.beams) if not b.done]
         rows = [row for g in live for row in self.beams[g].rows]
+        top_n = self.root.policy.settings["logprobs"]
+        reports = report_rows(logits, [top_n] * len(rows))
         candidates, batch = engine.process(rows, torch.log_softmax(logits, dim=-1), inputs)
         processed = candidates.to_dense().cpu()
         stop_ids = torch.tensor(sorted(self.root.stop_ids), dtype=torch.int64)
         generated = self.step_number + 1
         steps: dict[int, Advance] = {}
         chosen_so_far: list[int] = []
+        ranked: list[torch.Tensor] = []  # the scores each live group chose by, in row order
         for order, g in enumerate(live):
             scores = processed[order * size:(order + 1) * size]
             if settings.diversity_penalty > 0 and chosen_so_far:
                 frequency = torch.bincount(torch.tensor(chosen_so_far), minlength=scores.shape[1])
                 scores = scores - settings.diversity_penalty * frequency
-            steps[g] = advance(self.beams[g], scores, stop_ids, generated, settings, g * size)
+            ranked.append(scores)
+            steps[g] = advance(self.beams[g], scores, stop_ids, generated, settings, g * size,
+                               [(r.entropy, r.varentropy)
+                                for r in reports[order * size:(order + 1) * size]])
             chosen_so_far += steps[g].tokens
 
         parents = [order * size + p for order, g in enumerate(live) for p in steps[g].parents]
         tokens = [t for g in live for t in steps[g].tokens]
         records = row_records(logits, self.step_number, parents, tokens,
                               [s for g in live for s in steps[g].beams.scores.tolist()],
-                              self.root.policy.settings["logprobs"],
-                              explanations=[batch.explanation_for(r) for r in range(len(rows))])
+                              top_n, reports=reports,
+                              explanations=[batch.explanation_for(r) for r in range(len(rows))],
+                              processed=torch.cat(ranked) if processed_logprobs else None)
         reason = FinishReason.LENGTH if generated >= settings.max_tokens else FinishReason.STOP
         done = [steps[g].beams.done for g in live for _ in range(size)]
         records = tuple(replace(r, finished=True, finish_reason=reason) if d else r
@@ -278,8 +309,18 @@ def _ranked(beams, only_filled: bool) -> list[Hypothesis]:
              for slot, score, filled in zip(b.slots, b.slot_scores.tolist(), b.slot_finished.tolist())
              if filled or not only_filled]
     slots.sort(key=lambda pair: -pair[0])
-    return [Hypothesis(s.token_ids, score, s.sum_logprobs, s.finish_reason, s.branch)
+    return [Hypothesis(s.token_ids, score, s.sum_logprobs, s.finish_reason, s.branch,
+                       entropies=tuple(s.entropies), varentropies=tuple(s.varentropies))
             for score, s in slots]
+
+
+def _slot(data: Reader, width: int) -> Slot:
+    """A finished slot from its resume data (without statistics: NaN for each token)."""
+    ids = data.token_ids("token_ids")
+    stats = data.history(len(ids)) or [(math.nan, math.nan)] * len(ids)
+    return Slot(ids, data.score("sum_logprobs"), FinishReason(data.integer("finish_reason", 0, 2)),
+                data.integer("branch", 0, width - 1), _doubles(h for h, _ in stats),
+                _doubles(v for _, v in stats))
 
 
 class BeamSearch(GroupSelector):

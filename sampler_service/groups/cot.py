@@ -16,6 +16,7 @@ answers aggregated as the paper's "sum of Δ over paths with the same answer", b
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Mapping
@@ -24,7 +25,7 @@ import torch
 
 from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupResult, GroupStep,
-                                         Hypothesis, restore_branch, row_records)
+                                         Hypothesis, history, restore_branch, row_records)
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
@@ -85,7 +86,8 @@ class CotGroup(Group):
 
     def running(self) -> list[Hypothesis]:
         return [Hypothesis(tuple(self.branches[i].output_ids), self.sums[i], self.sums[i],
-                           FinishReason.NONE, i) for i in self._live()]
+                           FinishReason.NONE, i, **history(self.branches[i]))
+                for i in self._live()]
 
     def hypotheses(self) -> list[Hypothesis]:
         if self.result:
@@ -101,14 +103,14 @@ class CotGroup(Group):
             start, end = answer_span(output, branch.stop_ids, self.answer_after)
             confidence = sum(margin[start:end]) / (end - start) if end > start else 0.0
             paths.append(Hypothesis(output, confidence, total, branch.finish_reason, i,
-                                    confidence, output[start:end]))
+                                    confidence, output[start:end], **history(branch)))
         paths.sort(key=lambda h: -h.score)
         return paths
 
     def resume_state(self) -> dict[str, Any]:
-        """`branches`: each branch's row state with its `output_ids` (the trunk alone before it
-        branched); `margins`: each branch's top-2 margin per token; `sums`: their cumulative raw
-        logprobs; `branched`."""
+        """`branches`: each branch's row state with its `output_ids` and their statistics (the
+        trunk alone before it branched); `margins`: each branch's top-2 margin per token;
+        `sums`: their cumulative raw logprobs; `branched`."""
         return {"branches": [row_state(b, with_tokens=True) for b in self.branches],
                 "margins": [list(m) for m in self.margins], "sums": list(self.sums),
                 "branched": self.branched}
@@ -132,11 +134,11 @@ class CotGroup(Group):
         margins_in = top2_margins(logits)
         live = self._live()
         if not self.branched and not self.at_chaotic_point:
-            return self._fan_out(engine, inputs, margins_in[0])
+            return self._fan_out(engine, inputs, margins_in[0], processed_logprobs)
         outcomes = engine.step([self.branches[i] for i in live], logits, processed_logprobs,
                                reference=inputs.reference, signals=inputs.signals)
         if not self.branched and outcomes[0].explanation.get("sed", {}).get("chaotic"):
-            return self._fan_out(engine, inputs, margins_in[0])
+            return self._fan_out(engine, inputs, margins_in[0], processed_logprobs)
         branches, margins, sums = list(self.branches), [list(m) for m in self.margins], list(self.sums)
         records = []
         for row, (i, outcome) in enumerate(zip(live, outcomes)):
@@ -147,18 +149,28 @@ class CotGroup(Group):
         return self._step(tuple(records), branches, margins, sums, branched=self.branched,
                           inputs=inputs)
 
-    def _fan_out(self, engine: "Engine", inputs: RowInputs, margin: float) -> GroupStep:
+    def _fan_out(self, engine: "Engine", inputs: RowInputs, margin: float,
+                 processed_logprobs: bool) -> GroupStep:
         """Branches the trunk on the k best tokens of the chain's distribution (ties: lowest
-        id), each branch a copy of the trunk plus its token."""
+        id), each branch a copy of the trunk plus its token. With `processed_logprobs`, each
+        branch reports its token under that distribution, log_softmax of the chain's output
+        (the one `Engine.distribution` gives for a group selector), not under the greedy
+        point mass its later steps report."""
         logits, trunk = inputs.raw, self.branches[0]
-        candidates, batch = engine.process([trunk], logits.clone(), inputs)
+        # The root's policy: the trunk's greedy selector drops the chain's trailing
+        # argmax-keeping truncations (`ResolvedPolicy.active_links`), which bound the branches.
+        ranking = copy.copy(trunk)
+        ranking.policy = self.root.policy
+        candidates, batch = engine.process([ranking], logits.clone(), inputs)
         processed = candidates.to_dense()[0]
         finite = int(torch.isfinite(processed).sum())
         tokens = torch.sort(processed, descending=True, stable=True).indices[
             :min(self.k, finite)].tolist()
         records = row_records(logits, self.step_number, [0] * len(tokens), tokens,
                               [0.0] * len(tokens), self.root.policy.settings["logprobs"],
-                              explanations=[batch.explanation_for(0)])
+                              explanations=[batch.explanation_for(0)],
+                              processed=candidates.log_softmax().to_dense()
+                              if processed_logprobs else None)
         branches, margins, sums = [], [], []
         for i, record in enumerate(records):
             branch = trunk.branch(f"{self.sequence_id}#{i}")

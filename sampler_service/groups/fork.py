@@ -17,7 +17,7 @@ import torch
 
 from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import (Group, GroupRecord, GroupResult, GroupStep, Hypothesis,
-                                         restore_branch)
+                                         history, restore_branch)
 from sampler_service.policy.processors.base import RowInputs
 from sampler_service.state import FinishReason, SequenceState
 from sampler_service.state.resume import Reader, row_state
@@ -60,10 +60,10 @@ class ForkGroup(Group):
 
     def running(self) -> list[Hypothesis]:
         return [Hypothesis(tuple(self.forks[i].output_ids), self.sums[i], self.sums[i],
-                           FinishReason.NONE, i) for i in self._live()]
+                           FinishReason.NONE, i, **history(self.forks[i])) for i in self._live()]
 
     def _finished(self, forks: list[SequenceState], sums: list[float]) -> list[Hypothesis]:
-        done = [Hypothesis(tuple(f.output_ids), total, total, f.finish_reason, i)
+        done = [Hypothesis(tuple(f.output_ids), total, total, f.finish_reason, i, **history(f))
                 for i, (f, total) in enumerate(zip(forks, sums)) if f.finished]
         if len(forks) > self.n:  # best_of: the n best by cumulative logprob
             done.sort(key=lambda h: -h.score)
@@ -74,8 +74,8 @@ class ForkGroup(Group):
         return list(self.result.hypotheses) if self.result else self._finished(self.forks, self.sums)
 
     def resume_state(self) -> dict[str, Any]:
-        """`forks`: each fork's row state with its `output_ids`; `sums`: their cumulative raw
-        logprobs."""
+        """`forks`: each fork's row state with its `output_ids` and their statistics; `sums`:
+        their cumulative raw logprobs."""
         return {"forks": [row_state(f, with_tokens=True) for f in self.forks],
                 "sums": list(self.sums)}
 

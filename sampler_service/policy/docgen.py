@@ -15,7 +15,7 @@ from sampler_service.policy.examples import STAGE_EXAMPLES
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors import CANONICAL_ORDER, PROCESSORS
 from sampler_service.policy.processors.base import Stage
-from sampler_service.policy import splits, watcher
+from sampler_service.policy import parity, splits, watcher
 from sampler_service.policy.processors import structured
 from sampler_service.policy.registry import DEFAULT_POLICIES, parse_policy_document
 from sampler_service.policy.resolved import ALWAYS_OVERRIDABLE, SETTINGS
@@ -303,6 +303,19 @@ def _reload_section() -> list[str]:
             "### Example", "", "```yaml", RELOAD_POLICIES, "```", "", RELOAD_OPERATIONS]
 
 
+def _parity_section() -> list[str]:
+    """The peers' parameters and where each goes here (`sampler_service.policy.parity`)."""
+    out = ["## Parity: the peers' parameters", "", *_module_doc(parity),
+           "`here`: a flat request parameter (`SamplingParams` field), a stage (`key`) or a "
+           "stage's parameter (`key.param`); — where the peer's parameter is not taken.", ""]
+    for peer in parity.PEERS:
+        out += [f"### {peer}", "", "| their parameter | here | notes |", "|---|---|---|"]
+        out += [f"| `{row.field}` | {f'`{row.ours}`' if row.ours else '—'} | {row.note} |"
+                for row in parity.ROWS if row.peer == peer]
+        out.append("")
+    return out
+
+
 def render() -> str:
     canonical = " → ".join(f"`{cls.key}`" for cls in CANONICAL_ORDER)
     out = [INTRO.format(canonical=canonical), "## Processors", ""]
@@ -313,11 +326,13 @@ def render() -> str:
         out += _stage_section(SELECTORS[key])
     out += ["## Sequence settings", "",
             "Set in a policy's `defaults:` or, where the policy allows (always for "
-            + ", ".join(f"`{n}`" for n in sorted(ALWAYS_OVERRIDABLE)) + "), by a request.", "",
+            + ", ".join(f"`{n}`" for n in sorted(ALWAYS_OVERRIDABLE)) + "; every setting "
+            "when the request brings its own inline `policy_spec`), by a request.", "",
             *_param_table(SETTINGS, {p.name: p.name for p in SETTINGS}),
             *_structured_section(),
             *_groups_section(),
             *_reload_section(),
+            *_parity_section(),
             "## Shipped policies", "", "```yaml",
             resources.files("sampler_service.policy").joinpath(DEFAULT_POLICIES).read_text().rstrip(),
             "```", ""]

@@ -10,7 +10,8 @@ Kinds:
 - `int_lists`: token-id sequences, e.g. `[[7, 8], [9]]` (bad words, DRY sequence breakers);
   where the parameter has a `text_rule`, an entry may be a string instead, which the stage
   encodes with the sequence's tokenizer by that rule (`sampler_service.text.encode`).
-- `token_bias`: token id -> float, e.g. `{50256: -100}` (keys may be strings, as in JSON).
+- `token_bias`: token id -> float, e.g. `{50256: -100}` (keys may be their decimal text, as
+  OpenAI's JSON sends them: `{"50256": -100}`).
 - `int_map`: int -> int, e.g. `{0: 1}` (step -> forced token).
 - `choice`: one of the words in `choices`; true / false are accepted as "true" / "false"
   (Hugging Face's `early_stopping` is True, False or "never").
@@ -21,15 +22,22 @@ Kinds:
   is off.
 Non-scalar kinds reach a stage as a Python list with one value per row.
 
-Every number must be finite. Every integer is bounded: an `int` (or `int_map` value) without
-a `maximum` by `MAX_INT`, and token ids (lists, bias and map keys) by `MAX_TOKEN_ID`, so a
-value accepted at creation always fits the engine's int64 tensors, with room for the
-arithmetic stages do with it.
+A parameter may take a peer's other spelling of a value (`aliases`): vLLM's top_k = -1 is
+stored as 0 (off), llama.cpp's min_keep = 0 as 1, so a resolved policy has one spelling.
+
+Every number must be finite. An integer given as a float (protobuf Struct and JSON numbers are
+doubles) must be at most 2^53 in magnitude, where every integer still has its own double: a
+larger one may already have been rounded on its way, so it is refused rather than used
+changed (give such a seed as `params.seed`, a uint64). Every integer is bounded: an `int` (or
+`int_map` value) without a `maximum` by `MAX_INT`, and token ids (lists, bias and map keys) by
+`MAX_TOKEN_ID`, so a value accepted at creation always fits the engine's int64 tensors, with
+room for the arithmetic stages do with it.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +51,11 @@ MAX_INT = 2 ** 31 - 1
 MAX_TOKEN_ID = 2 ** 31 - 1
 #: Characters of a caller's key a field path repeats (e.g. `bias[123…]`).
 KEY_CHARS = 32
+#: The largest integer every double holds exactly: an integer parameter given as a larger
+#: float (a Struct or JSON number) may have been rounded on its way, and is refused.
+MAX_EXACT_DOUBLE_INT = 2 ** 53
+#: A map key given as text: the decimal digits of a token id (OpenAI's `logit_bias` keys).
+_DECIMAL_KEY = re.compile(r"-?[0-9]+")
 
 
 def _label(field: str) -> str:
@@ -88,6 +101,13 @@ class Param:
     text_rule: str = ""
     #: The allowed words of a `choice` parameter.
     choices: tuple[str, ...] = ()
+    #: (value, stored as) pairs: another spelling of a value a peer accepts, replaced when
+    #: validated (vLLM's top_k = -1 for 0, llama.cpp's min_keep = 0 for 1).
+    aliases: tuple[tuple[Any, Any], ...] = ()
+    #: `float` only: the engine hands the stage a float64 tensor (the value as written), not
+    #: float32, for a stage that repeats a peer's float64 arithmetic on it (Hugging Face's
+    #: 1 − top_p, computed on the Python float).
+    float64: bool = False
 
     def range_text(self) -> str:
         """Human-readable valid range, e.g. `(0, 1]`."""
@@ -117,6 +137,8 @@ class Param:
         bounds = f"{left}{low}, {high}{right}"
         keys = {"token_bias": f"token id in [0, {_number_text(MAX_TOKEN_ID)}]",
                 "int_map": f"int in [0, {_number_text(MAX_INT)}]"}
+        if self.aliases:
+            bounds += "".join(f", or {show(a)} (= {show(b)})" for a, b in self.aliases)
         return f"{keys[self.kind]} -> {bounds}" if self.kind in keys else bounds
 
     @property
@@ -164,12 +186,14 @@ class Param:
             if not isinstance(value, dict):
                 raise InvalidArgument(f"{_label(field)} must be a mapping, got {echo(value)}",
                                       field)
-            pairs = []
+            pairs = {}
             for key, item in value.items():
                 where = f"{field}[{key_text(key)}]"
                 number = self._key(key, where)
-                pairs.append((number, self._number(item, where, self.kind == "int_map")))
-            return tuple(sorted(pairs))
+                if number in pairs:  # "5" and "05" (or 5 and "5") name one id
+                    raise InvalidArgument(f"key {echo(key)} gives {number} a second time", where)
+                pairs[number] = self._number(item, where, self.kind == "int_map")
+            return tuple(sorted(pairs.items()))
         return self._number(value, field, self.kind == "int")
 
     def plain(self, value: Any) -> Any:
@@ -184,6 +208,9 @@ class Param:
 
     def _number(self, value: Any, field: str, integer: bool) -> float | int:
         number = self._integer(value, field) if integer else self._float(value, field)
+        for alias, stored in self.aliases:
+            if number == alias:
+                return stored
         upper = self.upper if integer else self.maximum
         too_low = self.minimum is not None and (
             number <= self.minimum if self.exclusive_minimum else number < self.minimum)
@@ -194,18 +221,29 @@ class Param:
             raise InvalidArgument(
                 f"{_label(field)} = {shown} is out of range: must be in {self.range_text()}{off}",
                 field)
+        if integer and isinstance(value, float) and abs(value) > MAX_EXACT_DOUBLE_INT:
+            raise InvalidArgument(
+                f"{_label(field)} = {value:.17g} is a float beyond 2^53, where a double (a "
+                "JSON or protobuf Struct number) cannot hold every integer, so it may have been "
+                "rounded on its way: give it as an integer (a seed as params.seed, a uint64)",
+                field)
         return number
 
     def _key(self, key: Any, field: str) -> int:
-        """A map key: a token id (`token_bias`) or an int (`int_map`), in [0, MAX_INT]."""
-        try:
-            number = int(key) if isinstance(key, str) else self._integer(key, field)
-        except ValueError:
-            raise InvalidArgument(f"key {echo(key)} must be an integer in "
-                                  f"[0, {_number_text(MAX_INT)}]", field) from None
+        """A map key: a token id (`token_bias`) or an int (`int_map`), in [0, MAX_INT]; text
+        keys must be decimal digits (as OpenAI's JSON sends token ids: `"50256"`)."""
+        if isinstance(key, str):
+            if not _DECIMAL_KEY.fullmatch(key):
+                raise InvalidArgument(f"key {echo(key)} must be an integer (or its decimal "
+                                      f"digits) in [0, {_number_text(MAX_INT)}]", field)
+            # More digits than any int64 has: out of range (and past what int() converts).
+            number = int(key) if len(key.lstrip("-")) <= 19 else MAX_INT + 1
+        else:
+            number = self._integer(key, field)
         if number < 0 or number > MAX_INT:
             what = "token id" if self.kind == "token_bias" else "key"
-            raise InvalidArgument(f"{what} {number} must be in [0, {_number_text(MAX_INT)}]", field)
+            shown = key_text(key) if isinstance(key, str) else number
+            raise InvalidArgument(f"{what} {shown} must be in [0, {_number_text(MAX_INT)}]", field)
         return number
 
     def _sequence_or_text(self, value: Any, field: str) -> tuple[int, ...] | str:

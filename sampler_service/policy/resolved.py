@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+from sampler_service.errors import InvalidArgument
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, Processor, Selector, Stage
 
@@ -18,7 +19,12 @@ SETTINGS: tuple[Param, ...] = (
     Param("seed", "int", default=None, off=None, minimum=0, maximum=2 ** 64 - 1,
           doc="noise seed; not set: drawn by the service and reported"),
     Param("logprobs", "int", default=0, off=0, minimum=0, maximum=20,
-          doc="top-N raw logprobs returned with each choice"),
+          doc="top-N raw logprobs returned with each choice (vLLM logprobs; the chosen token's "
+              "logprob is always returned)"),
+    Param("top_logprobs", "int", default=None, off=None, minimum=0, maximum=20,
+          doc="OpenAI's name for `logprobs` (its `logprobs: true` is always on here): setting it "
+              "sets `logprobs`; given together with `logprobs` (in one request, or in one "
+              "`defaults:`) the two must be equal"),
     Param("n", "int", default=1, off=1, minimum=1,
           doc="forks: n samples of the prompt, fork i seeded with seed + i (vLLM n)"),
     Param("best_of", "int", default=0, off=0, minimum=0,
@@ -29,13 +35,37 @@ SETTINGS: tuple[Param, ...] = (
               "stop); needs the sequence's tokenizer"),
     Param("include_stop_str_in_output", "bool", default=False, off=False,
           doc="the text reported keeps the stop string that ended it (vLLM)"),
+    Param("ignore_eos", "bool", default=False, off=False,
+          doc="vLLM ignore_eos: producing an EOS id does not finish the sequence (EOS is a "
+              "token like any other; stop_token_ids, stop strings and max_tokens still "
+              "finish it; min_tokens still masks EOS, as vLLM's does); not with structured "
+              "outputs, which end at EOS"),
 )
 SETTING_NAMES = frozenset(p.name for p in SETTINGS)
 #: Settings a request may always set, whatever the policy's `overridable` list says: they
 #: change what is reported, where the caller's generation ends or how many samples are
 #: drawn, never how any one token is chosen.
-ALWAYS_OVERRIDABLE = frozenset({"logprobs", "n", "best_of", "stop",
-                                "include_stop_str_in_output"})
+ALWAYS_OVERRIDABLE = frozenset({"logprobs", "top_logprobs", "n", "best_of", "stop",
+                                "include_stop_str_in_output", "ignore_eos"})
+
+
+def fold_aliases(settings: Mapping[str, Any], given: Iterable[str], field: str) -> dict[str, Any]:
+    """Validated `settings` with `top_logprobs` folded into `logprobs` and itself left unset
+    (None): when it is among the names `given` in one place (a request's parameters, or one
+    `defaults:`) it sets `logprobs`, and if `logprobs` is given there too the two must be
+    equal (InvalidArgument naming `field.top_logprobs` otherwise)."""
+    folded = dict(settings)
+    given = set(given)
+    top = folded.get("top_logprobs")
+    if "top_logprobs" in given and top is not None:
+        if "logprobs" in given and folded["logprobs"] != top:
+            raise InvalidArgument(
+                f"top_logprobs = {top} and logprobs = {folded['logprobs']} disagree: they are "
+                "two names of one count (OpenAI's and vLLM's); give one, or both equal",
+                f"{field}.top_logprobs")
+        folded["logprobs"] = top
+    folded["top_logprobs"] = None
+    return folded
 
 
 @dataclass(frozen=True)

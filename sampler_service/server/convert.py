@@ -178,7 +178,9 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord, branch: int
 def hypothesis_pb(h: Hypothesis) -> pb.Hypothesis:
     message = pb.Hypothesis(token_ids=h.token_ids, score=h.score, sum_logprobs=h.sum_logprobs,
                             finish_reason=int(h.finish_reason), branch=h.branch,
-                            answer_ids=h.answer_ids)
+                            answer_ids=h.answer_ids,
+                            stats=[pb.StepStats(entropy=e, varentropy=v)
+                                   for e, v in zip(h.entropies, h.varentropies)])
     if h.confidence is not None:
         message.confidence = h.confidence
     return message

@@ -1,10 +1,11 @@
 """Saved sequences and journal changes (`sampler_service.saved`) <-> the persistence messages
 of sampler.proto (SavedSequence, SavedStep, JournalEntry), as bytes for the state files.
 
-Every number the service keeps travels exactly: answers' numbers are doubles, and plain data
-(a policy's spec and overrides, a resume record's state, an explanation) is JSON text, whose
-integers stay integers (a seed up to 2^64 - 1) and whose doubles round trip (NaN and
-±Infinity included). Decoding checks the structure (messages that must be set are set, JSON
+Every number the service keeps travels exactly: answers' numbers are doubles (a group result's
+per-token statistics are float32, as the engine computes them and answers carry them), and
+plain data (a policy's spec and overrides, a resume record's state, an explanation) is JSON
+text, whose integers stay integers (a seed up to 2^64 - 1) and whose doubles round trip (NaN
+and ±Infinity included). Decoding checks the structure (messages that must be set are set, JSON
 objects are objects, enums are known) and raises `StateDecodeError`; the values themselves are
 checked when the sequence is resumed (`SamplerCore.restore`), as a client's resume record is.
 """
@@ -223,7 +224,8 @@ def _answer_from_pb(answer: pb.SavedAnswer) -> StepRecord | GroupRecord:
             tuple(Hypothesis(tuple(h.token_ids), h.score, h.sum_logprobs,
                              _finish(h.finish_reason), h.branch,
                              h.confidence if h.HasField("confidence") else None,
-                             tuple(h.answer_ids))
+                             tuple(h.answer_ids), tuple(s.entropy for s in h.stats),
+                             tuple(s.varentropy for s in h.stats))
                   for h in group.result.hypotheses),
             tuple(AnswerVote(tuple(v.answer_ids), v.total_confidence, v.paths)
                   for v in group.result.answers))

@@ -14,13 +14,20 @@ token id survive the trip exactly.
 
 Keys of a plain sequence's state (`row_state`): `ema_entropy`, `ema_varentropy`,
 `entropy_sum`, `varentropy_sum`, `vocab_size` (0 before the first step) and, when a stage keeps memory a record carries, `memory`
-({stage key: value}). A group row adds `output_ids`. Groups: see each group's `resume_state`.
+({stage key: value}). A group row adds `output_ids` and their raw `entropies` and `varentropies`
+(one double per id each, `packed_doubles`: the row's history for GetSequence; a record without
+them restores NaN, as a plain sequence re-created without `stats` does). Groups: see each
+group's `resume_state`.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
 
 from sampler_service.errors import FailedPrecondition, InvalidArgument, echo
 
@@ -118,6 +125,33 @@ class Reader:
         """A list of mappings, each as a Reader."""
         return [Reader(v, f"{self.where(key)}[{i}]") for i, v in enumerate(self.items(key, length))]
 
+    def history(self, length: int) -> list[tuple[float, float]]:
+        """(entropy, varentropy) of `length` tokens from `entropies` and `varentropies`
+        (`packed_doubles`; NaN allowed: a step restored without them), or [] when the data
+        has neither (the history then holds NaN)."""
+        if "entropies" not in self.data and "varentropies" not in self.data:
+            return []
+        entropies, varentropies = (self._doubles(key, length)
+                                   for key in ("entropies", "varentropies"))
+        return list(zip(entropies, varentropies))
+
+    def _doubles(self, key: str, length: int) -> list[float]:
+        """`length` finite-or-NaN doubles packed by `packed_doubles`."""
+        value, where = self._get(key), self.where(key)
+        try:
+            data = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+        except binascii.Error:
+            data = None
+        if data is None or len(data) != 8 * length:
+            raise InvalidArgument(f"expected {length} doubles packed as base64 text "
+                                  f"({8 * length} bytes), got {echo(value)}", where)
+        values = np.frombuffer(data, dtype="<f8")
+        infinite = np.isinf(values).nonzero()[0]
+        if infinite.size:
+            raise InvalidArgument(f"expected a finite number or NaN, got {values[infinite[0]]}",
+                                  f"{where}[{int(infinite[0])}]")
+        return values.tolist()
+
     def mapping(self, key: str, default: dict | None = None) -> dict[str, Any]:
         if key not in self.data and default is not None:
             return default
@@ -133,6 +167,13 @@ def _number(value: Any, field: str, minus_inf: bool) -> float:
         wanted = "a number or -inf" if minus_inf else "a finite number"
         raise InvalidArgument(f"expected {wanted}, got {echo(value)}", field)
     return float(value)
+
+
+def packed_doubles(values: Iterable[float]) -> str:
+    """Doubles as plain data: their little-endian IEEE 754 bytes as base64 text, 8 bytes each
+    (one string per row: lists of numbers made a long beam group's record, built every step,
+    2-5 times slower to encode as a Struct or as JSON)."""
+    return base64.b64encode(np.fromiter(values, dtype="<f8").tobytes()).decode("ascii")
 
 
 def _flag(value: Any, field: str) -> bool:
@@ -158,7 +199,8 @@ def _stages(state: "SequenceState") -> dict[str, Any]:
 
 
 def row_state(state: "SequenceState", with_tokens: bool = False) -> dict[str, Any]:
-    """The state of one row that its tokens cannot rebuild (see the module docstring)."""
+    """The state of one row that its tokens cannot rebuild (see the module docstring);
+    `with_tokens` (a group's row): its tokens and their raw statistics too."""
     data: dict[str, Any] = {
         "ema_entropy": state.ema_entropy, "ema_varentropy": state.ema_varentropy,
         "entropy_sum": state.entropy_sum, "varentropy_sum": state.varentropy_sum,
@@ -174,6 +216,8 @@ def row_state(state: "SequenceState", with_tokens: bool = False) -> dict[str, An
         data["memory"] = memory
     if with_tokens:
         data["output_ids"] = list(state.output_ids)
+        data["entropies"] = packed_doubles(state.entropies)
+        data["varentropies"] = packed_doubles(state.varentropies)
     return data
 
 

@@ -173,7 +173,15 @@ class SequenceState:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Ids that finish the sequence and that min_tokens masks: EOS ∪ stop_token_ids."""
+        """Ids that finish the sequence: stop_token_ids ∪ EOS, without EOS when the policy
+        says `ignore_eos` (vLLM: EOS is then a token like any other)."""
+        stops = frozenset(self.policy.settings["stop_token_ids"])
+        return stops if self.policy.settings["ignore_eos"] else self.eos_token_ids | stops
+
+    @property
+    def min_tokens_ids(self) -> frozenset[int]:
+        """Ids min_tokens masks: EOS ∪ stop_token_ids, ignore_eos or not (vLLM's
+        `all_stop_token_ids`, which keeps the model's EOS under ignore_eos)."""
         return self.eos_token_ids | frozenset(self.policy.settings["stop_token_ids"])
 
     def branch(self, sequence_id: str, seed: int | None = None) -> "SequenceState":

@@ -71,3 +71,29 @@ def test_cot_decoding_returns_k_paths_ranked_by_confidence(smollm2, client):
     assert confidences == sorted(confidences, reverse=True)
     assert sum(v.paths for v in results[0].answers) == 4
     assert results[0].answers[0].total_confidence == max(v.total_confidence for v in results[0].answers)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("num_beams,ngram,repetition_penalty", [(2, 0, 1.0), (4, 3, 1.3)])
+def test_beam_processed_logprobs_are_hf_beam_scores(smollm2, client, num_beams, ngram,
+                                                    repetition_penalty):
+    """Given Hugging Face's own raw logits step by step (`output_logits`), the sidecar's beams
+    report as processed_logprob HF's `scores` at (parent row, token): HF's rows at a step are
+    its running beams in the order of the rows sent here (the tokens match, as above)."""
+    model, tokenizer = smollm2
+    input_ids = chat_ids(tokenizer, PROMPTS[0])
+    options = dict(num_beams=num_beams, no_repeat_ngram_size=ngram,
+                   repetition_penalty=repetition_penalty)
+    out = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                         output_scores=True, output_logits=True, return_dict_in_generate=True,
+                         **options)
+    group = client.create_beam_group(input_ids[0].tolist(), max_new_tokens=MAX_NEW_TOKENS,
+                                     eos_token_ids=hf.eos_token_ids(model), **options)
+    assert len(out.logits) == len(out.scores) > 1
+    for logits, scores in zip(out.logits, out.scores):
+        choices = group.step(logits.float(), processed_logprobs=True)
+        assert [c.processed_logprob for c in choices] == pytest.approx(
+            [float(scores[c.parent_row, c.token_id]) for c in choices], rel=1e-5, abs=1e-5)
+    assert group.result is not None
+    best = group.result.hypotheses[0]
+    assert best.token_ids == out.sequences[0, input_ids.shape[1]:].tolist()[:len(best.token_ids)]

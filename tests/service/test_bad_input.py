@@ -130,7 +130,7 @@ def test_unknown_policy(client, bystander):
 
 @pytest.mark.parametrize("params, field", [
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
-    ({"top_k": -1}, "top_k"), ({"min_p": 2.0}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 2.0}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"frequency_penalty": 3.0}, "frequency_penalty"), ({"logprobs": 21}, "logprobs"),
     ({"min_tokens": -2}, "min_tokens"),
 ])

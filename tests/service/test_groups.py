@@ -158,6 +158,121 @@ def test_beam_retried_step_answers_again_without_advancing(client):
     assert ids(group.result.hypotheses) == [[2, 4, 5], [1, EOS]]  # as without the retry
 
 
+def test_beam_processed_logprobs_are_what_each_beam_score_added(client):
+    """Without a chain a row's processed log-probabilities are log_softmax of its logits: here
+    log p. Each beam reports its parent's value at its token (Hugging Face's `scores`); a
+    running beam's score is its parent's plus that value, and a hypothesis' values along its
+    parent links sum to its sum_logprobs. (At the last step every candidate hits max_tokens,
+    so the rows answered are among equal scores of −1e9, as in HF.)"""
+    group = hand_beam_group(client, num_return_sequences=2)
+    paths = [((), 0.0)] * 2  # per running row: its tokens and the sum of its processed logprobs
+    for step, logits in enumerate(BEAM_STEPS):
+        choices = group.step(logits, processed_logprobs=True)
+        assert [c.processed_logprob for c in choices] == pytest.approx(
+            [float(logits[c.parent_row, c.token_id]) for c in choices], rel=1e-5)
+        if step < 2:
+            assert [c.processed_logprob for c in choices] == pytest.approx(
+                [[math.log(0.5), math.log(0.3)], [math.log(0.9), math.log(0.3)]][step], rel=1e-5)
+            assert [c.score for c in choices] == pytest.approx(
+                [paths[c.parent_row][1] + c.processed_logprob for c in choices], rel=1e-6)
+            paths = [(paths[c.parent_row][0] + (c.token_id,),
+                      paths[c.parent_row][1] + c.processed_logprob) for c in choices]
+    best = group.result.hypotheses[0]
+    assert best.token_ids == [2, 4, 5] and paths[0][0] == (2, 4)
+    assert best.sum_logprobs == pytest.approx(paths[0][1] + float(BEAM_STEPS[2][0, 5]), rel=1e-6)
+
+
+def test_group_steps_report_processed_logprobs_only_when_asked(client):
+    beam = hand_beam_group(client).step(BEAM_STEPS[0])
+    _, cot = run_cot(client)
+    for c in beam + [c for choices in cot for c in choices]:
+        assert (c.processed_logprob, c.processed_top_logprobs, c.processed_entropy) == (
+            None, [], None)
+
+
+class Paths:
+    """Each row of a group followed through the choices' parent rows: its tokens and the stats
+    the choices reported for them (`running` in the order of the next step's rows)."""
+
+    def __init__(self, rows: int):
+        self.running: list[tuple[tuple[int, ...], tuple[tuple[float, float], ...]]] = \
+            [((), ())] * rows
+        self.finished: list[tuple[tuple[int, ...], tuple[tuple[float, float], ...]]] = []
+        #: Every path a choice made, and the stats of each row a choice continued (by tokens).
+        self.made: dict[tuple[int, ...], tuple[tuple[float, float], ...]] = {}
+        self.continued: dict[tuple[int, ...], tuple[float, float]] = {}
+
+    def take(self, choices) -> None:
+        rows, self.running = self.running, []
+        for c in choices:
+            tokens, stats = rows[c.parent_row]
+            path = (tokens + (c.token_id,), stats + ((c.entropy, c.varentropy),))
+            self.continued[tokens] = (c.entropy, c.varentropy)
+            self.made[path[0]] = path[1]
+            (self.finished if c.finished else self.running).append(path)
+
+    def beam_stats(self, hypothesis) -> tuple[tuple[float, float], ...]:
+        """A beam hypothesis' stats: a path a choice made, or one that finished from a row
+        (its stats, then the ones that step's choices continuing the row reported)."""
+        ids = tuple(hypothesis.token_ids)
+        if ids in self.made:
+            return self.made[ids]
+        return self.made.get(ids[:-1], ()) + (self.continued[ids[:-1]],)
+
+
+def stats_of(hypothesis) -> tuple[tuple[float, float], ...]:
+    assert len(hypothesis.entropies) == len(hypothesis.varentropies) == len(hypothesis.token_ids)
+    return tuple(zip(hypothesis.entropies, hypothesis.varentropies))
+
+
+def test_get_sequence_gives_each_beam_and_hypothesis_its_history(client):
+    group = hand_beam_group(client, num_return_sequences=2)
+    paths = Paths(2)
+    for logits in BEAM_STEPS:
+        paths.take(group.step(logits))
+        info = group.info()
+        assert info.output_ids == [] and info.entropies == []
+        assert [(h.token_ids, stats_of(h)) for h in info.group.running] == [
+            (list(tokens), stats) for tokens, stats in paths.running]
+        for hypothesis in info.group.hypotheses:
+            assert stats_of(hypothesis) == paths.beam_stats(hypothesis)
+    early = group.info().group.hypotheses[1]
+    assert early.token_ids == [1, EOS]  # finished at step 1; no choice of step 2 continued it
+    assert group.result.hypotheses == group.info().group.hypotheses
+
+
+def test_get_sequence_gives_each_fork_its_history(client):
+    group = client.create_forks(PROMPT, FORKS, seed=SEED, eos_token_ids=[EOS], params={
+        **FORK_PARAMS, "max_tokens": 4})
+    paths = Paths(1)
+    for t, logits in enumerate(fork_logits(4)):
+        logits[:, EOS] = -100.0
+        if t == 1:
+            logits[2, EOS] = 100.0  # fork 2 stops at its second token
+        paths.take(group.step(logits[:group.running_rows]))
+        info = group.info().group
+        assert [(h.token_ids, stats_of(h)) for h in info.running] == [
+            (list(tokens), stats) for tokens, stats in paths.running]
+        assert sorted((h.token_ids, stats_of(h)) for h in info.hypotheses) == sorted(
+            (list(tokens), stats) for tokens, stats in paths.finished)
+    assert sorted(len(h.token_ids) for h in group.result.hypotheses) == [2, 4, 4, 4]
+    assert group.result.hypotheses == group.info().group.hypotheses
+
+
+def test_get_sequence_gives_each_cot_branch_its_history(client):
+    group = client.create_cot_group(PROMPT, 3, max_new_tokens=3, eos_token_ids=[EOS])
+    paths = Paths(1)
+    for logits in COT_STEPS:
+        paths.take(group.step(logits))
+        info = group.info().group
+        assert [(h.token_ids, stats_of(h)) for h in info.running] == [
+            (list(tokens), stats) for tokens, stats in paths.running]
+        assert sorted((h.token_ids, stats_of(h)) for h in info.hypotheses) == sorted(
+            (list(tokens), stats) for tokens, stats in paths.finished)
+    assert ids(group.result.hypotheses) == [[3, 7, 4], [2, EOS], [1, 7, 4]]
+    assert group.result.hypotheses == group.info().group.hypotheses
+
+
 # -- diverse beam search -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("penalty, expected", [(0.0, [1, 1]), (10.0, [1, 2])])
@@ -335,6 +450,20 @@ def test_cot_at_a_chaotic_point_decodes_one_trunk_row_then_branches_there(client
     assert fork[0].explanation["sed"]["chaotic"] is True
     group.step(rows({9: 0.9}, {10: 0.9}))
     assert ids(group.result.hypotheses) in ([[5, 6, 9], [5, 7, 10]], [[5, 7, 10], [5, 6, 9]])
+
+
+def test_cot_processed_logprobs_branch_under_the_chains_distribution(client):
+    """The branching step: each branch's first token under softmax of the chain's output (no
+    chain: the raw distribution); after it the branches continue greedily and report the
+    point mass, as a plain greedy sequence does."""
+    group = client.create_cot_group(PROMPT, 3, max_new_tokens=3, eos_token_ids=[EOS])
+    first, *later = [group.step(logits, processed_logprobs=True) for logits in COT_STEPS]
+    assert [c.processed_logprob for c in first] == pytest.approx(
+        [math.log(0.5), math.log(0.3), math.log(0.15)], rel=1e-5)
+    assert all(c.processed_entropy == pytest.approx(c.entropy, rel=1e-5) for c in first)
+    assert [c.processed_logprob for choices in later for c in choices] == [0.0] * 5
+    plain = client.create_sequence(policy="greedy", prompt_ids=PROMPT)
+    assert plain.step(COT_STEPS[1][0], processed_logprobs=True).processed_logprob == 0.0
 
 
 def test_cot_chaotic_point_needs_a_sed_stage(client):

@@ -6,7 +6,13 @@ import math
 import torch
 
 from sampler_client.vocabulary import Vocabulary
+from sampler_service.engine import Engine
+from sampler_service.groups.fork import ForkGroup
+from sampler_service.policy.processors.base import GroupSelector, RowInputs
+from sampler_service.policy.resolved import PolicyVersion
 from sampler_service.policy.sparse import SparseLogits
+from sampler_service.policy.spec import parse_policy, resolve
+from sampler_service.state import SequenceState
 
 #: A toy tokenizer's token bytes: id 0 is EOS (special); 1 is another special token; the rest
 #: are pieces of text (partial UTF-8 among them).
@@ -46,3 +52,31 @@ def sparse_rows(logits: torch.Tensor, k: int):
         tail_mean=torch.where(empty, zero, centre + first),
         tail_mean_square=torch.where(empty, zero, centre * centre + 2 * centre * first + second),
         vocab=logits.shape[1])
+
+
+def entropy_varentropy(values: torch.Tensor) -> tuple[float, float]:
+    """H and V (nats) of softmax(values) for one row [V] (−inf = outside the support),
+    straightforwardly in float64."""
+    log_p = torch.log_softmax(values.double(), dim=-1)
+    kept = torch.isfinite(log_p)
+    p, log_p = log_p[kept].exp(), log_p[kept]
+    h = -(p * log_p).sum()
+    return float(h), float((p * (log_p + h) ** 2).sum())
+
+
+def make_group(spec: dict, prompt: tuple[int, ...] = (5, 6), eos: tuple[int, ...] = (0,),
+               seed: int = 0, max_rows: int = 64):
+    """The group (beam search, CoT decoding or forks) an inline policy spec makes."""
+    policy = resolve(parse_policy("test", spec), PolicyVersion(1, "test"), {})
+    root = SequenceState("g", policy, prompt, seed, frozenset(eos))
+    selector = policy.selector
+    if isinstance(selector.stage, GroupSelector):
+        return selector.stage.new_group(root, selector.values, max_rows, "select", "params")
+    return ForkGroup.create(root, max_rows, "params.")
+
+
+def group_step(group, logits: torch.Tensor, processed_logprobs: bool = False):
+    """One planned and committed step of `group` on `logits` [running rows, V] (CPU engine)."""
+    planned = group.plan(Engine(torch.device("cpu")), RowInputs(logits.clone()),
+                         processed_logprobs)
+    return group.commit(planned)

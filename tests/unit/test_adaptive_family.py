@@ -491,7 +491,7 @@ def test_every_adaptive_stage_is_registered_and_explains():
 @pytest.mark.parametrize("entry, field", [
     ({"edt": {"base": 0.0}}, "spec.chain[0].edt.base"),
     ({"edt": {"base": 1.5}}, "spec.chain[0].edt.base"),
-    ({"temp_ext": {"delta": -0.1}}, "spec.chain[0].temp_ext.delta"),
+    ({"temp_ext": {"exponent": -0.1}}, "spec.chain[0].temp_ext.exponent"),
     ({"hot_or_cold": {"rule": "indent"}}, "spec.chain[0].hot_or_cold.rule"),
     ({"hot_or_cold": {"newline_ids": [-1]}}, "spec.chain[0].hot_or_cold.newline_ids"),
     ({"kl_temperature": {"scale": 0.0}}, "spec.chain[0].kl_temperature.scale"),
@@ -558,3 +558,27 @@ def test_engine_hot_or_cold_follows_the_sequence_history():
     assert outcomes[0].explanation["hot_or_cold"] == {"challenging": True, "temperature": 1.0}
     assert outcomes[1].explanation["hot_or_cold"] == {"challenging": False, "temperature": 0.0}
     assert outcomes[1].token_id == int(logits[1].argmax())  # cold = 0: greedy
+
+
+# -- temp_ext: llama.cpp's ranges ---------------------------------------------------------------
+@pytest.mark.parametrize("temperature, delta", [(-0.5, 0.0), (-0.5, -1.0), (-1.0, 0.5),
+                                                (0.0, -0.3)])
+def test_temp_ext_non_positive_temperatures_are_greedy_as_llama_cpp(temperature, delta):
+    """llama.cpp keeps only the best token at a temperature ≤ 0, dynamic or not; a delta ≤ 0 is
+    a plain temperature. Both are taken (no range) and give a greedy row."""
+    parse_policy("t", {"chain": [{"temp_ext": {"temperature": temperature, "delta": delta}}],
+                       "select": "sample"})
+    row = t([0.5, 2.0, -1.0, 1.5])
+    out, batch = run(TempExt, row, temperature=temperature, delta=delta)
+    assert torch.equal(out[0], row) and batch.greedy.tolist() == [True]
+    theirs = llama_temp_ext(row.tolist(), temperature, delta, 1.0)
+    assert theirs <= 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_temp_ext_negative_delta_is_plain_temperature_as_llama_cpp(seed):
+    logits = random_logits(seed, rows=1, vocab=50)
+    out, batch = run(TempExt, logits, temperature=0.7, delta=-0.4, exponent=2.0)
+    assert llama_temp_ext(logits[0].tolist(), 0.7, -0.4, 2.0) == 0.7
+    assert torch.equal(out[0], logits[0] / 0.7)
+    assert explained(batch) == {"temp_ext": {"temperature": pytest.approx(0.7)}}

@@ -209,15 +209,17 @@ def test_shipped_policies_that_never_pass_are_refused_as_policies(name, reason):
 #: Stages a random chain is drawn from, each with a strategy for its parameters.
 STAGES = {
     "temperature": st.fixed_dictionaries({"temperature": st.sampled_from([0.0, 0.5, 0.8, 1.3])}),
-    "top_k": st.fixed_dictionaries({"k": st.integers(0, 90), "min_keep": st.integers(1, 3)}),
-    "top_p": st.fixed_dictionaries({"p": st.floats(0.3, 1.0), "min_keep": st.integers(1, 3)}),
+    "top_k": st.fixed_dictionaries({"k": st.integers(-1, 90), "min_keep": st.integers(1, 3)}),
+    "top_p": st.fixed_dictionaries({"p": st.floats(0.3, 1.0), "min_keep": st.integers(1, 3),
+                                    "rule": st.sampled_from(["exact", "hf"])}),
     "min_p": st.fixed_dictionaries({"p": st.floats(0.0, 0.3)}),
     "typical_p": st.fixed_dictionaries({"p": st.floats(0.2, 1.0)}),
     "epsilon_cutoff": st.fixed_dictionaries({"epsilon": st.floats(0.0, 0.05)}),
     "eta_cutoff": st.fixed_dictionaries({"epsilon": st.floats(0.0, 0.05)}),
     "top_h": st.fixed_dictionaries({"top_h": st.floats(0.0, 1.0)}),
-    "xtc": st.fixed_dictionaries({"probability": st.floats(0.0, 1.0),
-                                  "threshold": st.floats(0.0, 0.3)}),
+    "xtc": st.fixed_dictionaries({"probability": st.floats(-0.5, 1.5),
+                                  "threshold": st.floats(-0.1, 0.6),
+                                  "min_keep": st.integers(0, 2)}),
     "repetition_penalty": st.fixed_dictionaries({"penalty": st.floats(0.5, 2.0)}),
     "frequency_penalty": st.fixed_dictionaries({"penalty": st.floats(-1.0, 1.0)}),
     "presence_penalty": st.fixed_dictionaries({"penalty": st.floats(-1.0, 1.0)}),
@@ -226,9 +228,10 @@ STAGES = {
     "min_tokens": st.fixed_dictionaries({"min_tokens": st.integers(0, 3)}),
     "penalties": st.fixed_dictionaries({"last_n": st.integers(-1, 8),
                                         "repeat": st.floats(0.5, 2.0),
-                                        "frequency": st.floats(-1.0, 1.0),
-                                        "presence": st.floats(-1.0, 1.0)}),
-    "dry": st.fixed_dictionaries({"multiplier": st.floats(0.0, 2.0),
+                                        "frequency": st.floats(-6.0, 6.0),
+                                        "presence": st.floats(-6.0, 6.0)}),
+    "dry": st.fixed_dictionaries({"multiplier": st.floats(-2.0, 2.0),
+                                  "base": st.floats(-1.0, 3.0),
                                   "allowed_length": st.integers(0, 2)}),
     "no_repeat_ngram": st.fixed_dictionaries({"size": st.integers(0, 2)}),
     "allowed_token_ids": st.fixed_dictionaries({"ids": st.lists(
@@ -237,12 +240,13 @@ STAGES = {
     "hot_or_cold": st.fixed_dictionaries({"hot": st.floats(0.5, 1.5), "cold": st.floats(0.2, 1.0),
                                           "rule": st.sampled_from(["newline", "entropy"]),
                                           "newline_ids": st.just([6])}),
-    "temp_ext": st.fixed_dictionaries({"temperature": st.floats(0.5, 1.5),
-                                       "delta": st.sampled_from([0.0, 0.5])}),
+    "temp_ext": st.fixed_dictionaries({"temperature": st.floats(-0.5, 1.5),
+                                       "delta": st.sampled_from([-0.5, 0.0, 0.5])}),
     "top_n_sigma": st.fixed_dictionaries({"n": st.floats(0.0, 3.0)}),
     "sed": st.fixed_dictionaries({"entropy_threshold": st.floats(0.0, 4.0)}),
 }
 SELECTS = ["sample", "greedy", {"mirostat": {"version": 1}}, {"mirostat": {"version": 2}},
+           {"mirostat": {"version": 2, "tau": -1.0, "eta": -0.1}},
            {"entropix": {"clarifying_token_id": 6}}]
 
 
@@ -277,3 +281,17 @@ def test_cuda_chooses_on_sparse_rows_what_the_cpu_chooses(name):
     cuda = Engine(torch.device("cuda")).step(make_states([shipped(name)] * ROWS), on_cuda)
     assert [o.token_id for o in cuda] == [o.token_id for o in cpu]
     assert [o.entropy for o in cuda] == pytest.approx([o.entropy for o in cpu], abs=1e-4)
+
+
+def test_top_p_rule_hf_needs_the_tail_excluded():
+    """Hugging Face's rule sums the whole row in its ascending order: alone on raw sparse rows
+    it is refused, naming its rule; after a top-k that excludes the tail it chooses as on the
+    full rows."""
+    alone = inline([{"top_p": {"p": 0.9, "rule": "hf"}}], "sample")
+    with pytest.raises(NotExact) as caught:
+        Engine(CPU).step(make_states([alone] * 2), sparse_rows(step_logits(0, rows=2), 64))
+    assert all("top_p (rule hf)" in d for _, d in caught.value.violations)
+    after = inline([{"top_k": {"k": 40}}, {"top_p": {"p": 0.9, "rule": "hf"}}], "sample",
+                   logprobs=3)
+    accepted, refusals = generate([after] * ROWS, k=64)
+    assert accepted == STEPS and not refusals

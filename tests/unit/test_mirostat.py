@@ -85,7 +85,7 @@ def test_registered_with_defaults():
 
 
 @pytest.mark.parametrize("given, field", [({"version": 3}, "version"), ({"version": 0}, "version"),
-                                          ({"tau": -1.0}, "tau"), ({"eta": -0.1}, "eta"),
+                                          ({"tau": "5"}, "tau"), ({"eta": None}, "eta"),
                                           ({"m": 1}, "m"), ({"mu": 3.0}, "mu")])
 def test_bad_parameters_name_the_field(given, field):
     with pytest.raises(InvalidArgument) as error:
@@ -385,3 +385,18 @@ def test_average_surprise_approaches_tau(version, tau):
     assert float(surprises[100:].mean()) == pytest.approx(tau, abs=0.1)
     mus = torch.tensor([s.processor_state[MEMORY_KEY] for s in states])
     assert float((mus - 2 * tau).abs().min()) > 0.1  # μ moved away from its start
+
+
+# -- llama.cpp's ranges -----------------------------------------------------------------------
+def test_negative_tau_and_eta_are_taken_as_llama_cpp_takes_them():
+    """llama.cpp checks neither: τ = -1 starts μ at -2, under every token's surprise, so v2
+    keeps the best token alone (llama.cpp's `cur_p->size = 1`); a negative η moves μ by
+    −η · (S − τ), away from the target."""
+    pol = policy(version=2, tau=-1.0, eta=-0.5)
+    assert dict(pol.selector.values) == {"version": 2, "tau": -1.0, "eta": -0.5, "m": 100}
+    assert kept(dist(state(pol), V2_LOGITS)) == {2}
+    outcome, = Engine(CPU).step([state(pol)], V2_LOGITS.unsqueeze(0).clone())
+    assert outcome.token_id == 2
+    assert outcome.memory[MEMORY_KEY] == pytest.approx(-2.0 + 0.5 * (0.0 + 1.0))
+    v1 = policy(version=1, tau=-3.0)  # μ = -6: k = sqrt(2^-6 · 8/7) < 1 keeps one token
+    assert kept(dist(state(v1), ZIPF_LOGITS)) == {ZIPF_IDS[0]}

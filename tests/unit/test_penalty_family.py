@@ -577,10 +577,11 @@ def test_processors_are_registered_and_run_from_a_policy_spec():
 @pytest.mark.parametrize("entry, field", [
     ({"penalties": {"last_n": -2}}, "last_n"),
     ({"penalties": {"repeat": 0.0}}, "repeat"),
-    ({"penalties": {"frequency": 3.0}}, "frequency"),
+    ({"penalties": {"repeat": -1.5}}, "repeat"),
+    ({"penalties": {"frequency": "3"}}, "frequency"),
     ({"penalties": {"last_n": 1.5}}, "last_n"),
-    ({"dry": {"multiplier": -1.0}}, "multiplier"),
-    ({"dry": {"base": -0.5}}, "base"),
+    ({"dry": {"multiplier": True}}, "multiplier"),
+    ({"dry": {"base": None}}, "base"),
     ({"dry": {"allowed_length": -1}}, "allowed_length"),
     ({"dry": {"last_n": -3}}, "last_n"),
     ({"dry": {"breakers": [[]]}}, "breakers"),
@@ -592,3 +593,84 @@ def test_invalid_parameters_name_the_field(entry, field):
         parse_policy("bad", {"chain": [entry], "select": "greedy"})
     assert field in error.value.field
     assert field in error.value.message
+
+
+# -- llama.cpp's ranges -------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(3))
+def test_penalties_take_uncapped_frequency_and_presence_as_llama_cpp(seed):
+    """llama.cpp caps neither (`llama_sampler_init_penalties` takes any float): values past the
+    flat parameters' [-2, 2] give llama.cpp's results."""
+    g = torch.Generator().manual_seed(40 + seed)
+    vocab = 40
+    logits = torch.randn(4, vocab, generator=g) * 3
+    settings = [(-1, 1.0, 5.0, 0.0), (-1, 1.2, -7.5, 3.0), (12, 0.9, 2.5, -40.0),
+                (6, 1.0, -0.25, 12.0)]
+    states = [make_state(torch.randint(0, vocab, (20,), generator=g).tolist(),
+                         torch.randint(0, 10, (15,), generator=g).tolist()) for _ in settings]
+    columns = list(zip(*settings))
+    out, _ = run(Penalties, logits, states, last_n=list(columns[0]), repeat=list(columns[1]),
+                 frequency=list(columns[2]), presence=list(columns[3]))
+    for row, (state, setting) in enumerate(zip(states, settings)):
+        theirs = llama_penalties(logits[row].numpy(), [*state.prompt_ids, *state.output_ids],
+                                 *setting)
+        assert torch.equal(out[row], torch.from_numpy(theirs))
+        assert not torch.equal(out[row], logits[row])
+    spec = parse_policy("l", {"chain": [{"penalties": {"frequency": 5.0, "presence": -40.0}}],
+                              "select": "sample"})
+    assert dict(spec.chain[0][1])["frequency"] == 5.0
+
+
+@pytest.mark.parametrize("flat", ["frequency_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [2.5, -2.01])
+def test_flat_openai_penalties_keep_vllms_range(flat, value):
+    with pytest.raises(InvalidArgument) as error:
+        resolve_flat({flat: value})
+    assert error.value.field == f"params.{flat}" and "[-2, 2]" in error.value.message
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dry_negative_multiplier_and_any_base_match_llama_cpp_port(seed):
+    """llama.cpp checks neither: a negative multiplier raises the tokens that would extend a
+    repeat (its subtraction of a negative penalty); a base below 1 (negative too) is off."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    rows = 12
+    logits = torch.randn(rows, 8, generator=g) * 2
+    cases = [_random_dry_case(g) for _ in range(rows)]
+    for row, (_, _, args) in enumerate(cases):
+        args["multiplier"] = -args["multiplier"] if row % 3 else args["multiplier"]
+        args["base"] = [-1.5, 0.5, args["base"]][row % 3] if row % 2 else args["base"]
+    states = [make_state(prompt, output) for prompt, output, _ in cases]
+    args = {p.name: [case[2][p.name] for case in cases] for p in Dry.params}
+    out, _ = run(Dry, logits, states, **args)
+    raised = 0
+    for row, (prompt, output, a) in enumerate(cases):
+        theirs = llama_dry(logits[row].numpy(), [*prompt, *output], a["multiplier"], a["base"],
+                           a["allowed_length"], a["last_n"], [list(b) for b in a["breakers"]])
+        assert torch.equal(out[row], torch.from_numpy(theirs)), (row, a)
+        raised += bool((out[row] > logits[row]).any())
+    assert raised > 0
+
+
+def test_a_change_past_float32s_range_saturates_and_a_masked_token_stays_masked():
+    """Penalties and DRY never make a logit +inf or NaN (the peers' float32 arithmetic would,
+    and their softmax would then be NaN): the result saturates at float32's max; a masked token
+    stays −inf even when the penalty itself overflows to −inf."""
+    top = torch.finfo(torch.float32).max
+    logits = torch.tensor([[1.0, 2.0, -INF, 0.5]])
+    state = make_state(prompt=(), output=[0, 0, 2, 2, 1])
+    out, _ = run(Penalties, logits, [state], last_n=[-1], repeat=[1.0], frequency=[-3e38],
+                 presence=[0.0])
+    once = float(torch.tensor(2.0) - torch.tensor(-3e38))  # token 1, seen once: finite
+    assert out[0].tolist() == [top, once, -INF, 0.5]  # token 0, seen twice: past the max
+    out, _ = run(Penalties, logits, [state], last_n=[-1], repeat=[1.0], frequency=[3e38],
+                 presence=[0.0])
+    assert out[0].tolist() == [-INF, -once, -INF, 0.5]  # an overflow downwards: −inf, as theirs
+    out, _ = run(Dry, torch.zeros(1, 4), [make_state((), [1, 2, 3, 1, 2])], multiplier=[-3e38],
+                 base=[1.75], allowed_length=[1])  # [1 2] then 3: −3e38 · 1.75^1
+    assert out[0].tolist() == [0.0, 0.0, 0.0, top]
+    spec = parse_policy("p", {"chain": [{"penalties": {"last_n": -1, "frequency": -3e38}}],
+                              "select": "sample"})
+    policy = resolve(spec, PolicyVersion(1, "x"), {})
+    chosen = Engine(CPU).step([SequenceState("a", policy, (), 0, frozenset(), [0, 0, 1])],
+                              torch.tensor([[1.0, 2.0, 3.0, 0.5]]))
+    assert chosen[0].token_id in (0, 1) and math.isfinite(chosen[0].logprob)

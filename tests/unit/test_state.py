@@ -82,3 +82,30 @@ def test_a_prompt_past_the_cap_is_refused_naming_the_flag():
     assert err.value.field == "--max-prompt-tokens"
     assert "sequences[0].prompt_ids holds 9 tokens; the cap is 8" in err.value.message
     assert len(core.store) == 1
+
+
+def _state(**flat) -> SequenceState:
+    return SequenceState("s", resolve_flat(flat), (), 0, frozenset({0, 1}))
+
+
+@pytest.mark.parametrize("eos", [0, 1])
+def test_ignore_eos_lets_eos_be_a_token_like_any_other(eos):
+    """vLLM's ignore_eos: EOS does not finish; stop_token_ids and max_tokens still do."""
+    state = _state(ignore_eos=True, stop_token_ids=[7], max_tokens=4)
+    state.accept(eos, 0.0, 0.0)
+    assert not state.finished and state.stop_token_id is None
+    state.accept(7, 0.0, 0.0)
+    assert state.finish_label == "STOP" and state.stop_token_id == 7
+    long = _state(ignore_eos=True, max_tokens=3)
+    for token in (eos, eos, eos):
+        long.accept(token, 0.0, 0.0)
+    assert long.finish_label == "LENGTH"
+    plain = _state(stop_token_ids=[7])
+    plain.accept(eos, 0.0, 0.0)
+    assert plain.finish_label == "STOP" and plain.stop_token_id == eos
+
+
+def test_ignore_eos_changes_the_finishing_ids_not_the_masked_ones():
+    state = _state(ignore_eos=True, stop_token_ids=[7])
+    assert state.stop_ids == {7} and state.min_tokens_ids == {0, 1, 7}
+    assert _state(stop_token_ids=[7]).stop_ids == {0, 1, 7}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,7 +38,33 @@ def sampling_params(params: Mapping[str, Any] | None, seed: int | None = None) -
                               else pb.TokenIds(ids=list(words)) for words in given["bad_words"]]
     if "structured" in given:
         given["structured"] = structured_output(given["structured"])
+    if given.get("logit_bias"):
+        given["logit_bias"] = logit_bias(given["logit_bias"])
     return pb.SamplingParams(**given)
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def logit_bias(bias: Mapping[Any, float]) -> dict[int, float]:
+    """`logit_bias` with int keys for the proto's map<int32, float>: token ids as ints, or as
+    their decimal text as OpenAI's JSON sends them (`{"50256": -100}`). ValueError names a key
+    that is neither (the service checks the ids and values themselves)."""
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias takes a mapping of token id -> bias, got {bias!r}")
+    keys: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and _DECIMAL.fullmatch(key) and len(key) <= 11:
+            token = int(key)  # int32's digits at most; the proto refuses what int32 cannot hold
+        elif isinstance(key, int) and not isinstance(key, bool):
+            token = key
+        else:
+            raise ValueError(f"logit_bias key {key!r:.40} must be a token id: an int or its "
+                             "decimal digits as a string")
+        if token in keys:
+            raise ValueError(f"logit_bias gives token id {token} twice (key {key!r})")
+        keys[token] = value
+    return keys
 
 
 STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")

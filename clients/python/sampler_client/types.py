@@ -77,7 +77,10 @@ class Choice:
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """A finished candidate of a group: a beam hypothesis, a fork's sample, a CoT path."""
+    """A finished candidate of a group: a beam hypothesis, a fork's sample, a CoT path (or a
+    running row, in `GroupInfo.running`). `entropies` and `varentropies`: one per token, the
+    raw entropy and varentropy of the distribution of the row that chose it (the `Choice`
+    stats of that step), as `SequenceInfo` gives a plain sequence's."""
 
     token_ids: list[int]
     score: float
@@ -86,13 +89,16 @@ class Hypothesis:
     branch: int
     confidence: float | None = None
     answer_ids: list[int] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    varentropies: list[float] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, h: pb.Hypothesis) -> "Hypothesis":
         return cls(token_ids=list(h.token_ids), score=h.score, sum_logprobs=h.sum_logprobs,
                    finish_reason=_FINISH[h.finish_reason], branch=h.branch,
                    confidence=h.confidence if h.HasField("confidence") else None,
-                   answer_ids=list(h.answer_ids))
+                   answer_ids=list(h.answer_ids), entropies=[x.entropy for x in h.stats],
+                   varentropies=[x.varentropy for x in h.stats])
 
 
 @dataclass(frozen=True)

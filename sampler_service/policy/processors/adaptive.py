@@ -112,6 +112,11 @@ class TempExt(Processor):
     `dynatemp_range`, `dynatemp_exponent`). Difference: llama.cpp counts every entry of its
     candidate array in N, including tokens an earlier sampler set to −inf without removing
     them (a logit bias); here N counts finite candidates only.
+    Ranges are llama.cpp's, which checks none: any `temperature` (≤ 0, or a dynamic
+    temperature that comes out below 1e-5, makes the row greedy, as llama.cpp keeps only the
+    best token at a temperature ≤ 0) and any `delta` (≤ 0: plain temperature). `exponent` must
+    be ≥ 0: a negative one makes T infinite at zero entropy (llama.cpp then divides −inf by
+    ∞, NaN).
     Transform; reads the candidates; no per-sequence state.
     Explains `temperature` (the T used; none for a row left as it is), `candidates` (N) and
     `normalized_entropy` (H / ln N), the last two for rows with Δ > 0.
@@ -123,11 +128,11 @@ class TempExt(Processor):
     key = "temp_ext"
     role = "transform"
     drops_when_off = False  # explains its decision for every row
-    params = (Param("temperature", "float", default=1.0, off=1.0, minimum=0.0,
-                    doc="T0, the centre of the range; with delta = 0 the plain temperature "
+    params = (Param("temperature", "float", default=1.0, off=1.0,
+                    doc="T0, the centre of the range; with delta ≤ 0 the plain temperature "
                         "(< 1e-5 means greedy)"),
-              Param("delta", "float", default=0.0, off=0.0, minimum=0.0,
-                    doc="Δ, half the range (llama.cpp dynatemp_range); 0 = plain temperature"),
+              Param("delta", "float", default=0.0, off=0.0,
+                    doc="Δ, half the range (llama.cpp dynatemp_range); ≤ 0 = plain temperature"),
               Param("exponent", "float", default=1.0, off=None, minimum=0.0,
                     doc="power of the normalised entropy (llama.cpp dynatemp_exponent); only "
                         "read when delta > 0"))

@@ -198,8 +198,9 @@ class RowBatch:
         return rows, ids, counts
 
     def stop_token_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row index, token id) for each row's EOS and stop ids."""
-        return self._pairs([torch.tensor(sorted(s.stop_ids), dtype=torch.int64)
+        """(row index, token id) for each row's EOS and stop ids (`min_tokens_ids`: EOS even
+        under ignore_eos)."""
+        return self._pairs([torch.tensor(sorted(s.min_tokens_ids), dtype=torch.int64)
                             for s in self.states])
 
     def _pairs(self, per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

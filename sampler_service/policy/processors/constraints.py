@@ -107,7 +107,9 @@ class MinTokens(MaskingProcessor):
     """Masks the sequence's EOS and stop ids to −inf while fewer than `min_tokens` were generated.
 
     Peer: vLLM `min_tokens` (Hugging Face `MinNewTokensLengthLogitsProcessor`). The stop set is
-    the sequence's `eos_token_ids` ∪ `stop_token_ids`. Constraint; reads the output length.
+    the sequence's `eos_token_ids` ∪ `stop_token_ids`, with EOS even under `ignore_eos` (vLLM
+    masks its `all_stop_token_ids`, which keep the model's EOS). Constraint; reads the output
+    length.
     Off: min_tokens = 0.
     Sparse rows: exact; masking a tail token leaves the tail's max bound valid.
     """
@@ -131,10 +133,14 @@ class MinTokens(MaskingProcessor):
 class LogitBias(TokenChangeProcessor):
     """Adds a bias to the logits of given token ids: l'_t = l_t + bias[t].
 
-    Peer: vLLM / OpenAI `logit_bias` (vLLM v1 `LogitBiasLogitsProcessor`). Biases lie in
-    [−100, 100] as in the OpenAI API (vLLM's OpenAI server clamps to that range; here a value
-    outside it is rejected). −100 in practice bans a token, +100 in practice forces it; a token
-    already at −inf stays there. Transform; keeps no per-sequence state.
+    Peer: vLLM / OpenAI `logit_bias` (vLLM v1 `LogitBiasLogitsProcessor`). Keys are token ids,
+    or their decimal text as OpenAI's JSON sends them (`{"50256": -100}`; vLLM converts them
+    with `int(token)`). Biases lie in [−100, 100] as in the OpenAI API; vLLM's
+    `SamplingParams.from_optional` (its OpenAI server's path) clamps a bias to that range with
+    `min(100.0, max(-100.0, bias))`, so inside it the two agree exactly, and here a value
+    outside it is refused (INVALID_ARGUMENT naming the entry) rather than silently changed.
+    −100 in practice bans a token, +100 in practice forces it; a token already at −inf stays
+    there. Transform; keeps no per-sequence state.
     Off: an empty map.
     Sparse rows: exact; a positive bias on a tail token lifts the tail's max bound by it.
     """

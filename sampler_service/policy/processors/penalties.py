@@ -11,6 +11,10 @@ Each describes its change as a `TokenChange` (the pairs and a map increasing in 
 which `apply` writes into the candidates and, on sparse rows, `sparse_tail` applies to the
 tail's max bound: exact on sent tokens; a tail token it lowers leaves the bound valid, one it
 may raise lifts the bound to the map of it (`TailBound.touch`).
+
+A change never makes a logit +inf or NaN: a result beyond float32's range saturates at its
+largest value (where the peers' float32 arithmetic gives +inf, and their softmax NaN), and a
+token already at −inf stays there. A result below float32's range is −inf, as the peers'.
 """
 from __future__ import annotations
 
@@ -52,18 +56,25 @@ class TokenChange(NamedTuple):
     def _at(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.rows[pairs], None if self.extra is None else self.extra[pairs]
 
+    def _new_values(self, values: torch.Tensor, rows: torch.Tensor,
+                    extra: torch.Tensor | None) -> torch.Tensor:
+        """`rule`'s values, never +inf or NaN: past float32's max they saturate at it, and a
+        value at −inf stays −inf (a penalty that overflowed to −inf would make it NaN)."""
+        new = self.rule(values, rows, extra).clamp(max=torch.finfo(values.dtype).max)
+        return torch.where(torch.isneginf(values), values, new)
+
     def apply(self, candidates: Candidates) -> None:
         """Writes the new values, in one scatter over the batch (pairs a sparse batch lacks
         are −inf already and stay so)."""
         present, columns = candidates.locate(self.rows, self.tokens)
         rows, extra = self._at(present.nonzero().squeeze(1))
         values = candidates.values[rows, columns]
-        candidates.update(rows, columns, self.rule(values, rows, extra))
+        candidates.update(rows, columns, self._new_values(values, rows, extra))
 
     def bound(self, tail: TailBound) -> None:
         """The pairs in sparse rows' tails, applied to the tail's bounds (`TailBound.touch`)."""
-        tail.touch(self.rows, self.tokens, lambda values, pairs: self.rule(values, *self._at(pairs)),
-                   self.rises)
+        tail.touch(self.rows, self.tokens,
+                   lambda values, pairs: self._new_values(values, *self._at(pairs)), self.rises)
 
 
 class TokenChangeProcessor(Processor):
@@ -205,6 +216,10 @@ class Penalties(TokenChangeProcessor):
     `--presence-penalty`). The prompt counts: llama.cpp's server accepts the prompt tokens into
     the sampler, so the window is the last `last_n` tokens of prompt + output.
     `last_n = -1` means the whole context (llama.cpp's server maps -1 to the context size).
+    Ranges are llama.cpp's: `frequency` and `presence` take any finite value (llama.cpp caps
+    neither; the flat `frequency_penalty` / `presence_penalty` keep vLLM's [-2, 2]), and
+    `last_n` ≥ -1 (its server refuses less). `repeat` must be > 0: llama.cpp does not check it,
+    but θ = 0 divides positive logits by zero and θ < 0 turns the ranking over.
     This differs from `repetition_penalty` / `frequency_penalty` / `presence_penalty` (vLLM),
     which see the whole sequence and whose frequency and presence count the output only.
 
@@ -222,10 +237,10 @@ class Penalties(TokenChangeProcessor):
               doc="window: the last n tokens of prompt + output (-1: all of them; 0: off)"),
         Param("repeat", "float", default=1.0, off=1.0, minimum=0.0, exclusive_minimum=True,
               doc="θ, CTRL repeat penalty; > 1 discourages repeats"),
-        Param("frequency", "float", default=0.0, off=0.0, minimum=-2.0, maximum=2.0,
-              doc="f, subtracted once per occurrence in the window"),
-        Param("presence", "float", default=0.0, off=0.0, minimum=-2.0, maximum=2.0,
-              doc="r, subtracted once if the token occurs in the window"),
+        Param("frequency", "float", default=0.0, off=0.0,
+              doc="f, subtracted once per occurrence in the window (no cap, as llama.cpp)"),
+        Param("presence", "float", default=0.0, off=0.0,
+              doc="r, subtracted once if the token occurs in the window (no cap, as llama.cpp)"),
     )
 
     def change(self, candidates: Candidates, args: dict[str, torch.Tensor],
@@ -341,18 +356,24 @@ class Dry(TokenChangeProcessor):
     computed. Cost per row: O(window), plus one round per token of the longest repeat (at most
     allowed_length + ⌊88.72 / ln base⌋ rounds, shared by the whole batch).
 
+    Ranges are llama.cpp's (`llama_sampler_init_dry` checks none): any `multiplier` (a
+    negative one raises the tokens that would extend a repeat, as llama.cpp's subtraction
+    does), any `base` (< 1 is off), `last_n` ≥ -1 (its server refuses less).
+    `allowed_length` must be ≥ 0: a repeat cannot be shorter than no token.
+
     Transform. No state of its own: the window is read from the sequence's prompt and output
     ids at each step. Off: `multiplier` = 0, or `base` < 1, or `last_n` = 0 (llama.cpp's
     library rule; its server instead replaces base < 1 with 1.75).
-    Sparse rows: exact; it only lowers logits, so the tail's max bound stays valid.
+    Sparse rows: exact; a positive multiplier only lowers logits, so the tail's max bound stays
+    valid; a negative one lifts it to the penalised bound.
     """
 
     key = "dry"
     role = "transform"
     params = (
-        Param("multiplier", "float", default=0.0, off=0.0, minimum=0.0,
-              doc="penalty scale; 0 is off (llama.cpp suggests 0.8)"),
-        Param("base", "float", default=1.75, off=0.0, minimum=0.0,
+        Param("multiplier", "float", default=0.0, off=0.0,
+              doc="penalty scale; 0 is off (llama.cpp suggests 0.8); < 0 raises repeats"),
+        Param("base", "float", default=1.75, off=0.0,
               doc="growth of the penalty per token of repeat beyond allowed_length; < 1 is off"),
         Param("allowed_length", "int", default=2, off=None, minimum=0,
               doc="longest repeat left unpenalised"),
@@ -422,4 +443,4 @@ class Dry(TokenChangeProcessor):
             return values - penalty.float()
 
         return TokenChange.of(active, rows, tokens, longest, rule,
-                              torch.zeros_like(active))  # penalties are >= 0
+                              multiplier < 0)  # a penalty is >= 0 unless the multiplier is < 0

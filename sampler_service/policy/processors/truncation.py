@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ TOP_P_FIRST_PREFIX = 1024
 TOP_H_CANDIDATES = 100
 #: Token coordinate of XTC's one uniform per row and step (the sample selector uses −1).
 XTC_NOISE_TOKEN = -0x787463
+
+#: How `top_p` computes its boundary (see `TopP`).
+TOP_P_RULES = ("exact", "hf")
 
 #: Hugging Face's `min_tokens_to_keep` / llama.cpp's `min_keep`, shared by every truncation.
 MIN_KEEP = Param("min_keep", "int", default=1, off=1, minimum=1,
@@ -109,7 +113,8 @@ class TopK(Processor):
 
     Peer: vLLM / Hugging Face `top_k` (`TopKLogitsWarper` keeps max(top_k,
     min_tokens_to_keep) the same way). Filter; no per-sequence state.
-    Off: k = 0, or k' ≥ vocabulary size; `min_keep` alone never turns it on.
+    Off: k = 0 (Hugging Face's and llama.cpp's off; vLLM's -1 is taken too, and stored as 0),
+    or k' ≥ vocabulary size; `min_keep` alone never turns it on. Any other k < 0 is refused.
     Sparse rows: exact when k' ≤ K and the k'-th best sent logit is above the tail's max
     bound; the tail is then excluded.
     """
@@ -117,7 +122,8 @@ class TopK(Processor):
     key = "top_k"
     role = "filter"
     keeps_argmax = True
-    params = (Param("k", "int", default=0, off=0, minimum=0, doc="number of best tokens kept"),
+    params = (Param("k", "int", default=0, off=0, minimum=0, aliases=((-1, 0),),
+                    doc="number of best tokens kept; 0 (or vLLM's -1) = off"),
               MIN_KEEP)
     flat_names = {"k": "top_k"}
 
@@ -211,34 +217,68 @@ class MinP(Processor):
 
 class TopP(Processor):
     """Nucleus sampling: keeps the best-first tokens whose preceding mass is < p, and at least
-    the `min_keep` best.
+    the `min_keep` best. `rule` says how the boundary is computed.
 
-    With tokens sorted by probability, best first, token i is kept iff
-    Σ_{j<i} p_j < p; the best token always stays. This is Hugging Face's / vLLM's rule (sort
-    ascending, drop tokens whose ascending cumulative probability is ≤ 1 − p) written from the
-    other end. Tokens tied with the last kept token are kept too, so the result never depends
-    on how a sort orders equal values. On a dense float32 CPU batch the nucleus comes from a
-    numba kernel (`sampler_service.kernels.cpu_mass_cut`: three passes, float64 sums, no
-    sort); elsewhere from the best 1024 tokens when they hold the mass (or from the survivors
-    of an earlier truncation), else from `mass_cut_column` (no sort). Peer: vLLM / Hugging Face `top_p`. Filter; no state.
-    Off: p = 1.0.
-    Sparse rows: exact when the nucleus closes inside the K entries with the tail's largest
-    possible mass, keeping the tokens the K entries alone keep, all above the tail's max bound;
-    the tail is then excluded.
+    `rule: exact` (the default): with tokens sorted by probability, best first, token i is kept
+    iff Σ_{j<i} p_j < p; the best token always stays. This is vLLM's, Hugging Face's and
+    llama.cpp's rule in exact arithmetic (vLLM and Hugging Face sort ascending and drop tokens
+    whose ascending cumulative probability is ≤ 1 − p; llama.cpp keeps best-first tokens until
+    their sum reaches p), written from the best end. Tokens tied with the last kept token are
+    kept too, so the result never depends on how a sort orders equal values. On a dense
+    float32 CPU batch the nucleus comes from a numba kernel
+    (`sampler_service.kernels.cpu_mass_cut`: three passes, float64 sums, no sort); elsewhere
+    from the best 1024 tokens when they hold the mass (or from the survivors of an earlier
+    truncation), else from `mass_cut_column` (no sort). The peers' float32 sums round
+    differently, so a token whose boundary lies within rounding of p may differ from theirs.
+
+    `rule: hf`: Hugging Face's `TopPLogitsWarper` operation for operation, so the kept set is
+    its own, rounding and ties included: the row (the whole vocabulary, −inf where an earlier
+    stage removed a token) is sorted ascending with `torch.sort`, softmaxed and cumsummed in
+    float32; a token is removed iff its cumulative probability is ≤ 1 − p, with 1 − p computed
+    in float64 from p as written and rounded to float32 (as torch compares a float32 tensor with
+    a Python float), and the last `min_keep` of the ascending order always stay. It costs a
+    full-vocabulary sort per row (what Hugging Face pays), and matches Hugging Face on the same
+    device and dtype (float32), after the same earlier stages.
+
+    Peer: vLLM / Hugging Face `top_p`, llama.cpp `llama_sampler_top_p` (`exact`); Hugging
+    Face `TopPLogitsWarper` (`hf`). Filter; no state. Off: p = 1.0 (for `hf` too: Hugging
+    Face's `generate` adds no top-p warper at 1.0).
+    Sparse rows: `exact` is exact when the nucleus closes inside the K entries with the tail's
+    largest possible mass, keeping the tokens the K entries alone keep, all above the tail's
+    max bound; the tail is then excluded. `hf` sums the whole row in its own order, so it is
+    exact only once an earlier truncation excluded the tail.
     """
 
     key = "top_p"
     role = "filter"
     keeps_argmax = True
     params = (Param("p", "float", default=1.0, off=1.0, minimum=0.0, maximum=1.0,
-                    exclusive_minimum=True, doc="probability mass kept"), MIN_KEEP)
-    flat_names = {"p": "top_p"}
+                    exclusive_minimum=True, float64=True, doc="probability mass kept"), MIN_KEEP,
+              Param("rule", "choice", default="exact", off=None, choices=TOP_P_RULES,
+                    doc="how the boundary is computed: `exact` (Σ of the better tokens < p, "
+                        "float64 sums) or `hf` (Hugging Face's TopPLogitsWarper, bit for bit)"))
+    flat_names = {"p": "top_p", "rule": "top_p_rule"}
+
+    @staticmethod
+    def _hf_rows(args: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        """[R] bool: the rows whose rule is `hf` (none when the caller gave no rule)."""
+        rules = args.get("rule")
+        if rules is None:
+            return torch.zeros_like(like, dtype=torch.bool)
+        return torch.tensor([rule == "hf" for rule in rules], dtype=torch.bool,
+                            device=like.device)
 
     def apply(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch) -> None:
-        p = args["p"]
-        on = p < 1.0
+        on = args["p"] < 1.0
         if not bool(on.any()):
             return
+        hf = on & self._hf_rows(args, on)
+        if bool(hf.any()):
+            _hf_top_p(candidates, hf, args["p"], _min_keep(args, on))
+            on = on & ~hf
+            if not bool(on.any()):
+                return
+        p = args["p"].float()  # the exact rule compares float32 p, whatever the tensor's dtype
         mass = torch.where(on, p, torch.zeros_like(p)).unsqueeze(1)
         cut = _fast_mass_cut(candidates, mass, typical=False)
         if cut is not None:
@@ -276,9 +316,13 @@ class TopP(Processor):
         nucleus closes inside the entries whatever T; its last value (lowered for min_keep)
         above the tail's max bound then keeps the tail out, ties included. Both counts allow
         for the running sums' rounding (`cumulative_margin`)."""
-        p = args["p"]
+        p = args["p"].float()
         on = p < 1.0
         tail.mark_truncated(on)
+        hf = on & self._hf_rows(args, on)
+        tail.refuse_unless_excluded(hf, "top_p (rule hf): sums the whole row in Hugging Face's "
+                                        "order")
+        on = on & ~hf
         if not bool(on.any()):
             return True
         width = candidates.values.shape[1]
@@ -306,6 +350,29 @@ class TopP(Processor):
             f"bound {fmt(tail.max[r])}"))
         tail.exclude(on & exact)
         return True
+
+
+def _hf_top_p(candidates: Candidates, rows: torch.Tensor, p: torch.Tensor,
+              min_keep: torch.Tensor) -> None:
+    """Top-p by Hugging Face's `TopPLogitsWarper` operations on the `rows` [R] bool (see
+    `TopP`, `rule: hf`): each row whole (−inf where no longer listed), sorted ascending,
+    softmaxed and cumsummed in float32; a token is removed iff its cumulative probability is
+    ≤ float32(1 − p) (1 − p in float64), except the last `min_keep` of the ascending order."""
+    index = rows.nonzero().squeeze(1)
+    dense = candidates.to_dense().index_select(0, index)
+    sorted_logits, sorted_indices = torch.sort(dense, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    limit = (1 - p.index_select(0, index).double()).to(cumulative.dtype)
+    remove = cumulative <= limit.unsqueeze(1)
+    width = remove.shape[1]
+    kept = torch.arange(width, device=remove.device) >= (
+        width - min_keep.index_select(0, index).clamp(max=width)).unsqueeze(1)
+    remove &= ~kept
+    remove = remove.scatter(1, sorted_indices, remove)  # back to token-id order
+    if not candidates.dense:  # the columns a sparse batch lists
+        remove = remove.gather(1, candidates.ids.index_select(0, index))
+    everywhere = torch.zeros_like(candidates.values, dtype=torch.bool)
+    _mask_tokens(candidates, everywhere.index_copy_(0, index, remove))
 
 
 #: Bins per nat, and nats covered, of the histogram `mass_cut_column` uses; keys beyond 48
@@ -724,20 +791,25 @@ class Xtc(Processor):
     in any batch. The seed is the sequence's unless `seed` ≥ 0 is given.
     Peer: llama.cpp `llama_sampler_xtc` (`llama_sample_xtc_apply`). Filter; keeps no
     per-sequence state (the draw is keyed by position, not by an RNG that advances).
-    Off: probability = 0 or threshold > 0.5 (llama.cpp's off values).
+    Ranges are llama.cpp's, which checks none: any probability (≥ 1: every step), any
+    threshold (≤ 0: every finite token is a top choice), and `min_keep` 0 (llama.cpp's default,
+    which behaves as 1 there: stored as 1).
+    Off: probability ≤ 0 or threshold > 0.5 (llama.cpp's off values).
     Sparse rows: exact when the top choices are the same with the tail's mass (within its
     bounds) as without it and no tail token can be one (min_keep 1); the tail stays as it is.
     """
 
     key = "xtc"
     role = "filter"
-    params = (Param("probability", "float", default=0.0, off=0.0, minimum=0.0, maximum=1.0,
-                    doc="chance per step that the top choices are excluded"),
-              Param("threshold", "float", default=0.1, off=1.0, minimum=0.0, maximum=1.0,
+    params = (Param("probability", "float", default=0.0, off=0.0,
+                    doc="chance per step that the top choices are excluded; ≤ 0 is off"),
+              Param("threshold", "float", default=0.1, off=1.0,
                     doc="probability that makes a token a top choice; > 0.5 turns XTC off"),
               Param("seed", "int", default=-1, off=-1, minimum=-1, maximum=2 ** 63 - 1,
                     doc="seed of the per-step decision; -1 uses the sequence's seed"),
-              MIN_KEEP)
+              Param("min_keep", "int", default=1, off=1, minimum=1, aliases=((0, 1),),
+                    doc="fewest finite tokens a cut leaves, or it is not made (llama.cpp "
+                        "min_keep; 0 behaves as 1)"))
 
     @staticmethod
     def _cut_rows(args: dict[str, torch.Tensor], batch: RowBatch) -> torch.Tensor:
@@ -788,7 +860,7 @@ class Xtc(Processor):
         if not bool(on.any()):
             return True
         lse_k, low, high = tail.row_lse(candidates.values)
-        log_threshold = torch.log(args["threshold"].double())
+        log_threshold = torch.log(args["threshold"].double().clamp(min=0.0))  # ≤ 0: all
         same, below = same_probable_set(candidates.values, log_threshold + lse_k,
                                         log_threshold + low, log_threshold + high, tail)
         counted = _min_keep(args, args["threshold"]) > 1

@@ -49,6 +49,10 @@ class Mirostat(Selector):
     Selects. State: μ per sequence, under `mirostat` in the sequence's processor state; it
     changes only when a step's token is accepted (a retried step does not update it twice).
     Mirostat has no off value: choose `sample` for untruncated sampling.
+    Ranges are llama.cpp's (`llama_sampler_init_mirostat(_v2)` checks none): any τ and η (a
+    negative τ starts μ below 0, where v2 keeps the best token alone; a negative η moves μ away
+    from the target). `m` must be ≥ 2: with fewer tokens v1's slope is 0 / 0, which llama.cpp
+    does not define.
     Sparse rows: drawn rows need the tail excluded by an earlier truncation (v1's k and v2's
     cut read the whole distribution); greedy rows need their best candidate above the tail's
     max bound.
@@ -58,9 +62,9 @@ class Mirostat(Selector):
     params = (
         Param("version", "int", default=2, off=None, minimum=1, maximum=2,
               doc="1: Zipf-estimated top-k (paper's algorithm 1); 2: surprise cut at μ"),
-        Param("tau", "float", default=5.0, off=None, minimum=0.0,
+        Param("tau", "float", default=5.0, off=None,
               doc="τ, target surprise in bits; μ starts at 2τ"),
-        Param("eta", "float", default=0.1, off=None, minimum=0.0,
+        Param("eta", "float", default=0.1, off=None,
               doc="η, learning rate of μ (0 keeps μ at 2τ)"),
         Param("m", "int", default=100, off=None, minimum=2,
               doc="v1 only: best tokens used to estimate the Zipf exponent s"),

@@ -91,3 +91,30 @@ def test_long_values_and_names_are_echoed_bounded():
         validate_values((COUNT,), {"n" * 50_000: 1}, "spec.top_k")
     assert err.value.field == "spec.top_k." + "n" * 32 + "…"
     assert f"'{'n' * 64}'…(50000 chars)" in err.value.message and len(err.value.message) < 200
+
+
+# -- map keys as OpenAI sends them; aliases -----------------------------------------------------
+def test_map_keys_are_ids_or_their_decimal_digits_once_each():
+    assert BIAS.validate({"50256": -100, 7: 5.0}, "bias") == ((7, 5.0), (50256, -100))
+    for key in ("+5", " 5", "5 ", "1_000", "5.0", "0x10", "", "٣"):
+        error = refusal(BIAS, {key: 1.0})
+        assert error.field.startswith("spec.bias[") and "decimal digits" in error.message, key
+    error = refusal(BIAS, {"-3": 1.0})
+    assert error.field == "spec.bias[-3]" and "token id -3 must be in [0, 2^31-1]" in error.message
+    for twice in ({"5": 1.0, "05": 2.0}, {5: 1.0, "5": 2.0}):
+        error = refusal(BIAS, twice)
+        assert "gives 5 a second time" in error.message
+
+
+def test_an_alias_is_stored_as_its_value_and_shown_in_the_range():
+    k = Param("k", "int", default=0, off=0, minimum=0, aliases=((-1, 0),), doc="")
+    assert k.validate(-1, "k") == 0 and k.validate(-1.0, "k") == 0 and k.validate(3, "k") == 3
+    assert k.range_text() == "[0, 2^31-1], or -1 (= 0)"
+    assert "or -1 (= 0)" in refusal(k, -2).message
+
+
+def test_an_integer_past_2_53_given_as_a_float_is_refused():
+    assert WIDE.validate(2 ** 64 - 1, "seed") == 2 ** 64 - 1
+    assert WIDE.validate(float(2 ** 53), "seed") == 2 ** 53
+    error = refusal(WIDE, float(2 ** 53 + 2))
+    assert error.field == "spec.seed" and "beyond 2^53" in error.message

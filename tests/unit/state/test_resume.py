@@ -2,8 +2,10 @@
 exactly as the uninterrupted one, and a record that does not fit is refused naming its field."""
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
+import struct
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from sampler_service.errors import FailedPrecondition, InvalidArgument
 from sampler_service.groups import GroupRecord
 from sampler_service.policy.registry import PolicyRegistry
 from sampler_service.service import SamplerCore, SequenceRequest, StepRow
-from sampler_service.state.resume import ResumePoint
+from sampler_service.state.resume import Reader, ResumePoint, packed_doubles
 from sampler_service.state.store import SequenceStore
 from tests.unit.helpers import TOY_VOCABULARY, random_logits
 
@@ -227,6 +229,91 @@ def test_group_records_are_checked_too():
     done = {**record.state, "groups": [{**record.state["groups"][0], "done": True}]}
     error = refusal("beam", ResumePoint((), (), dataclasses.replace(record, state=done)))
     assert "finished" in error.message
+
+
+GROUPS = ("beam", "diverse-beam", "forks", "cot")
+
+
+def group_views(entry) -> tuple[list, list]:
+    """A group's running rows and finished hypotheses, histories included."""
+    return entry.running(), entry.hypotheses()
+
+
+def stepped_group(name: str, steps: int = 4):
+    """A group after `steps` steps (EOS near the top at EOS_STEPS: beams fill slots, a CoT
+    branch may end) and its last resume record."""
+    core = new_core()
+    core.create_sequences([request(name)])
+    answers = [step(core, i, eos_near_top=True) for i in range(steps)]
+    return core.read("s", group_views), answers[-1].resume
+
+
+def without_history(data):
+    """Plain data with every `entropies` and `varentropies` key removed (an older record)."""
+    if isinstance(data, dict):
+        return {k: without_history(v) for k, v in data.items()
+                if k not in ("entropies", "varentropies")}
+    if isinstance(data, list):
+        return [without_history(v) for v in data]
+    return data
+
+
+@pytest.mark.parametrize("name", GROUPS)
+def test_a_group_record_carries_every_rows_and_hypothesis_history(name):
+    (running, hypotheses), record = stepped_group(name)
+    assert running and all(len(h.entropies) == len(h.token_ids) > 0 for h in running)
+    if name in ("beam", "diverse-beam"):
+        assert hypotheses  # slots filled before the record
+    resumed, = new_core().create_sequences([request(name, ResumePoint((), (), record))])
+    assert group_views(resumed) == (running, hypotheses)
+
+
+@pytest.mark.parametrize("name", GROUPS)
+def test_a_group_record_without_histories_restores_nan(name):
+    """A record written before histories travelled: each token's statistics read NaN."""
+    (running, hypotheses), record = stepped_group(name)
+    old = dataclasses.replace(record, state=without_history(record.state))
+    resumed, = new_core().create_sequences([request(name, ResumePoint((), (), old))])
+    again_running, again_hypotheses = group_views(resumed)
+    for before, after in zip(running + hypotheses, again_running + again_hypotheses):
+        assert after.token_ids == before.token_ids
+        assert len(after.entropies) == len(after.varentropies) == len(after.token_ids)
+        assert all(math.isnan(x) for x in after.entropies + after.varentropies)
+    assert len(again_running + again_hypotheses) == len(running + hypotheses)
+
+
+def test_malformed_histories_are_refused_naming_the_field():
+    _, record = stepped_group("beam")
+    where = "sequences[0].resume.record.state.groups[0]"
+    group = record.state["groups"][0]
+    row, slot = group["rows"][0], group["slots"][0]
+    short = packed_doubles(range(len(row["output_ids"]) - 1))
+    cases = [
+        ({"rows": [{**row, "entropies": short}] + group["rows"][1:]}, f"{where}.rows[0].entropies"),
+        ({"rows": [{**row, "varentropies": "not base64!"}] + group["rows"][1:]},
+         f"{where}.rows[0].varentropies"),
+        ({"rows": [{**row, "varentropies": [1.0] * len(row["output_ids"])}] + group["rows"][1:]},
+         f"{where}.rows[0].varentropies"),
+        ({"rows": [{k: v for k, v in row.items() if k != "varentropies"}] + group["rows"][1:]},
+         f"{where}.rows[0].varentropies"),
+        ({"slots": [{**slot, "entropies": packed_doubles([math.inf] * len(slot["token_ids"]))}]
+          + group["slots"][1:]}, f"{where}.slots[0].entropies[0]"),
+    ]
+    for change, field in cases:
+        state = {**record.state, "groups": [{**group, **change}]}
+        error = refusal("beam", ResumePoint((), (), dataclasses.replace(record, state=state)))
+        assert isinstance(error, InvalidArgument) and error.field == field, (field, error)
+
+
+def test_histories_travel_as_packed_doubles():
+    values = [0.0, 1.25, math.nan, 3.0e-9]
+    data = Reader({"entropies": packed_doubles(values), "varentropies": packed_doubles(values)},
+                  "state")
+    assert packed_doubles(values) == base64.b64encode(struct.pack("<4d", *values)).decode()
+    (h0, v0), (h1, v1), (h2, v2), (h3, v3) = data.history(4)
+    assert [h0, h1, h3] == [v0, v1, v3] == [0.0, 1.25, 3.0e-9]
+    assert math.isnan(h2) and math.isnan(v2)
+    assert Reader({}, "state").history(4) == []  # an older record: the history reads NaN
 
 
 def test_a_retried_step_answers_the_state_after_it():

@@ -102,7 +102,7 @@ class TailStats(_message.Message):
     def __init__(self, max: _Optional[float] = ..., log_sum_exp: _Optional[float] = ..., mean: _Optional[float] = ..., mean_square: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of", "stop", "include_stop_str_in_output", "structured")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids", "max_tokens", "seed", "logprobs", "logit_bias", "allowed_token_ids", "bad_words", "n", "best_of", "stop", "include_stop_str_in_output", "structured", "ignore_eos", "top_logprobs", "top_p_rule")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,9 @@ class SamplingParams(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_RULE_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -150,7 +153,10 @@ class SamplingParams(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     include_stop_str_in_output: bool
     structured: StructuredOutput
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., n: _Optional[int] = ..., best_of: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., structured: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
+    ignore_eos: bool
+    top_logprobs: int
+    top_p_rule: str
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., n: _Optional[int] = ..., best_of: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., structured: _Optional[_Union[StructuredOutput, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_p_rule: _Optional[str] = ...) -> None: ...
 
 class StructuredOutput(_message.Message):
     __slots__ = ("json_schema", "json_object", "regex", "grammar", "choice")
@@ -447,7 +453,7 @@ class Choice(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., stop_string: _Optional[str] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
-    __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids")
+    __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids", "stats")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SUM_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +461,7 @@ class Hypothesis(_message.Message):
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     ANSWER_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     score: float
     sum_logprobs: float
@@ -462,7 +469,8 @@ class Hypothesis(_message.Message):
     branch: int
     confidence: float
     answer_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., sum_logprobs: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., branch: _Optional[int] = ..., confidence: _Optional[float] = ..., answer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    stats: _containers.RepeatedCompositeFieldContainer[StepStats]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., sum_logprobs: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., branch: _Optional[int] = ..., confidence: _Optional[float] = ..., answer_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ...) -> None: ...
 
 class AnswerVote(_message.Message):
     __slots__ = ("answer_ids", "total_confidence", "paths")
