@@ -1,7 +1,9 @@
 """Hugging Face bridge: drive a transformers causal LM through the sampler service.
 
 `generate` runs the model with its KV cache and asks the service for every token over one
-StepStream call, one message per step. `load_gguf_causal_lm` and `smollm2_gguf_path` load a
+StepStream call, one message per step. `SidecarLogitsProcessor` does the same from inside
+Hugging Face's own `model.generate` (greedy and sampling; not beam search), as a logits
+processor (docs/integration.md). `load_gguf_causal_lm` and `smollm2_gguf_path` load a
 model shipped as a GGUF file in a Python package (the demo's SmolLM2-135M-Instruct) on the CPU,
 with nothing fetched from a hub. Needs torch and transformers (the `hf` extra).
 """
@@ -235,3 +237,218 @@ def _outputs(handle, finished_rows: list[list[int]]) -> list[list[int]]:
     if handle.result is not None:
         return [list(h.token_ids) for h in handle.result.hypotheses]
     return finished_rows
+
+
+#: Why `SidecarLogitsProcessor` refuses beam search (its ValueError's text).
+BEAMS_REFUSED = (
+    "SidecarLogitsProcessor cannot drive beam search (num_beams > 1): Hugging Face's beam "
+    "search ranks its beams by the scores the processors return, reorders the rows between "
+    "steps and keeps hypotheses of its own, so a processor that answers one token per row "
+    "(every other score -inf) would break it, and the sidecar's beam search (with Hugging "
+    "Face's semantics) would be bypassed. Use sampler_client.hf.generate(model, input_ids, "
+    "client, num_beams=...) instead: the sidecar then owns the beams and the KV cache follows "
+    "its parent rows.")
+
+
+class SidecarLogitsProcessor:
+    """A Hugging Face logits processor that lets the sidecar choose every token of
+    `model.generate`:
+
+    >>> proc = SidecarLogitsProcessor(client, policy="creative", seed=7, eos_token_id=2,
+    ...                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=32)
+    >>> out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+    ...                      logits_processor=LogitsProcessorList([proc]),
+    ...                      stopping_criteria=StoppingCriteriaList([proc.stopping_criteria()]))
+    >>> proc.close()  # or `with SidecarLogitsProcessor(...) as proc:`
+
+    `proc(input_ids [B, T], scores [B, V]) -> scores [B, V]`: the first call of a generation
+    creates one sequence per row (`policy`, `params`, `eos_token_id`, `tokenizer` as
+    `hf.generate` takes them; row i gets the seed `seed + i`, as prompt i of `hf.generate`
+    does, so both give the same tokens), its prompt the row's ids less its left padding:
+    `generate` does not pass the attention mask to processors, so the leading `pad_token_id`
+    ids of each row are stripped (none without `pad_token_id`; a prompt that really starts
+    with the pad id loses it from the sidecar's history, which only history-reading stages
+    such as penalties see). Every call sends the scores of the rows still running as one
+    step on one StepStream, and returns -inf everywhere but 0 at the sidecar's token, so
+    greedy selection (`do_sample=False`) takes exactly it. Keep generate's own logits
+    processors off (no `repetition_penalty`, `no_repeat_ngram_size`, ... in the generation
+    config): they run before this one and would change the logits the sidecar sees. Its
+    sampling warpers (`do_sample=True`: temperature, top-k, top-p) run after it and keep the
+    one-hot, so sampling picks the same tokens.
+
+    Finished rows: a row the sidecar finished on EOS ends there (generate's EOS criterion).
+    One it finished otherwise (stop ids or strings, `max_tokens`) ends at the same token when
+    `proc.stopping_criteria()` is passed to generate; without it, the row's next token is
+    forced to EOS (one extra EOS, which ends it). generate pads ended rows with its
+    `pad_token_id`; the processor does not step them again.
+
+    Release: a processor does not see generate end, so the sequences are released (and the
+    stream closed) when every row finished, after the call that chose the
+    `max_new_tokens`-th token (when given), when the next generation starts (a call whose
+    `input_ids` do not continue the last ones: one processor serves successive `generate`
+    calls), on `close()` / leaving a `with` block, and, as a last resort, when the processor
+    is garbage collected; a sequence left behind is evicted by the service's `--idle-ttl`.
+
+    Beam search (`num_beams` > 1) is refused with a ValueError (`BEAMS_REFUSED`) at the
+    first call, before anything is created (generate's beam search hands processors
+    log-softmaxed scores, which are detected), or in the constructor when `num_beams` is
+    given; a later call whose rows were reordered, or that took another token than the
+    sidecar's (another processor after this one, assisted generation), is refused too.
+    `hf.generate(num_beams=...)` runs beams through the sidecar.
+    """
+
+    def __init__(self, client: SamplerClient, *, policy: str | Mapping[str, Any] | None = None,
+                 params: Mapping[str, Any] | None = None, seed: int | None = None,
+                 eos_token_id: int | SequenceT[int] | None = None, tokenizer: Any = None,
+                 pad_token_id: int | None = None, max_new_tokens: int | None = None,
+                 num_beams: int = 1):
+        if num_beams != 1:
+            raise ValueError(BEAMS_REFUSED)
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        if not eos:
+            raise ValueError("SidecarLogitsProcessor needs eos_token_id (or a tokenizer that "
+                             "has one): it ends rows the sidecar finished with it")
+        self.client = client
+        self.policy, self.params, self.seed = policy, params, seed
+        self.eos_token_ids = eos
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self._tokenizer = tokenizer
+        self._tokenizer_id: str | None = None
+        self.handles: list = []       # the current generation's sequences, one per row
+        self._stream = None
+        self._seen: torch.Tensor | None = None  # input_ids [B, T] of the last call
+        self._chosen: list[int] = []  # the token returned for each row at the last call
+        self._finished: list[bool] = []  # rows the sidecar (or generate) ended
+        self._width = 0               # T at the generation's first call
+
+    # -- generate's interface -----------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (the prompts, left-padded, and the tokens so far), scores [B, V]
+        (the last position's logits) -> [B, V]: 0 at each row's token, -inf elsewhere."""
+        if not self._continues(input_ids):
+            self._start(input_ids, scores)
+        tokens = [self.eos_token_ids[0]] * input_ids.shape[0]
+        live = [r for r, done in enumerate(self._finished) if not done]
+        if live and self.handles:
+            rows = scores if len(live) == len(tokens) else scores[live]
+            choices = self._stream.step([self.handles[r] for r in live], rows)
+            for r, choice in zip(live, choices):
+                tokens[r] = choice.token_id
+                self._finished[r] = choice.finished
+        generated = input_ids.shape[1] - self._width + 1
+        if all(self._finished) or (self.max_new_tokens is not None
+                                   and generated >= self.max_new_tokens):
+            self.release()
+        self._seen, self._chosen = input_ids, tokens
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen[torch.arange(len(tokens), device=scores.device),
+               torch.tensor(tokens, device=scores.device)] = 0.0
+        return chosen
+
+    def stopping_criteria(self) -> "SidecarStoppingCriteria":
+        """For generate's `stopping_criteria`: ends each row at the token the sidecar
+        finished it with, whatever the reason (EOS alone needs no criterion)."""
+        return SidecarStoppingCriteria(self)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def release(self) -> None:
+        """Closes the stream and releases the current generation's sequences (idempotent)."""
+        handles, self.handles = self.handles, []
+        stream, self._stream = self._stream, None
+        try:
+            if stream is not None:
+                stream.close()
+        finally:
+            if handles:
+                self.client.release(handles)
+
+    close = release
+
+    def __enter__(self) -> "SidecarLogitsProcessor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - the client may be closed already; --idle-ttl remains
+            pass
+
+    # -- internals ---------------------------------------------------------------------------
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether `input_ids` are the last call's plus the chosen token of each row (a row
+        generate ended itself, now padded, is marked finished). Raises when they are but for
+        a running row's token, while the generation's sequences are live."""
+        seen = self._seen
+        if (seen is None or input_ids.shape[0] != seen.shape[0]
+                or input_ids.shape[1] != seen.shape[1] + 1
+                or not torch.equal(input_ids[:, :-1], seen)):
+            return False
+        ended = {self.pad_token_id, *self.eos_token_ids}
+        last = input_ids[:, -1].tolist()
+        unexpected = [r for r, token in enumerate(last)
+                      if token != self._chosen[r] and token not in ended]
+        if unexpected and not self.handles:
+            return False  # the last generation ended: a new prompt that happens to extend it
+        wrong = [r for r in unexpected if not self._finished[r]]
+        if wrong:
+            r = wrong[0]
+            self.release()
+            raise ValueError(
+                f"row {r} took token {last[r]}, but the sidecar chose {self._chosen[r]}: "
+                "generate selected another token than the processor's (beam search, assisted "
+                "generation, or a processor after this one changed the scores; if this is a "
+                "new generate call, close() the processor or give it max_new_tokens between "
+                "calls). " + BEAMS_REFUSED)
+        for r, token in enumerate(last):
+            if token != self._chosen[r]:
+                self._finished[r] = True  # generate ended it (its own criterion): padded
+        return True
+
+    def _start(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """A new generation: checks it is no beam search, then creates one sequence per row."""
+        if input_ids.shape[0] > 1 and bool(
+                (torch.logsumexp(scores.float(), dim=-1).abs() < 1e-3).all()):
+            raise ValueError(BEAMS_REFUSED + " (These scores are log-probabilities, as "
+                             "generate's beam search passes them.)")
+        self.release()
+        if self._tokenizer is not None and self._tokenizer_id is None:
+            self._tokenizer_id = self.client.register_tokenizer(self._tokenizer)
+        prompts = [self._unpadded(row) for row in input_ids.tolist()]
+        self.handles = self.client.create_sequences([
+            dict(policy=self.policy, params=self.params, prompt_ids=p,
+                 eos_token_ids=self.eos_token_ids, tokenizer=self._tokenizer_id or "",
+                 seed=None if self.seed is None else self.seed + i)
+            for i, p in enumerate(prompts)])
+        self._stream = self.client.stream()
+        self._finished = [False] * len(prompts)
+        self._width = input_ids.shape[1]
+
+    def _unpadded(self, row: list[int]) -> list[int]:
+        start = 0
+        if self.pad_token_id is not None:
+            while start < len(row) - 1 and row[start] == self.pad_token_id:
+                start += 1
+        return row[start:]
+
+
+class SidecarStoppingCriteria:
+    """`SidecarLogitsProcessor.stopping_criteria()`: True for the rows its processor's
+    sidecar finished, so generate ends them at the sidecar's last token. Its `eos_token_id`
+    makes generate pad the rows it ended, as its own EOS criterion does."""
+
+    def __init__(self, processor: SidecarLogitsProcessor):
+        self.processor = processor
+        self.eos_token_id = torch.tensor(processor.eos_token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """input_ids [B, T] -> [B] bool."""
+        finished = self.processor._finished
+        if len(finished) != input_ids.shape[0]:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)
