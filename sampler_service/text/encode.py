@@ -22,11 +22,10 @@ Results are cached by (vocabulary digest, rule, texts).
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterable
 
 from sampler_service.errors import FailedPrecondition, InvalidArgument
+from sampler_service.text.lru import LruCache
 
 if TYPE_CHECKING:
     import tokenizers
@@ -39,10 +38,9 @@ BREAKER_MAX_TAIL = 20
 ENCODERS = 8
 _RESOLVED_CACHE = 1024
 
-_lock = threading.Lock()
-_encoders: "OrderedDict[str, tokenizers.Tokenizer]" = OrderedDict()
-_sequences: "OrderedDict[tuple[str, bool, str, tuple[Any, ...]], tuple[tuple[int, ...], ...]]" \
-    = OrderedDict()
+_encoders: "LruCache[str, tokenizers.Tokenizer]" = LruCache(ENCODERS)
+_sequences: "LruCache[tuple[str, bool, str, tuple[Any, ...]], tuple[tuple[int, ...], ...]]" = \
+    LruCache(_RESOLVED_CACHE)
 
 
 def tokenizer_from_json(text: str, field: str) -> "tokenizers.Tokenizer":
@@ -85,18 +83,10 @@ def encoder(vocabulary: "Vocabulary", field: str) -> "tokenizers.Tokenizer":
             "text here needs a tokenizer the service can encode with, and this one was "
             "registered as token bytes only: register it from a Hugging Face tokenizer (the SDK "
             "sends its tokenizer.json) or with --tokenizer, or give token ids", field)
-    digest = vocabulary.digest
-    with _lock:
-        found = _encoders.get(digest)
-        if found is not None:
-            _encoders.move_to_end(digest)
-            return found
-    built = tokenizer_from_json(vocabulary.encoder_json, field)
-    with _lock:
-        _encoders[digest] = built
-        while len(_encoders) > ENCODERS:
-            _encoders.popitem(last=False)
-    return built
+    found = _encoders.get(vocabulary.digest)
+    if found is not None:
+        return found
+    return _encoders.put(vocabulary.digest, tokenizer_from_json(vocabulary.encoder_json, field))
 
 
 def _encode(vocabulary: "Vocabulary", text: str, field: str) -> tuple[int, ...]:
@@ -153,11 +143,9 @@ def has_text(items: Iterable[Any]) -> bool:
 def _resolved(vocabulary: "Vocabulary", rule: str, items: tuple[Any, ...], field: str
               ) -> tuple[tuple[int, ...], ...]:
     key = (vocabulary.digest, bool(vocabulary.encoder_json), rule, items)
-    with _lock:
-        found = _sequences.get(key)
-        if found is not None:
-            _sequences.move_to_end(key)
-            return found
+    found = _sequences.get(key)
+    if found is not None:
+        return found
     out: dict[tuple[int, ...], None] = {}
     for index, item in enumerate(items):
         if isinstance(item, str):
@@ -165,12 +153,7 @@ def _resolved(vocabulary: "Vocabulary", rule: str, items: tuple[Any, ...], field
                 out[sequence] = None
         else:
             out[item] = None
-    result = tuple(out)
-    with _lock:
-        _sequences[key] = result
-        while len(_sequences) > _RESOLVED_CACHE:
-            _sequences.popitem(last=False)
-    return result
+    return _sequences.put(key, tuple(out))
 
 
 def token_sequences(vocabulary: "Vocabulary | None", rule: str, items: tuple[Any, ...],
@@ -189,9 +172,8 @@ def token_sequences(vocabulary: "Vocabulary | None", rule: str, items: tuple[Any
 
 def cache_clear() -> None:
     """Forgets the encoders and encoded texts (tests)."""
-    with _lock:
-        _encoders.clear()
-        _sequences.clear()
+    _encoders.clear()
+    _sequences.clear()
 
 
 __all__ = ["BREAKER_MAX_BYTES", "BREAKER_MAX_TAIL", "bad_word_sequences", "breaker_sequences",

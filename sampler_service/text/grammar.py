@@ -20,11 +20,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sampler_service.errors import InvalidArgument
+from sampler_service.text.lru import LruCache
 
 if TYPE_CHECKING:
     import xgrammar
@@ -181,9 +180,9 @@ def canonical_schema(value: Any, field: str) -> str:
 
 
 # -- compilation against a vocabulary -------------------------------------------------------------
-_lock = threading.Lock()
-_compilers: "OrderedDict[str, xgrammar.GrammarCompiler]" = OrderedDict()
-_compiled: "OrderedDict[tuple[str, str, str], xgrammar.CompiledGrammar]" = OrderedDict()
+_compilers: "LruCache[str, xgrammar.GrammarCompiler]" = LruCache(COMPILERS)
+_compiled: "LruCache[tuple[str, str, str], xgrammar.CompiledGrammar]" = LruCache(
+    COMPILED_CACHE_SIZE)
 
 
 def tokenizer_info(vocabulary: "Vocabulary") -> "xgrammar.TokenizerInfo":
@@ -197,19 +196,11 @@ def tokenizer_info(vocabulary: "Vocabulary") -> "xgrammar.TokenizerInfo":
 
 
 def _compiler(vocabulary: "Vocabulary") -> "xgrammar.GrammarCompiler":
-    digest = vocabulary.digest
-    with _lock:
-        compiler = _compilers.get(digest)
-        if compiler is not None:
-            _compilers.move_to_end(digest)
-            return compiler
-    compiler = xgrammar_module().GrammarCompiler(tokenizer_info(vocabulary), max_threads=8,
-                                                 cache_enabled=False)
-    with _lock:
-        _compilers[digest] = compiler
-        while len(_compilers) > COMPILERS:
-            _compilers.popitem(last=False)
-    return compiler
+    compiler = _compilers.get(vocabulary.digest)
+    if compiler is not None:
+        return compiler
+    return _compilers.put(vocabulary.digest, xgrammar_module().GrammarCompiler(
+        tokenizer_info(vocabulary), max_threads=8, cache_enabled=False))
 
 
 def warm(vocabulary: "Vocabulary") -> None:
@@ -228,18 +219,12 @@ def compiled(vocabulary: "Vocabulary", kind: str, text: str,
     """The grammar compiled for `vocabulary` (LRU by digest, kind, text). InvalidArgument
     naming `field` when it does not parse or when no token can begin an output."""
     key = (vocabulary.digest, kind, text)
-    with _lock:
-        grammar = _compiled.get(key)
-        if grammar is not None:
-            _compiled.move_to_end(key)
-            return grammar
+    grammar = _compiled.get(key)
+    if grammar is not None:
+        return grammar
     grammar = _compiler(vocabulary).compile_grammar(parsed(kind, text, field))
     _check_accepting(grammar, vocabulary, field)
-    with _lock:
-        _compiled[key] = grammar
-        while len(_compiled) > COMPILED_CACHE_SIZE:
-            _compiled.popitem(last=False)
-    return grammar
+    return _compiled.put(key, grammar)
 
 
 def _check_accepting(grammar: "xgrammar.CompiledGrammar", vocabulary: "Vocabulary",
@@ -258,7 +243,6 @@ def _check_accepting(grammar: "xgrammar.CompiledGrammar", vocabulary: "Vocabular
 
 def cache_clear() -> None:
     """Forgets every compiled grammar and compiler (tests, benchmarks)."""
-    with _lock:
-        _compiled.clear()
-        _compilers.clear()
+    _compiled.clear()
+    _compilers.clear()
     _parsed.cache_clear()

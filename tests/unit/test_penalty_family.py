@@ -251,6 +251,13 @@ def test_penalties_match_llama_cpp_port(seed):
         output = torch.randint(0, 12, (int(torch.randint(0, 30, (1,), generator=g)),),
                                generator=g).tolist()
         states.append(make_state(prompt, output))
+    out = penalties_as_llama_cpp(logits, states, settings)
+    assert torch.equal(out[1], logits[1])  # last_n = 0
+
+
+def penalties_as_llama_cpp(logits: torch.Tensor, states, settings) -> torch.Tensor:
+    """The `penalties` stage on rows [R, V] with (last_n, repeat, frequency, presence) per row,
+    asserted equal to the llama.cpp port row by row; its output."""
     columns = list(zip(*settings))
     out, _ = run(Penalties, logits, states, last_n=list(columns[0]), repeat=list(columns[1]),
                  frequency=list(columns[2]), presence=list(columns[3]))
@@ -258,7 +265,7 @@ def test_penalties_match_llama_cpp_port(seed):
         theirs = llama_penalties(logits[row].numpy(), [*state.prompt_ids, *state.output_ids],
                                  *setting)
         assert torch.equal(out[row], torch.from_numpy(theirs))
-    assert torch.equal(out[1], logits[1])  # last_n = 0
+    return out
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -607,14 +614,8 @@ def test_penalties_take_uncapped_frequency_and_presence_as_llama_cpp(seed):
                 (6, 1.0, -0.25, 12.0)]
     states = [make_state(torch.randint(0, vocab, (20,), generator=g).tolist(),
                          torch.randint(0, 10, (15,), generator=g).tolist()) for _ in settings]
-    columns = list(zip(*settings))
-    out, _ = run(Penalties, logits, states, last_n=list(columns[0]), repeat=list(columns[1]),
-                 frequency=list(columns[2]), presence=list(columns[3]))
-    for row, (state, setting) in enumerate(zip(states, settings)):
-        theirs = llama_penalties(logits[row].numpy(), [*state.prompt_ids, *state.output_ids],
-                                 *setting)
-        assert torch.equal(out[row], torch.from_numpy(theirs))
-        assert not torch.equal(out[row], logits[row])
+    out = penalties_as_llama_cpp(logits, states, settings)
+    assert all(not torch.equal(out[row], logits[row]) for row in range(len(settings)))
     spec = parse_policy("l", {"chain": [{"penalties": {"frequency": 5.0, "presence": -40.0}}],
                               "select": "sample"})
     assert dict(spec.chain[0][1])["frequency"] == 5.0
