@@ -200,11 +200,14 @@ class Engine:
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState], logits: torch.Tensor | SparseLogits,
              processed_logprobs: bool = False, *, reference: torch.Tensor | None = None,
-             signals: dict[str, torch.Tensor] | None = None) -> list[RowOutcome]:
+             signals: dict[str, torch.Tensor] | None = None,
+             distributions: bool = False):
         """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device,
         or every row sent sparse (`SparseLogits`, see the module docstring: raises `NotExact`
         naming each refused row by its index in `states`); `reference` ([rows, vocab]) and
-        `signals` (name -> [rows]) are the worker's optional extras."""
+        `signals` (name -> [rows]) are the worker's optional extras. With `distributions`
+        (dense rows only) returns (outcomes, probs [rows, vocab] float32): each row's processed
+        distribution, the one its selector draws from (speculative verification)."""
         rows = len(states)
         sparse = logits if isinstance(logits, SparseLogits) else None
         top_n = [s.policy.settings["logprobs"] for s in states]
@@ -219,6 +222,8 @@ class Engine:
         processed_stats: list[tuple[float, float] | None] = [None] * rows
         memory: list[dict[str, Any]] = [{} for _ in range(rows)]
         refusals = [] if sparse is None else _raw_top_refusals(sparse, top_n)
+        probs = (torch.empty(rows, logits.shape[1], device=self.device)
+                 if distributions and sparse is None else None)
         groups = self._groups(states)
         for row_list in groups:
             index = torch.tensor(row_list, device=self.device)
@@ -244,6 +249,9 @@ class Engine:
             for j, i in enumerate(row_list):
                 memory[i] = batch.pending_for(j)
                 explanations[i] = batch.explanation_for(j)
+            if probs is not None:
+                probs.index_copy_(0, index, selector.stage.distribution(
+                    candidates, args, batch).to_dense().exp())
             if processed_logprobs:
                 dist = selector.stage.distribution(candidates, args, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
@@ -259,7 +267,7 @@ class Engine:
         else:  # the rules keep every chosen token among the sent ones
             reports = _reports(Candidates(sparse.values, sparse.ids, sparse.vocab), top_n, stats)
             chosen = sparse.logits_at(tokens.unsqueeze(1)).squeeze(1).tolist()
-        return [RowOutcome(
+        outcomes = [RowOutcome(
             token_id=token, logprob=value - report.log_normalizer,
             top_logprobs=report.top_logprobs, entropy=report.entropy,
             varentropy=report.varentropy,
@@ -268,6 +276,7 @@ class Engine:
             memory=memory[i], explanation=explanations[i])
             for i, (token, value, report, p_logprob) in enumerate(
                 zip(tokens.tolist(), chosen, reports, processed_chosen.tolist()))]
+        return (outcomes, probs) if distributions else outcomes
 
     @torch.inference_mode()
     def distribution(self, state: SequenceState, logits: torch.Tensor,

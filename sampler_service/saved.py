@@ -149,7 +149,10 @@ class SavedState:
             if saved is None:
                 raise SavedStateError(f"a step of sequence {step.record.sequence_id!r}, which "
                                       "was never created or was released")
-            if isinstance(step.answer, StepRecord):
+            if isinstance(step.answer, StepRecord) and step.answer.accepted_token_ids:
+                saved.output_ids.extend(step.answer.accepted_token_ids)
+                saved.stats.extend(step.answer.accepted_stats)
+            elif isinstance(step.answer, StepRecord):
                 saved.output_ids.append(step.answer.token_id)
                 saved.stats.append((step.answer.entropy, step.answer.varentropy))
             saved.record, saved.last_record = step.record, step.answer

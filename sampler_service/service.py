@@ -10,7 +10,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
@@ -27,7 +27,7 @@ from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.policy.candidates import row_maxima
 from sampler_service.saved import CommitLog, SavedSequence, SavedStep
-from sampler_service.state import SequenceState, SequenceStore, StepRecord
+from sampler_service.state import RowOutcome, SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
 from sampler_service.step_logits import StepLogits
 from sampler_service.policy.processors.structured import structured_of
@@ -62,6 +62,10 @@ class StepRow:
     sequence_id: str
     step: int | None = None
     branch: int | None = None
+    #: Speculative verification (docs/speculative.md): the draft ids, and optionally the draft
+    #: model's probabilities [k, vocab] (float32, CPU); the call's logits hold k + 1 rows for it.
+    drafts: tuple[int, ...] = ()
+    draft_probs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class StepCall:
     deadline: float | None = None
     #: Answer each sequence's resume record too (`Answer.resume`).
     resume_records: bool = False
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(row.drafts for row in self.rows)
 
     def extras(self, rows: Sequence[int]) -> RowInputs:
         """The reference logits and signals of request rows `rows`, with their dense logits
@@ -380,7 +388,15 @@ class SamplerCore:
                     results[index] = detached(exc)
                     continue
                 prepared[index] = _Prepared(call, units, self._follow_latest(units))
-            for index, planned in self._plan_isolating_failures(prepared).items():
+            plain = {i: p for i, p in prepared.items() if not p.call.has_drafts}
+            planned_all = self._plan_isolating_failures(plain) if plain else {}
+            for index, p in prepared.items():
+                if p.call.has_drafts:
+                    try:
+                        planned_all[index] = self._plan_verify(p.call, p.units)
+                    except Exception as exc:
+                        planned_all[index] = detached(exc)
+            for index, planned in planned_all.items():
                 late = calls[index].deadline is not None and time.monotonic() > calls[index].deadline
                 if isinstance(planned, Exception) or late:
                     prepared[index].restore()
@@ -475,6 +491,87 @@ class SamplerCore:
         return self.engine.step(states, inputs.raw, processed, reference=inputs.reference,
                                 signals=inputs.signals)
 
+    def _plan_verify(self, call: StepCall, units: Sequence[_Unit]) -> list[_Commit]:
+        """Plans a request with drafts (`sampler_service.speculative`): positions j = 0, 1, …
+        in turn, each one engine call over the sequences still verifying, on temporary branches
+        that hold the drafts accepted so far (ids of their own, so stage memory kept by owner is
+        rebuilt for them, never advanced in the sequence's); nothing changes until commit."""
+        from sampler_service import speculative as spec
+        rows, logits, vocab = call.rows, call.logits.dense, call.logits.vocab
+        offsets, at = [], 0
+        for row in rows:
+            offsets.append(at)
+            at += 1 + len(row.drafts)
+        plans: list[_Commit] = []
+        emitted: dict[int, list[RowOutcome]] = {}
+        current: dict[int, SequenceState] = {}
+        active = []
+        for n, unit in enumerate(units):
+            if unit.retry:
+                plans.append((unit, lambda record=unit.entry.last_record: record))
+            else:
+                emitted[n], current[n] = [], unit.entry
+                active.append(n)
+        j = 0
+        while active:
+            states = [current[n] for n in active]
+            index = torch.tensor([offsets[units[n].start] + j for n in active],
+                                 device=logits.device)
+            raw = logits.index_select(0, index)
+            outcomes, probs = self.engine.step(states, raw, call.processed_logprobs,
+                                               distributions=True)
+            drafting = [i for i, n in enumerate(active) if j < len(rows[units[n].start].drafts)]
+            kept: dict[int, int] = {}  # row in `active` -> token (accepted or drawn)
+            if drafting:
+                sel = torch.tensor(drafting)
+                p = probs.index_select(0, sel.to(probs.device)).double().cpu()
+                q = torch.zeros_like(p)
+                xs = []
+                for r, i in enumerate(drafting):
+                    row = rows[units[active[i]].start]
+                    xs.append(row.drafts[j])
+                    if row.draft_probs is None:
+                        q[r, row.drafts[j]] = 1.0
+                    else:
+                        q[r] = row.draft_probs[j].double()
+                x = torch.tensor(xs)
+                seeds = [states[i].seed for i in drafting]
+                positions = [states[i].position for i in drafting]
+                ok = spec.accept(p[torch.arange(len(xs)), x], q[torch.arange(len(xs)), x],
+                                 spec.uniforms(seeds, positions, spec.ACCEPT_UNIFORM_TOKEN))
+                drawn = spec.residual_draw(p, q, spec.uniforms(seeds, positions,
+                                                               spec.ROW_UNIFORM_TOKEN))
+                for r, i in enumerate(drafting):
+                    kept[i] = xs[r] if bool(ok[r]) else int(drawn[r])
+                accepted = {i for r, i in enumerate(drafting) if bool(ok[r])}
+            else:
+                accepted = set()
+            log_raw = torch.log_softmax(raw, dim=1) if kept else None
+            still = []
+            for i, n in enumerate(active):
+                outcome = outcomes[i]
+                if i in kept and kept[i] != outcome.token_id:
+                    token = kept[i]
+                    outcome = replace(outcome, token_id=token,
+                                      logprob=float(log_raw[i, token]),
+                                      processed_logprob=None if outcome.processed_logprob is None
+                                      else float(torch.log(probs[i, token])))
+                emitted[n].append(outcome)
+                if i not in accepted:
+                    continue  # a rejection or the bonus token ends this sequence's emission
+                branch = current[n]
+                if branch is units[n].entry:
+                    branch = branch.branch(f"{branch.sequence_id}\x00draft")
+                branch.record_step(outcome, vocab)
+                if not branch.finished:
+                    current[n] = branch
+                    still.append(n)
+            active = still
+            j += 1
+        for n, outs in emitted.items():
+            plans.append((units[n], lambda s=units[n].entry, o=outs: _commit_verified(s, o, vocab)))
+        return plans
+
     def _plan_group(self, call: StepCall, unit: _Unit) -> _Commit:
         group_step = unit.entry.plan(self.engine, call.extras(unit.rows), call.processed_logprobs)
         return unit, lambda: unit.entry.commit(group_step)
@@ -556,12 +653,16 @@ class SamplerCore:
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
         dense_rows = 0 if logits.dense is None else logits.dense.shape[0]
-        if logits.rows != len(rows) or dense_rows != len(logits.dense_rows) or (
+        expected = sum(1 + len(row.drafts) for row in rows)
+        if call.has_drafts:
+            self._validate_drafts(call, expected)
+        if logits.rows != expected or dense_rows != len(logits.dense_rows) or (
                 logits.dense is not None and logits.dense.dim() != 2):
             shape = [] if logits.dense is None else list(logits.dense.shape)
             raise InvalidArgument(f"logits shape {shape} must be [rows, vocab] with rows = "
                                   f"{len(logits.dense_rows)}: one per entry of `rows` not sent in "
-                                  f"`sparse` ({len(logits.sparse_rows)} are)", "logits.shape")
+                                  f"`sparse` ({len(logits.sparse_rows)} are), k + 1 for a row "
+                                  "with k draft_token_ids", "logits.shape")
         vocab = logits.vocab
         if logits.dense is not None and logits.sparse is not None and logits.sparse.vocab != vocab:
             raise InvalidArgument(f"sparse.vocab_size {logits.sparse.vocab} differs from the dense "
@@ -572,6 +673,8 @@ class SamplerCore:
         units = self._units(rows)
         for unit in units:
             where, sid, state, entry = f"rows[{unit.start}]", rows[unit.start].sequence_id, unit.state, unit.entry
+            if call.has_drafts:
+                self._check_verifiable(unit, rows)
             if unit.retry:
                 if unit.count != entry.last_record.rows_in:
                     raise InvalidArgument(f"sequence {sid!r} retried step {entry.last_record.step} "
@@ -608,10 +711,63 @@ class SamplerCore:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
         if logits.dense is not None and not logits.checked:
-            self.validate_values([rows[r] for r in logits.dense_rows], logits.dense)
+            self.validate_values([rows[r] for r in logits.dense_rows] if not call.has_drafts
+                                 else [], logits.dense)
         if call.reference is not None:
             self.validate_values(rows, call.reference, "reference_logits")
         return units
+
+    @staticmethod
+    def _validate_drafts(call: StepCall, expected: int) -> None:
+        """A request with drafts: dense logits only, no extras; each draft id in the
+        vocabulary, each draft_probs [k, vocab] in [0, 1] with q_j(x_j) in (0, 1]."""
+        first = next(i for i, row in enumerate(call.rows) if row.drafts)
+        if call.logits.sparse is not None or call.reference is not None or call.signals:
+            raise FailedPrecondition("speculative verification takes dense logits without "
+                                     "sparse rows, reference_logits or signals",
+                                     f"rows[{first}].draft_token_ids")
+        vocab = call.logits.vocab
+        for i, row in enumerate(call.rows):
+            for j, token in enumerate(row.drafts):
+                if not 0 <= token < vocab:
+                    raise InvalidArgument(f"draft token id {token} is outside the vocabulary of "
+                                          f"{vocab}", f"rows[{i}].draft_token_ids[{j}]")
+            q = row.draft_probs
+            if q is None:
+                continue
+            if not row.drafts:
+                raise InvalidArgument("draft_probs without draft_token_ids",
+                                      f"rows[{i}].draft_probs")
+            if list(q.shape) != [len(row.drafts), vocab]:
+                raise InvalidArgument(f"draft_probs shape {list(q.shape)} must be [k, vocab] = "
+                                      f"{[len(row.drafts), vocab]}", f"rows[{i}].draft_probs.shape")
+            if not bool(((q >= 0) & (q <= 1)).all()):
+                raise InvalidArgument("draft_probs must lie in [0, 1] (no NaN)",
+                                      f"rows[{i}].draft_probs")
+            own = q[torch.arange(len(row.drafts)), torch.tensor(row.drafts)]
+            bad = (own <= 0).nonzero().flatten().tolist()
+            if bad:
+                raise InvalidArgument(f"the draft's own probability q[{bad[0]}][{row.drafts[bad[0]]}]"
+                                      " must be in (0, 1]: the draft model drew it",
+                                      f"rows[{i}].draft_probs[{bad[0]}]")
+
+    @staticmethod
+    def _check_verifiable(unit: _Unit, rows: Sequence[StepRow]) -> None:
+        """FAILED_PRECONDITION unless the unit is a plain sequence whose selector verifies."""
+        from sampler_service.speculative import VERIFIABLE_SELECTORS
+        where = f"rows[{unit.start}].draft_token_ids"
+        if not isinstance(unit.entry, SequenceState):
+            raise FailedPrecondition(
+                f"sequence {echo(rows[unit.start].sequence_id)} is a {unit.entry.kind} group: "
+                "speculative verification takes plain sequences only (beam search and CoT "
+                "decoding rank whole rows; forks are not supported yet), and a request with "
+                "drafts holds no group", where)
+        key = unit.state.policy.selector.stage.key
+        if key not in VERIFIABLE_SELECTORS:
+            raise FailedPrecondition(
+                f"the {key!r} selector cannot verify drafts: speculative verification needs a "
+                f"selector among {list(VERIFIABLE_SELECTORS)} (whose distribution is the one "
+                "it draws from)", where)
 
     @staticmethod
     def validate_values(rows: Sequence[StepRow], logits: torch.Tensor,
@@ -719,6 +875,19 @@ class SamplerCore:
         ids = torch.isfinite(log_probs).nonzero().squeeze(1)  # ascending ids
         values, order = torch.sort(log_probs.index_select(0, ids), descending=True, stable=True)
         return ids.index_select(0, order).tolist(), torch.exp(values).tolist()
+
+
+def _commit_verified(state: SequenceState, outcomes: Sequence[RowOutcome],
+                     vocab: int) -> StepRecord:
+    """Records a verification's emitted tokens in order (each as plain decoding would) and
+    keeps one record for the whole step: at the first token's position, naming them all."""
+    start = state.position
+    for outcome in outcomes:
+        record = state.record_step(outcome, vocab)
+    state.last_record = replace(record, step=start, accepted_token_ids=tuple(
+        o.token_id for o in outcomes), accepted_stats=tuple(
+        (o.entropy, o.varentropy) for o in outcomes))
+    return state.last_record
 
 
 def _joined_signals(parts: Sequence[RowInputs]) -> dict[str, torch.Tensor] | None:

@@ -9,7 +9,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.errors import InvalidArgument, echo
+from sampler_service.errors import FailedPrecondition, InvalidArgument, echo
 from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
 from sampler_service.policy.processors.base import SIGNAL_NAMES
 from sampler_service.service import Answer, SequenceRequest, StepRow
@@ -132,9 +132,22 @@ def signals_from_pb(request: pb.StepRequest, device) -> dict[str, torch.Tensor] 
             for name, values in columns.items()}
 
 
-def step_rows_from_pb(rows) -> list[StepRow]:
-    return [StepRow(r.sequence_id, r.step if r.HasField("step") else None,
-                    r.branch if r.HasField("branch") else None) for r in rows]
+def step_rows_from_pb(rows, decode=None) -> list[StepRow]:
+    """The rows; `decode(tensor, field)` decodes a row's draft_probs (inline only: a region
+    reference is FAILED_PRECONDITION naming `rows[i].draft_probs`)."""
+    out = []
+    for i, r in enumerate(rows):
+        probs = None
+        if r.HasField("draft_probs"):
+            if r.draft_probs.WhichOneof("data") != "raw":
+                raise FailedPrecondition("draft_probs travel inline (Tensor.raw) only; shared "
+                                         "memory and CUDA IPC are not supported for them yet",
+                                         f"rows[{i}].draft_probs")
+            probs = decode(r.draft_probs, f"rows[{i}].draft_probs")
+        out.append(StepRow(r.sequence_id, r.step if r.HasField("step") else None,
+                           r.branch if r.HasField("branch") else None,
+                           tuple(r.draft_token_ids), probs))
+    return out
 
 
 def version_pb(state: SequenceState) -> pb.PolicyVersion:
@@ -161,7 +174,9 @@ def choice_pb(sequence_id: str, parent_row: int, record: StepRecord, branch: int
         logprob=record.logprob, top_logprobs=_logprobs_pb(record.top_logprobs),
         stats=pb.StepStats(entropy=record.entropy, varentropy=record.varentropy),
         finished=record.finished, finish_reason=int(record.finish_reason),
-        processed_top_logprobs=_logprobs_pb(record.processed_top_logprobs))
+        processed_top_logprobs=_logprobs_pb(record.processed_top_logprobs),
+        accepted_token_ids=record.accepted_token_ids,
+        accepted_stats=[pb.StepStats(entropy=e, varentropy=v) for e, v in record.accepted_stats])
     if record.processed_stats is not None:
         choice.processed_stats.entropy, choice.processed_stats.varentropy = record.processed_stats
     if record.stop_token_id is not None:

@@ -93,6 +93,9 @@ def _fill_row(row: pb.SavedRow, record: StepRecord) -> None:
         row.explanation_json = json.dumps(record.explanation)
     if record.stop_string is not None:
         row.stop_string = record.stop_string
+    row.accepted_token_ids.extend(record.accepted_token_ids)
+    row.accepted_stats.extend(pb.StepStats(entropy=e, varentropy=v)
+                              for e, v in record.accepted_stats)
 
 
 def _fill_answer(message: pb.SavedAnswer, answer: StepRecord | GroupRecord) -> None:
@@ -208,7 +211,9 @@ def _row_from_pb(row: pb.SavedRow) -> StepRecord:
                          if row.HasField("processed_entropy") else None),
         parent=row.parent, score=row.score,
         explanation=_object(row.explanation_json, "explanation"),
-        stop_string=row.stop_string if row.HasField("stop_string") else None)
+        stop_string=row.stop_string if row.HasField("stop_string") else None,
+        accepted_token_ids=tuple(row.accepted_token_ids),
+        accepted_stats=tuple((s.entropy, s.varentropy) for s in row.accepted_stats))
 
 
 def _answer_from_pb(answer: pb.SavedAnswer) -> StepRecord | GroupRecord:

@@ -60,7 +60,8 @@ class StepRunner:
     def decode(self, request: pb.StepRequest) -> "_Decoded":
         """Everything of the request but its dense logits' values, which stay as they travel
         (`wire`) until `__call__` copies every request's into one batch buffer."""
-        rows = convert.step_rows_from_pb(request.rows)
+        rows = convert.step_rows_from_pb(
+            request.rows, lambda tensor, name: decode_tensor(tensor, name, torch.device("cpu")))
         sparse_rows, sparse = ((), None)
         if request.HasField("sparse"):
             sparse_rows, sparse = decode_sparse(request.sparse, len(rows), self.core.device,
@@ -203,7 +204,9 @@ class _Decoded:
     @property
     def dense_rows(self) -> tuple[int, ...]:
         listed = set(self.sparse_rows)
-        return tuple(r for r in range(len(self.rows)) if r not in listed)
+        # a row with k drafts has k + 1 logits rows (the core refuses drafts with sparse rows)
+        total = sum(1 + len(row.drafts) for row in self.rows)
+        return tuple(r for r in range(total) if r not in listed)
 
     def call(self, dense: torch.Tensor | None, checked: bool,
              deadline: float | None = None) -> StepCall:

@@ -74,6 +74,11 @@ class StepRecord:
     score: float = 0.0
     #: What the policy's adaptive stages decided: {stage key: {field: value}}.
     explanation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: A speculative verification (docs/speculative.md): every token it emitted, in order, and
+    #: their (entropy, varentropy); `step` is the position of the first, the other fields
+    #: describe the last. Empty for a plain step.
+    accepted_token_ids: tuple[int, ...] = ()
+    accepted_stats: tuple[tuple[float, float], ...] = ()
 
     #: A plain sequence's step takes one row and answers one (a group's record says more).
     rows_in: ClassVar[int] = 1

@@ -26,6 +26,15 @@ class AsyncSequence(SequenceHandle):
     async def step(self, logits: Any, *, processed_logprobs: bool = False) -> Choice:
         return (await self.client.step([self], logits, processed_logprobs=processed_logprobs))[0]
 
+    async def verify(self, draft_ids: Iterable[int], logits: Any, draft_probs: Any = None, *,
+                     processed_logprobs: bool = False) -> list[int]:
+        """`Sequence.verify`, awaited."""
+        self.last_choice = await run_async(
+            self.client._steps.verify(self, draft_ids, logits, draft_probs,
+                                      processed_logprobs=processed_logprobs),
+            self.client._performer(self.client._unary_step))
+        return list(self.last_choice.accepted_token_ids)
+
     async def info(self) -> SequenceInfo:
         return await self.client.get_sequence(self)
 

@@ -169,7 +169,7 @@ class SequenceHandle:
 
     def _take(self, choices: list[Choice], results: dict[str, GroupResult]) -> None:
         """Follows this handle's choices of an answer (and its group result, if any)."""
-        self.next_step = choices[0].step + 1
+        self.next_step = choices[0].step + max(1, len(choices[0].accepted_token_ids))
         if self.group_kind:
             self.running_rows = sum(not c.finished for c in choices)
             self.result = results.get(self.sequence_id, self.result)
@@ -185,6 +185,20 @@ class Sequence(SequenceHandle):
         return self.client.step([self], logits, processed_logprobs=processed_logprobs,
                                 reference_logits=reference_logits,
                                 signals=None if signals is None else [signals])[0]
+
+    def verify(self, draft_ids: Iterable[int], logits: Any, draft_probs: Any = None, *,
+               processed_logprobs: bool = False) -> list[int]:
+        """Speculative verification (docs/speculative.md): `logits` [k + 1, vocab] are the
+        target's logits after each prefix (bonus row last), `draft_probs` the draft model's
+        [k, vocab] probabilities (None: the drafts are point masses). Returns the 1 … k + 1
+        tokens emitted (the accepted drafts, then the policy's token); the sequence and
+        `next_step` advance by that many, so `step` continues after it. `last_choice` holds
+        the answer's Choice."""
+        self.last_choice = run_sync(
+            self.client._steps.verify(self, draft_ids, logits, draft_probs,
+                                      processed_logprobs=processed_logprobs),
+            self.client._performer(self.client._unary_step))
+        return list(self.last_choice.accepted_token_ids)
 
     def info(self) -> SequenceInfo:
         return self.client.get_sequence(self)

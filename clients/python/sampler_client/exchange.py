@@ -111,6 +111,23 @@ class StepExchange:
             return (yield from attempt())
         return (yield from self.replay.run(attempt, handles, self.placer))
 
+    def verify(self, handle: Any, draft_ids: Sequence[int], logits: Any, draft_probs: Any = None,
+               *, processed_logprobs: bool = False) -> Exchange[Choice]:
+        """One speculative verification of a plain sequence (sent inline; replay retries it
+        like a step): its Choice, whose accepted_token_ids are the tokens emitted."""
+        draft_ids = [int(t) for t in draft_ids]
+
+        def attempt() -> Exchange[list[Choice]]:
+            request = requests.verify_request(
+                handle.sequence_id, handle.next_step, draft_ids, logits, draft_probs,
+                processed_logprobs=processed_logprobs, resume_records=self.replay is not None)
+            response = yield Rpc("Step", request)
+            return advance([handle], response)
+
+        if self.replay is None:
+            return (yield from attempt())[0]
+        return (yield from self.replay.run(attempt, [handle], self.placer))[0]
+
     def _step_once(self, handles: Sequence[Any], logits: Any, *, processed_logprobs: bool,
                    reference_logits: Any,
                    signals: Sequence[Mapping[str, float]] | None) -> Exchange[list[Choice]]:

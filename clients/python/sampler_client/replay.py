@@ -84,9 +84,11 @@ class Resumption:
         """Follows one answered step: its choices of this sequence and its record."""
         if self.plain:
             choice = choices[0]
-            self.output_ids.append(choice.token_id)
-            self.entropies.append(choice.entropy)
-            self.varentropies.append(choice.varentropy)
+            tokens = choice.accepted_token_ids or [choice.token_id]
+            stats = choice.accepted_stats or [(choice.entropy, choice.varentropy)]
+            self.output_ids.extend(tokens)
+            self.entropies.extend(e for e, _ in stats)
+            self.varentropies.extend(v for _, v in stats)
         self.record = record
 
     def config_now(self) -> pb.SequenceConfig:

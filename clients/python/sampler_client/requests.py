@@ -163,6 +163,29 @@ def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any
     return request
 
 
+def verify_request(sequence_id: str, step: int | None, draft_ids: Sequence[int], logits: Any,
+                   draft_probs: Any = None, *, processed_logprobs: bool = False,
+                   request_id: str = "", resume_records: bool = False) -> pb.StepRequest:
+    """A speculative verification of one plain sequence (docs/speculative.md): its k draft
+    ids, `logits` [k + 1, vocab] and optionally `draft_probs` [k, vocab] (an array, a tensor or
+    nested lists), all inline. Shared by the sync and asyncio clients."""
+    draft_ids = [int(t) for t in draft_ids]
+    if not draft_ids:
+        raise ValueError("verify needs at least one draft token id")
+    request = pb.StepRequest(request_id=request_id, processed_logprobs=processed_logprobs,
+                             resume_records=resume_records,
+                             logits=_rows_tensor(logits, len(draft_ids) + 1))
+    row = request.rows.add(sequence_id=sequence_id, draft_token_ids=draft_ids)
+    if step is not None:
+        row.step = step
+    if draft_probs is not None:
+        if isinstance(draft_probs, (list, tuple)):
+            import numpy as np
+            draft_probs = np.asarray(draft_probs, dtype=np.float32)
+        row.draft_probs.CopyFrom(_rows_tensor(draft_probs, len(draft_ids)))
+    return request
+
+
 def preview_request(logits: Any, *, policy: str | Mapping[str, Any] | None,
                     params: Mapping[str, Any] | None, history: Iterable[int] = (),
                     prompt_ids: Iterable[int] = (), eos_token_ids: Iterable[int] = (),

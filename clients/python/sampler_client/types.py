@@ -58,10 +58,16 @@ class Choice:
     explanation: dict[str, Any] = field(default_factory=dict)
     #: The stop string that finished the sequence at this step, if any.
     stop_string: str | None = None
+    #: A speculative verification: every token emitted, in order, and their (entropy,
+    #: varentropy); token_id and the other fields describe the last. Empty for a plain step.
+    accepted_token_ids: list[int] = field(default_factory=list)
+    accepted_stats: list[tuple[float, float]] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, c: pb.Choice) -> "Choice":
-        return cls(sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
+        return cls(accepted_token_ids=list(c.accepted_token_ids),
+                   accepted_stats=[(s.entropy, s.varentropy) for s in c.accepted_stats],
+                   sequence_id=c.sequence_id, parent_row=c.parent_row, step=c.step,
                    branch=c.branch, score=c.score, stop_string=c.stop_string or None,
                    explanation=struct_plain(c.explanation),
                    token_id=c.token_id, logprob=c.logprob, top_logprobs=_pairs(c.top_logprobs),

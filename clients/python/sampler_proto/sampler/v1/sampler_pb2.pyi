@@ -365,14 +365,18 @@ class GroupInfo(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., running_rows: _Optional[int] = ..., running: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., answers: _Optional[_Iterable[_Union[AnswerVote, _Mapping]]] = ...) -> None: ...
 
 class StepRow(_message.Message):
-    __slots__ = ("sequence_id", "step", "branch")
+    __slots__ = ("sequence_id", "step", "branch", "draft_token_ids", "draft_probs")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     step: int
     branch: int
-    def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ...) -> None: ...
+    draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    draft_probs: Tensor
+    def __init__(self, sequence_id: _Optional[str] = ..., step: _Optional[int] = ..., branch: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("rows", "logits", "request_id", "processed_logprobs", "reference_logits", "signals", "sparse", "resume_records")
@@ -415,7 +419,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Choice(_message.Message):
-    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score", "stop_string", "explanation")
+    __slots__ = ("sequence_id", "parent_row", "step", "token_id", "logprob", "top_logprobs", "stats", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_stats", "branch", "score", "stop_string", "explanation", "accepted_token_ids", "accepted_stats")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +437,8 @@ class Choice(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_STATS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     parent_row: int
     step: int
@@ -450,7 +456,9 @@ class Choice(_message.Message):
     score: float
     stop_string: str
     explanation: _struct_pb2.Struct
-    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., stop_string: _Optional[str] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    accepted_stats: _containers.RepeatedCompositeFieldContainer[StepStats]
+    def __init__(self, sequence_id: _Optional[str] = ..., parent_row: _Optional[int] = ..., step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stats: _Optional[_Union[StepStats, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., processed_stats: _Optional[_Union[StepStats, _Mapping]] = ..., branch: _Optional[int] = ..., score: _Optional[float] = ..., stop_string: _Optional[str] = ..., explanation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ..., accepted_stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("token_ids", "score", "sum_logprobs", "finish_reason", "branch", "confidence", "answer_ids", "stats")
@@ -729,7 +737,7 @@ class SavedLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SavedRow(_message.Message):
-    __slots__ = ("step", "token_id", "logprob", "top_logprobs", "entropy", "varentropy", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_entropy", "processed_varentropy", "parent", "score", "explanation_json", "stop_string")
+    __slots__ = ("step", "token_id", "logprob", "top_logprobs", "entropy", "varentropy", "finished", "finish_reason", "stop_token_id", "processed_logprob", "processed_top_logprobs", "processed_entropy", "processed_varentropy", "parent", "score", "explanation_json", "stop_string", "accepted_token_ids", "accepted_stats")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -747,6 +755,8 @@ class SavedRow(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_JSON_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_STATS_FIELD_NUMBER: _ClassVar[int]
     step: int
     token_id: int
     logprob: float
@@ -764,7 +774,9 @@ class SavedRow(_message.Message):
     score: float
     explanation_json: str
     stop_string: str
-    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., entropy: _Optional[float] = ..., varentropy: _Optional[float] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., processed_entropy: _Optional[float] = ..., processed_varentropy: _Optional[float] = ..., parent: _Optional[int] = ..., score: _Optional[float] = ..., explanation_json: _Optional[str] = ..., stop_string: _Optional[str] = ...) -> None: ...
+    accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    accepted_stats: _containers.RepeatedCompositeFieldContainer[StepStats]
+    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., entropy: _Optional[float] = ..., varentropy: _Optional[float] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., processed_logprob: _Optional[float] = ..., processed_top_logprobs: _Optional[_Iterable[_Union[SavedLogprob, _Mapping]]] = ..., processed_entropy: _Optional[float] = ..., processed_varentropy: _Optional[float] = ..., parent: _Optional[int] = ..., score: _Optional[float] = ..., explanation_json: _Optional[str] = ..., stop_string: _Optional[str] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ..., accepted_stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ...) -> None: ...
 
 class SavedRecord(_message.Message):
     __slots__ = ("sequence_id", "version", "position", "policy_hash", "seed", "state_json")
