@@ -29,10 +29,6 @@ PROMPT = "Write a haiku about the sea."
 NUM_BEAMS, MAX_NEW_TOKENS = 4, 32
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
 
 
 def interleaved(fns, repeats: int) -> list[tuple[float, object]]:
@@ -55,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
-    input_ids = chat_ids(tokenizer, PROMPT)
+    input_ids = hf.chat_ids(tokenizer, PROMPT)
     server = SamplerServer(ServerConfig(port=0, device="cpu"))
     try:
         with SamplerClient(server.address) as client:

@@ -34,10 +34,6 @@ PROMPT = ("Rewrite this Python code with type hints and docstrings:\n"
           "def div(a, b):\n    return a / b\n")
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
 
 
 def main() -> None:
@@ -51,7 +47,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
-    input_ids = chat_ids(tokenizer, PROMPT)
+    input_ids = hf.chat_ids(tokenizer, PROMPT)
     server = SamplerServer(ServerConfig(port=0, device="cpu"))
     try:
         with SamplerClient(server.address) as client:

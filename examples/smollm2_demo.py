@@ -49,15 +49,11 @@ def start_service(socket: str) -> tuple[subprocess.Popen, str]:
     return process, match.group(1)
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
 
 
 def show_groups(model, tokenizer, client: SamplerClient) -> None:
     """Beam search (checked against Hugging Face's) and CoT decoding through the sidecar."""
-    input_ids = chat_ids(tokenizer, RUNS[0][0])
+    input_ids = hf.chat_ids(tokenizer, RUNS[0][0])
     options = dict(num_beams=4, num_return_sequences=2, max_new_tokens=MAX_NEW_TOKENS)
     started = time.perf_counter()
     reference = model.generate(input_ids, do_sample=False, **options)[:, input_ids.shape[1]:]
@@ -76,7 +72,7 @@ def show_groups(model, tokenizer, client: SamplerClient) -> None:
           f"generate(num_beams=4): {same}\n")
     question = "What is 7 + 5? Answer with a number."
     results = []
-    hf.generate(model, chat_ids(tokenizer, question), client, cot_k=4, max_new_tokens=16,
+    hf.generate(model, hf.chat_ids(tokenizer, question), client, cot_k=4, max_new_tokens=16,
                 results=results)
     print(f"[CoT decoding, 4 branches] {question}")
     for path in results[0].hypotheses:
@@ -97,7 +93,7 @@ def show_transports(model, tokenizer, targets: dict[str, str]) -> None:
     """The same greedy generation by every transport: identical tokens, the sidecar's cost
     (a poem: long enough that the first step's region registration is amortised)."""
     prompt = RUNS[1][0]
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     print(f"[transports, greedy] {prompt}")
     outputs = []
     for label, target, options in TRANSPORTS:
@@ -117,7 +113,7 @@ TABLE_STEPS = 16
 def show_adaptive(model, tokenizer, client: SamplerClient) -> None:
     """Per step of one prompt: the entropy each adaptive policy saw and what it decided."""
     prompt = RUNS[1][0]
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     traces = {}
     for policy, _ in ADAPTIVE:
         trace: list = []
@@ -165,7 +161,7 @@ def run_demo(socket: str) -> None:
         with SamplerClient(address) as client:
             client.wait_ready()
             for prompt, policy, params in RUNS:
-                input_ids = chat_ids(tokenizer, prompt)
+                input_ids = hf.chat_ids(tokenizer, prompt)
                 stats = hf.GenerationStats()
                 started = time.perf_counter()
                 tokens = hf.generate(model, input_ids, client, policy=policy, params=params,
@@ -178,7 +174,7 @@ def run_demo(socket: str) -> None:
                 print(f"  -> {len(tokens)} tokens, {len(tokens) / elapsed:.1f} tokens/s; sidecar step "
                       f"{stats.sidecar_ms_per_step:.2f} ms round trip ({stats.service_ms_per_step:.2f} ms "
                       f"inside the service), model forward {1e3 * stats.model_s / stats.steps:.1f} ms/step\n")
-            input_ids = chat_ids(tokenizer, RUNS[0][0])
+            input_ids = hf.chat_ids(tokenizer, RUNS[0][0])
             started = time.perf_counter()
             reference = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
             elapsed = time.perf_counter() - started

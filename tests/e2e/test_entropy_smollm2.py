@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sampler_client import hf
-from tests.e2e.test_smollm2 import chat_ids
 
 STEPS = 12
 
@@ -36,7 +35,7 @@ def run_with_model(model, input_ids, sequence) -> list[tuple[float, float]]:
 def test_entropy_history_is_the_models_and_choices_explain_themselves(smollm2, client, policy,
                                                                         stage):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, "Write a haiku about the sea.")
+    input_ids = hf.chat_ids(tokenizer, "Write a haiku about the sea.")
     sequence = client.create_sequence(policy=policy, prompt_ids=input_ids[0].tolist(), seed=3,
                                       eos_token_ids=hf.eos_token_ids(model))
     with torch.inference_mode():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sampler_client import hf
-from tests.e2e.test_smollm2 import chat_ids
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 MAX_NEW_TOKENS = 24
@@ -33,7 +32,7 @@ def padded(rows: list[list[int]], width: int, pad_id: int) -> list[list[int]]:
 def test_beam_search_through_the_sidecar_equals_hf_generate(
         smollm2, client, prompt, num_beams, length_penalty, early_stopping, ngram, returned):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     options = dict(num_beams=num_beams, length_penalty=length_penalty,
                    early_stopping=early_stopping, no_repeat_ngram_size=ngram,
                    num_return_sequences=returned)
@@ -50,7 +49,7 @@ def test_beam_search_through_the_sidecar_equals_hf_generate(
 @pytest.mark.e2e
 def test_seeded_forks_differ_from_each_other_and_repeat_across_runs(smollm2, client):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, "Write a haiku about the sea.")
+    input_ids = hf.chat_ids(tokenizer, "Write a haiku about the sea.")
     runs = [hf.generate(model, input_ids, client, policy="creative", n=4, seed=11,
                         max_new_tokens=16) for _ in range(2)]
     assert runs[0] == runs[1]
@@ -60,7 +59,7 @@ def test_seeded_forks_differ_from_each_other_and_repeat_across_runs(smollm2, cli
 @pytest.mark.e2e
 def test_cot_decoding_returns_k_paths_ranked_by_confidence(smollm2, client):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, "What is 7 + 5? Answer with a number.")
+    input_ids = hf.chat_ids(tokenizer, "What is 7 + 5? Answer with a number.")
     results: list = []
     paths = hf.generate(model, input_ids, client, cot_k=4, max_new_tokens=12, results=results)
     hypotheses = results[0].hypotheses
@@ -81,7 +80,7 @@ def test_beam_processed_logprobs_are_hf_beam_scores(smollm2, client, num_beams, 
     report as processed_logprob HF's `scores` at (parent row, token): HF's rows at a step are
     its running beams in the order of the rows sent here (the tokens match, as above)."""
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[0])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[0])
     options = dict(num_beams=num_beams, no_repeat_ngram_size=ngram,
                    repetition_penalty=repetition_penalty)
     out = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sampler_client import hf
-from tests.e2e.test_smollm2 import chat_ids
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 MAX_NEW_TOKENS = 14
@@ -47,7 +46,7 @@ def test_generate_with_the_processor_equals_hf_generate_through_the_sidecar(
     same tokens, and the processor serves the second generate call as a new generation."""
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     expected = hf.generate(model, input_ids, client, max_new_tokens=MAX_NEW_TOKENS, **options)
     proc = hf.SidecarLogitsProcessor(client, eos_token_id=hf.eos_token_ids(model),
                                      max_new_tokens=MAX_NEW_TOKENS, **options)
@@ -61,7 +60,7 @@ def test_generate_with_the_processor_equals_hf_generate_through_the_sidecar(
 def test_a_streamer_streams_the_sidecars_tokens(smollm2, server, client, capsys, kind):
     transformers = pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[1])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[1])
     streamer = getattr(transformers, kind)(tokenizer, skip_prompt=True, skip_special_tokens=True)
     capsys.readouterr()
     with hf.SidecarLogitsProcessor(client, policy="greedy", tokenizer=tokenizer) as proc:
@@ -80,7 +79,7 @@ def test_a_left_padded_batch_gives_each_row_its_own_sequence(smollm2, server, cl
     each row's prompt and seeds row i with seed + i, as hf.generate does prompt i."""
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    prompts = [chat_ids(tokenizer, p)[0].tolist() for p in ("Hi!", PROMPTS[1])]
+    prompts = [hf.chat_ids(tokenizer, p)[0].tolist() for p in ("Hi!", PROMPTS[1])]
     pad = model.generation_config.pad_token_id
     input_ids, mask = hf._left_padded(prompts, pad)  # [2, T], [2, T]
     assert input_ids[0, 0] == pad and len(prompts[0]) != len(prompts[1])
@@ -97,7 +96,7 @@ def test_rows_the_sidecar_ends_without_eos_end_there_with_the_stopping_criteria(
     stopping criteria generate ends the row there; without, the row gets one EOS more."""
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[1])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[1])
     options = dict(policy="greedy", params={"max_tokens": 5})
     expected = hf.generate(model, input_ids, client, max_new_tokens=8, **options)[0]
     assert len(expected) == 5 and expected[-1] not in hf.eos_token_ids(model)
@@ -111,7 +110,7 @@ def test_rows_the_sidecar_ends_without_eos_end_there_with_the_stopping_criteria(
 def test_beam_search_is_refused_before_anything_is_created(smollm2, server, client):
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[0])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[0])
     proc = hf.SidecarLogitsProcessor(client, policy="greedy", eos_token_id=hf.eos_token_ids(model))
     with pytest.raises(ValueError, match=r"hf\.generate\(.*num_beams"):
         generated(model, input_ids, proc, num_beams=2, max_new_tokens=2)

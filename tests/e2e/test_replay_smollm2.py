@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sampler_client import SamplerClient, hf
-from tests.e2e.test_smollm2 import PROMPTS, chat_ids
+from tests.e2e.test_smollm2 import PROMPTS
 from tests.service.test_replay import ServiceProcess
 
 MAX_NEW_TOKENS = 12
@@ -54,7 +54,7 @@ def test_generate_after_a_restart_between_steps_equals_the_uninterrupted_run(
         smollm2, service, caplog, prompts, options):
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    prompts = [chat_ids(tokenizer, p)[0].tolist() for p in prompts]
+    prompts = [hf.chat_ids(tokenizer, p)[0].tolist() for p in prompts]
     with SamplerClient(service.address, replay_timeout=60) as client:
         expected = hf.generate(model, prompts, client, max_new_tokens=MAX_NEW_TOKENS, **options)
         with caplog.at_level(logging.WARNING, logger="sampler_client.replay"):
@@ -70,7 +70,7 @@ def test_generate_survives_a_kill_from_another_thread(smollm2, service, caplog):
     keeps the generation running well past it."""
     pytest.importorskip("transformers")
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[1])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[1])
     params = {"temperature": 0.9, "top_p": 0.95, "min_tokens": MAX_NEW_TOKENS}
     with SamplerClient(service.address, replay_timeout=60) as client:
         expected = hf.generate(model, input_ids, client, params=params, seed=5,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sampler_client import hf
 
@@ -14,10 +13,6 @@ PROMPTS = [
 MAX_NEW_TOKENS = 32
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-    return encoded["input_ids"] if not torch.is_tensor(encoded) else encoded
 
 
 @pytest.mark.e2e
@@ -25,7 +20,7 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_through_the_sidecar_equals_hf_generate(smollm2, client, prompt, repetition_penalty):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     extra = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
     expected = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
                               **extra)[0, input_ids.shape[1]:].tolist()
@@ -37,7 +32,7 @@ def test_greedy_through_the_sidecar_equals_hf_generate(smollm2, client, prompt, 
 @pytest.mark.e2e
 def test_batched_prompts_of_different_lengths_match_one_by_one(smollm2, client):
     model, tokenizer = smollm2
-    prompts = [chat_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
+    prompts = [hf.chat_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
     batched = hf.generate(model, prompts, client, policy="greedy", max_new_tokens=12)
     alone = [hf.generate(model, p, client, policy="greedy", max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
@@ -46,7 +41,7 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(smollm2, client):
 @pytest.mark.e2e
 def test_seeded_sampling_is_reproducible_and_sensible(smollm2, client):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, PROMPTS[0])
+    input_ids = hf.chat_ids(tokenizer, PROMPTS[0])
     runs = [hf.generate(model, input_ids, client, policy="creative", seed=seed,
                         max_new_tokens=24)[0] for seed in (1, 1, 2)]
     assert runs[0] == runs[1]

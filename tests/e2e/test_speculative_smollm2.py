@@ -24,10 +24,6 @@ PROMPTS = [
 MAX_NEW_TOKENS = 24
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-    return encoded["input_ids"] if not torch.is_tensor(encoded) else encoded
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def greedy(smollm2, shared_client):
 
     def get(prompt: str) -> tuple[torch.Tensor, list[int]]:
         if prompt not in cache:
-            input_ids = chat_ids(tokenizer, prompt)
+            input_ids = hf.chat_ids(tokenizer, prompt)
             tokens, = hf.generate(model, input_ids, shared_client, policy="greedy",
                                   max_new_tokens=MAX_NEW_TOKENS)
             cache[prompt] = input_ids, tokens
@@ -84,14 +80,14 @@ def test_prompt_lookup_equals_greedy_and_hf_prompt_lookup(smollm2, shared_client
 def test_prompt_lookup_refuses_groups(smollm2, shared_client, options):
     model, tokenizer = smollm2
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
-        hf.generate(model, chat_ids(tokenizer, PROMPTS[0]), shared_client, policy="greedy",
+        hf.generate(model, hf.chat_ids(tokenizer, PROMPTS[0]), shared_client, policy="greedy",
                     max_new_tokens=4, prompt_lookup_num_tokens=4, **options)
 
 
 @pytest.mark.e2e
 def test_prompt_lookup_refuses_a_batch(smollm2, shared_client):
     model, tokenizer = smollm2
-    prompts = [chat_ids(tokenizer, p)[0].tolist() for p in PROMPTS[:2]]
+    prompts = [hf.chat_ids(tokenizer, p)[0].tolist() for p in PROMPTS[:2]]
     with pytest.raises(ValueError, match="one prompt"):
         hf.generate(model, prompts, shared_client, policy="greedy", max_new_tokens=4,
                     prompt_lookup_num_tokens=4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sampler_client import hf
-from tests.e2e.test_smollm2 import chat_ids
 
 CASES = [
     ("What is the capital of France?", ["Paris"]),
@@ -21,7 +20,7 @@ CASES = [
 @pytest.mark.parametrize("prompt, stop", CASES)
 def test_stop_strings_end_where_hugging_face_ends(smollm2, client, prompt, stop):
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     expected = model.generate(input_ids, do_sample=False, max_new_tokens=40, stop_strings=stop,
                               tokenizer=tokenizer)[0, input_ids.shape[1]:].tolist()
     got = hf.generate(model, input_ids, client, policy="greedy", params={"stop": stop},

@@ -9,7 +9,6 @@ import re
 import pytest
 
 from sampler_client import hf
-from tests.e2e.test_smollm2 import chat_ids
 
 SEEDS = (1, 2)  # SmolLM2 on the CPU: ~0.15 s a token; the file stays near a minute
 MAX_NEW = 48
@@ -35,7 +34,7 @@ SCHEMAS = [
 
 def generate(smollm2, client, prompt: str, structured, seed: int) -> tuple[str, bool]:
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = hf.chat_ids(tokenizer, prompt)
     results: list = []
     ids, = hf.generate(model, input_ids, client, params={"temperature": 0.7,
                                                          "structured": structured},
@@ -81,7 +80,7 @@ def test_greedy_json_object_equals_xgrammar_in_process(smollm2, client):
 
     from sampler_service.text.grammar import JSON_ANY_WHITESPACE
     model, tokenizer = smollm2
-    input_ids = chat_ids(tokenizer, "Give a JSON object about a cat.")
+    input_ids = hf.chat_ids(tokenizer, "Give a JSON object about a cat.")
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
     grammar = xgr.GrammarCompiler(info).compile_json_schema(
         '{"type": "object"}', any_whitespace=JSON_ANY_WHITESPACE)

@@ -12,7 +12,6 @@ import pytest
 
 from sampler_client import SamplerClient, hf
 from tests.e2e.test_replay_smollm2 import RestartingModel
-from tests.e2e.test_smollm2 import chat_ids
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "worker_loop.py"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
@@ -29,7 +28,7 @@ def worker_loop():
 
 @pytest.fixture
 def prompts(smollm2) -> list[list[int]]:
-    return [chat_ids(smollm2[1], p)[0].tolist() for p in PROMPTS]
+    return [hf.chat_ids(smollm2[1], p)[0].tolist() for p in PROMPTS]
 
 
 @pytest.mark.e2e
@@ -43,7 +42,7 @@ def test_greedy_equals_hf_generate_and_hugging_faces_own(smollm2, server, client
     assert got == hf.generate(model, prompts, client, policy="greedy",
                               max_new_tokens=MAX_NEW_TOKENS)
     for prompt, tokens in zip(PROMPTS, got):  # Hugging Face's own greedy, one prompt at a time
-        ids = chat_ids(tokenizer, prompt)
+        ids = hf.chat_ids(tokenizer, prompt)
         own = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
         assert tokens == own[0, ids.shape[1]:].tolist()
     assert len(server.core.store) == 0  # released

@@ -53,6 +53,13 @@ def load_gguf_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     return model.eval(), tokenizer
 
 
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """int64 [1, T]: one user turn in the tokenizer's chat template, ready for the reply."""
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+    return encoded if torch.is_tensor(encoded) else encoded["input_ids"]
+
+
 def eos_token_ids(model) -> list[int]:
     """The model's EOS ids from its generation config (int or list)."""
     eos = model.generation_config.eos_token_id
