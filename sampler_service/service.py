@@ -6,6 +6,7 @@ so a bad request leaves every sequence as it was.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -492,84 +493,30 @@ class SamplerCore:
                                 signals=inputs.signals)
 
     def _plan_verify(self, call: StepCall, units: Sequence[_Unit]) -> list[_Commit]:
-        """Plans a request with drafts (`sampler_service.speculative`): positions j = 0, 1, …
-        in turn, each one engine call over the sequences still verifying, on temporary branches
-        that hold the drafts accepted so far (ids of their own, so stage memory kept by owner is
-        rebuilt for them, never advanced in the sequence's); nothing changes until commit."""
+        """Plans a request with drafts: the lanes of every fresh unit (a plain sequence's row,
+        each running fork) verified together (`speculative.verify`), each unit's outcomes
+        gathered for its own commit; nothing changes until commit."""
         from sampler_service import speculative as spec
-        rows, logits, vocab = call.rows, call.logits.dense, call.logits.vocab
-        offsets, at = [], 0
-        for row in rows:
-            offsets.append(at)
-            at += 1 + len(row.drafts)
+        rows, logits = call.rows, call.logits.dense
+        offsets = list(itertools.accumulate((1 + len(row.drafts) for row in rows), initial=0))
         plans: list[_Commit] = []
-        emitted: dict[int, list[RowOutcome]] = {}
-        current: dict[int, SequenceState] = {}
-        active = []
-        for n, unit in enumerate(units):
+        lanes: list[tuple[_Unit, spec.Drafted]] = []
+        for unit in units:
             if unit.retry:
                 plans.append((unit, lambda record=unit.entry.last_record: record))
-            else:
-                emitted[n], current[n] = [], unit.entry
-                active.append(n)
-        j = 0
-        while active:
-            states = [current[n] for n in active]
-            index = torch.tensor([offsets[units[n].start] + j for n in active],
-                                 device=logits.device)
-            raw = logits.index_select(0, index)
-            outcomes, probs = self.engine.step(states, raw, call.processed_logprobs,
-                                               distributions=True)
-            drafting = [i for i, n in enumerate(active) if j < len(rows[units[n].start].drafts)]
-            kept: dict[int, int] = {}  # row in `active` -> token (accepted or drawn)
-            if drafting:
-                sel = torch.tensor(drafting)
-                p = probs.index_select(0, sel.to(probs.device)).double().cpu()
-                q = torch.zeros_like(p)
-                xs = []
-                for r, i in enumerate(drafting):
-                    row = rows[units[active[i]].start]
-                    xs.append(row.drafts[j])
-                    if row.draft_probs is None:
-                        q[r, row.drafts[j]] = 1.0
-                    else:
-                        q[r] = row.draft_probs[j].double()
-                x = torch.tensor(xs)
-                seeds = [states[i].seed for i in drafting]
-                positions = [states[i].position for i in drafting]
-                ok = spec.accept(p[torch.arange(len(xs)), x], q[torch.arange(len(xs)), x],
-                                 spec.uniforms(seeds, positions, spec.ACCEPT_UNIFORM_TOKEN))
-                drawn = spec.residual_draw(p, q, spec.uniforms(seeds, positions,
-                                                               spec.ROW_UNIFORM_TOKEN))
-                for r, i in enumerate(drafting):
-                    kept[i] = xs[r] if bool(ok[r]) else int(drawn[r])
-                accepted = {i for r, i in enumerate(drafting) if bool(ok[r])}
-            else:
-                accepted = set()
-            log_raw = torch.log_softmax(raw, dim=1) if kept else None
-            still = []
-            for i, n in enumerate(active):
-                outcome = outcomes[i]
-                if i in kept and kept[i] != outcome.token_id:
-                    token = kept[i]
-                    outcome = replace(outcome, token_id=token,
-                                      logprob=float(log_raw[i, token]),
-                                      processed_logprob=None if outcome.processed_logprob is None
-                                      else float(torch.log(probs[i, token])))
-                emitted[n].append(outcome)
-                if i not in accepted:
-                    continue  # a rejection or the bonus token ends this sequence's emission
-                branch = current[n]
-                if branch is units[n].entry:
-                    branch = branch.branch(f"{branch.sequence_id}\x00draft")
-                branch.record_step(outcome, vocab)
-                if not branch.finished:
-                    current[n] = branch
-                    still.append(n)
-            active = still
-            j += 1
-        for n, outs in emitted.items():
-            plans.append((units[n], lambda s=units[n].entry, o=outs: _commit_verified(s, o, vocab)))
+                continue
+            for state, offset in unit.entry.draft_lanes():
+                row, at = rows[unit.start + offset], offsets[unit.start + offset]
+                lanes.append((unit, spec.Drafted(state, logits[at:at + 1 + len(row.drafts)],
+                                                 row.drafts, row.draft_probs)))
+        emitted = spec.verify(self.engine, [lane for _, lane in lanes], call.processed_logprobs)
+        by_unit: dict[int, list[list[RowOutcome]]] = {}
+        for (unit, _), outcomes in zip(lanes, emitted):
+            by_unit.setdefault(unit.start, []).append(outcomes)
+        for unit in units:
+            if not unit.retry:
+                plans.append((unit, unit.entry.plan_verified(by_unit[unit.start],
+                                                             call.logits.vocab, unit.count)))
         return plans
 
     def _plan_group(self, call: StepCall, unit: _Unit) -> _Commit:
@@ -753,15 +700,16 @@ class SamplerCore:
 
     @staticmethod
     def _check_verifiable(unit: _Unit, rows: Sequence[StepRow]) -> None:
-        """FAILED_PRECONDITION unless the unit is a plain sequence whose selector verifies."""
+        """FAILED_PRECONDITION unless the unit verifies drafts (a plain sequence or forks)
+        and its selector can."""
         from sampler_service.speculative import VERIFIABLE_SELECTORS
         where = f"rows[{unit.start}].draft_token_ids"
-        if not isinstance(unit.entry, SequenceState):
+        refusal = unit.entry.drafts_refusal
+        if refusal is not None:
             raise FailedPrecondition(
                 f"sequence {echo(rows[unit.start].sequence_id)} is a {unit.entry.kind} group: "
-                "speculative verification takes plain sequences only (beam search and CoT "
-                "decoding rank whole rows; forks are not supported yet), and a request with "
-                "drafts holds no group", where)
+                f"{refusal}. Speculative verification takes plain sequences and forks; send "
+                "this group's rows in a request without drafts", where)
         key = unit.state.policy.selector.stage.key
         if key not in VERIFIABLE_SELECTORS:
             raise FailedPrecondition(
@@ -875,19 +823,6 @@ class SamplerCore:
         ids = torch.isfinite(log_probs).nonzero().squeeze(1)  # ascending ids
         values, order = torch.sort(log_probs.index_select(0, ids), descending=True, stable=True)
         return ids.index_select(0, order).tolist(), torch.exp(values).tolist()
-
-
-def _commit_verified(state: SequenceState, outcomes: Sequence[RowOutcome],
-                     vocab: int) -> StepRecord:
-    """Records a verification's emitted tokens in order (each as plain decoding would) and
-    keeps one record for the whole step: at the first token's position, naming them all."""
-    start = state.position
-    for outcome in outcomes:
-        record = state.record_step(outcome, vocab)
-    state.last_record = replace(record, step=start, accepted_token_ids=tuple(
-        o.token_id for o in outcomes), accepted_stats=tuple(
-        (o.entropy, o.varentropy) for o in outcomes))
-    return state.last_record
 
 
 def _joined_signals(parts: Sequence[RowInputs]) -> dict[str, torch.Tensor] | None:

@@ -26,16 +26,96 @@ restart give the same tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 
 from sampler_service.policy.noise import seed_to_int64, uniform_noise
 from sampler_service.policy.selectors.sample import ROW_UNIFORM_TOKEN
+from sampler_service.state import RowOutcome, SequenceState
+
+if TYPE_CHECKING:
+    from sampler_service.engine import Engine
 
 #: The token-id coordinate of the uniform that decides the acceptance of the draft at a
 #: position (plain sampling draws with ROW_UNIFORM_TOKEN = −1).
 ACCEPT_UNIFORM_TOKEN = -2
 #: Selectors whose drafts can be verified (their `distribution` is what `select` draws from).
 VERIFIABLE_SELECTORS = ("greedy", "sample")
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """One row state to verify: `state` at position s (never changed here), `logits` [k + 1,
+    vocab] float32 on the engine's device (the target's logits after each prefix, bonus row
+    last), its `drafts` x_0 … x_{k−1} (k ≥ 0: none is one plain step) and `draft_probs`
+    [k, vocab] (float32, on the CPU; None: point masses)."""
+
+    state: SequenceState
+    logits: torch.Tensor
+    drafts: tuple[int, ...]
+    draft_probs: torch.Tensor | None = None
+
+
+def verify(engine: "Engine", rows: Sequence[Drafted],
+           processed_logprobs: bool = False) -> list[list[RowOutcome]]:
+    """The outcomes each row emits (1 … k + 1, in order) under the rule of the module
+    docstring. Positions j = 0, 1, … run in turn, each one engine call over the rows still
+    verifying, on temporary branches holding the drafts accepted so far (ids of their own, so
+    stage memory kept by owner is rebuilt for them, never advanced in the row's); nothing
+    changes: the caller records the outcomes (`SequenceState.record_tokens`) on commit."""
+    emitted: list[list[RowOutcome]] = [[] for _ in rows]
+    current = [row.state for row in rows]
+    active = list(range(len(rows)))
+    j = 0
+    while active:
+        states = [current[n] for n in active]
+        raw = torch.stack([rows[n].logits[j] for n in active])
+        outcomes, probs = engine.step(states, raw, processed_logprobs, distributions=True)
+        drafting = [i for i, n in enumerate(active) if j < len(rows[n].drafts)]
+        kept: dict[int, int] = {}  # index in `active` -> the token emitted (accepted or drawn)
+        accepted: set[int] = set()
+        if drafting:
+            p = probs.index_select(0, torch.tensor(drafting, device=probs.device)).double().cpu()
+            q = torch.zeros_like(p)
+            xs = [rows[active[i]].drafts[j] for i in drafting]
+            for r, i in enumerate(drafting):
+                draft_probs = rows[active[i]].draft_probs
+                if draft_probs is None:
+                    q[r, xs[r]] = 1.0
+                else:
+                    q[r] = draft_probs[j].double()
+            seeds = [states[i].seed for i in drafting]
+            positions = [states[i].position for i in drafting]
+            at = torch.arange(len(xs)), torch.tensor(xs)
+            ok = accept(p[at], q[at], uniforms(seeds, positions, ACCEPT_UNIFORM_TOKEN)).tolist()
+            drawn = residual_draw(p, q, uniforms(seeds, positions, ROW_UNIFORM_TOKEN)).tolist()
+            for r, i in enumerate(drafting):
+                kept[i] = xs[r] if ok[r] else drawn[r]
+            accepted = {i for r, i in enumerate(drafting) if ok[r]}
+        log_raw = torch.log_softmax(raw, dim=1) if kept else None
+        still = []
+        for i, n in enumerate(active):
+            outcome = outcomes[i]
+            if i in kept and kept[i] != outcome.token_id:
+                token = kept[i]
+                outcome = replace(outcome, token_id=token, logprob=float(log_raw[i, token]),
+                                  processed_logprob=None if outcome.processed_logprob is None
+                                  else float(torch.log(probs[i, token])))
+            emitted[n].append(outcome)
+            if i not in accepted:
+                continue  # a rejection or the bonus token ends this row's emission
+            branch = current[n]
+            if branch is rows[n].state:
+                branch = branch.branch(f"{branch.sequence_id}\x00draft")
+            branch.record_step(outcome, raw.shape[1])
+            if not branch.finished:
+                current[n] = branch
+                still.append(n)
+        active = still
+        j += 1
+    return emitted
 
 
 def uniforms(seeds: list[int], positions: list[int], coordinate: int) -> torch.Tensor:

@@ -103,6 +103,9 @@ class Group(ABC):
     #: A group plans its own rows (`plan`); plain sequences share the step's engine call.
     shares_engine_call = False
     finish_label = "every row finished"
+    #: Why the group cannot verify speculative drafts (docs/speculative.md); None: it can,
+    #: through `draft_lanes` and `plan_verified` (forks).
+    drafts_refusal: ClassVar[str | None] = "its rows are chosen together, not one by one"
 
     @property
     def finished(self) -> bool:
@@ -190,14 +193,21 @@ def history(row: SequenceState) -> dict[str, tuple[float, ...]]:
     return {"entropies": tuple(row.entropies), "varentropies": tuple(row.varentropies)}
 
 
-def restore_branch(row: SequenceState, data: Reader, position: int, what: str) -> None:
+def restore_branch(row: SequenceState, data: Reader, position: int, what: str,
+                   verifies: bool = False) -> None:
     """Restores a fork or CoT branch from its row state (`row_state` with `output_ids` and,
     when the record has them, their statistics) after `position` steps of its group: it has
-    one token per step until it finished."""
+    one token per step until it finished, or, when its steps may verify drafts (`verifies`:
+    forks), at least one per step while running."""
     ids = data.token_ids("output_ids")
     restore_row(row, ids, data, data.where("output_ids"), data.history(len(ids)),
                 data.where("entropies"))
-    if len(ids) > position or (not row.finished and len(ids) != position):
+    if verifies:
+        if not row.finished and len(ids) < position:
+            raise InvalidArgument(f"a running {what} has at least one token per step: "
+                                  f"{len(ids)} tokens after {position} steps",
+                                  data.where("output_ids"))
+    elif len(ids) > position or (not row.finished and len(ids) != position):
         raise InvalidArgument(f"a {what} has one token per step until it finishes: {len(ids)} "
                               f"tokens after {position} steps", data.where("output_ids"))
 

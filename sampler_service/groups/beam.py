@@ -181,6 +181,8 @@ class BeamGroup(Group):
     """A beam-search group: W rows per step in beam order (see the module docstring)."""
 
     kind = "beam"
+    drafts_refusal = ("beam search ranks the continuations of every row together, so a row's "
+                      "next tokens are not its own policy's choice: drafts cannot be verified")
 
     def __init__(self, root: SequenceState, settings: BeamSettings):
         super().__init__(root)

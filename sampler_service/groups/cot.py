@@ -61,6 +61,8 @@ class CotGroup(Group):
     docstring). Before it branches, the group is one greedy row, the trunk (`branches[0]`)."""
 
     kind = "cot"
+    drafts_refusal = ("CoT decoding branches on the top-k of its first step and ranks paths by "
+                      "answer confidence: its branches take one token per step")
 
     def __init__(self, root: SequenceState, k: int, answer_after: tuple[int, ...],
                  at_chaotic_point: bool):

@@ -8,10 +8,17 @@ a fork that finishes stops sending rows. When every fork finished, the result li
 in fork order with their cumulative raw logprob as score, or, with best_of > n, the n forks
 with the highest cumulative raw logprob, best first (vLLM's best_of ranking; its v1 reports raw
 logprobs).
+
+Forks verify speculative drafts (`draft_lanes`, `plan_verified`, docs/speculative.md): each
+running fork verifies its own row's drafts as the plain sequence with its seed would, and at
+the first step every fork verifies the prompt row's; a fork then advances by the tokens it
+emitted and the group by one step, so after verifications a running fork holds at least one
+token per step.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -19,7 +26,7 @@ from sampler_service.errors import InvalidArgument
 from sampler_service.groups.base import (Group, GroupRecord, GroupResult, GroupStep, Hypothesis,
                                          history, restore_branch)
 from sampler_service.policy.processors.base import RowInputs
-from sampler_service.state import FinishReason, SequenceState
+from sampler_service.state import FinishReason, RowOutcome, SequenceState
 from sampler_service.state.resume import Reader, row_state
 
 if TYPE_CHECKING:
@@ -32,6 +39,7 @@ class ForkGroup(Group):
     """`best_of` sampling branches of one root sequence (see the module docstring)."""
 
     kind = "fork"
+    drafts_refusal = None
 
     def __init__(self, root: SequenceState, n: int, best_of: int):
         super().__init__(root)
@@ -83,20 +91,46 @@ class ForkGroup(Group):
         rows = reader.readers("forks", len(self.forks))
         self.sums = reader.numbers("sums", len(self.forks), scores=True)
         for fork, row in zip(self.forks, rows):
-            restore_branch(fork, row, position, "fork")
+            restore_branch(fork, row, position, "fork", verifies=True)
+
+    def _lanes(self) -> tuple[list[int], list[int]]:
+        """The running forks and the input row each continues (the prompt's at the first step)."""
+        live = self._live()
+        return live, [0] * len(live) if self.step_number == 0 else list(range(len(live)))
 
     def plan(self, engine: "Engine", inputs: RowInputs, processed_logprobs: bool) -> GroupStep:
-        live, logits = self._live(), inputs.raw
-        parents = [0] * len(live) if self.step_number == 0 else list(range(len(live)))
-        rows = inputs.select(torch.tensor(parents, device=logits.device))
+        live, parents = self._lanes()
+        rows = inputs.select(torch.tensor(parents, device=inputs.raw.device))
         outcomes = engine.step([self.forks[i] for i in live], rows.raw, processed_logprobs,
                                reference=rows.reference, signals=rows.signals)
+        return self._planned(live, parents, [[o] for o in outcomes], inputs.raw.shape[1],
+                             inputs.raw.shape[0], verified=False)
+
+    def draft_lanes(self) -> list[tuple[SequenceState, int]]:
+        """Each running fork verifies the drafts of the row it continues (at the first step
+        every fork verifies the prompt row's, with its own seed)."""
+        live, parents = self._lanes()
+        return [(self.forks[i], parent) for i, parent in zip(live, parents)]
+
+    def plan_verified(self, outcomes: Sequence[Sequence[RowOutcome]], vocab: int,
+                      rows_in: int) -> Callable[[], GroupRecord]:
+        live, parents = self._lanes()
+        step = self._planned(live, parents, outcomes, vocab, rows_in, verified=True)
+        return lambda: self.commit(step)
+
+    def _planned(self, live: list[int], parents: list[int],
+                 outcomes: Sequence[Sequence[RowOutcome]], vocab: int, rows_in: int,
+                 verified: bool) -> GroupStep:
+        """The step in which running fork live[n] continues input row parents[n] with the
+        tokens outcomes[n] (one, or a verification's 1 … k + 1)."""
         forks, sums = list(self.forks), list(self.sums)
         records = []
-        for i, parent, outcome in zip(live, parents, outcomes):
+        for i, parent, emitted in zip(live, parents, outcomes):
             forks[i] = self.forks[i].branch(self.forks[i].sequence_id)
-            sums[i] += outcome.logprob
-            records.append(forks[i].record_step(outcome, logits.shape[1], parent, sums[i]))
+            sums[i] += sum(o.logprob for o in emitted)
+            record = (forks[i].record_tokens(emitted, vocab, parent, sums[i]) if verified
+                      else forks[i].record_step(emitted[0], vocab, parent, sums[i]))
+            records.append(replace(record, step=self.step_number))  # the group's step
         result = None
         if all(f.finished for f in forks):
             result = GroupResult(tuple(self._finished(forks, sums)))
@@ -104,5 +138,5 @@ class ForkGroup(Group):
         def apply() -> None:
             self.forks, self.sums = forks, sums
 
-        record = GroupRecord(self.step_number, logits.shape[0], tuple(records), result)
-        return GroupStep(record, logits.shape[1], apply)
+        record = GroupRecord(self.step_number, rows_in, tuple(records), result)
+        return GroupStep(record, vocab, apply)

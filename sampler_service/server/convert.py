@@ -9,7 +9,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
-from sampler_service.errors import FailedPrecondition, InvalidArgument, echo
+from sampler_service.errors import InvalidArgument, echo
 from sampler_service.groups import AnswerVote, Group, GroupRecord, Hypothesis
 from sampler_service.policy.processors.base import SIGNAL_NAMES
 from sampler_service.service import Answer, SequenceRequest, StepRow
@@ -132,18 +132,13 @@ def signals_from_pb(request: pb.StepRequest, device) -> dict[str, torch.Tensor] 
             for name, values in columns.items()}
 
 
-def step_rows_from_pb(rows, decode=None) -> list[StepRow]:
-    """The rows; `decode(tensor, field)` decodes a row's draft_probs (inline only: a region
-    reference is FAILED_PRECONDITION naming `rows[i].draft_probs`)."""
+def step_rows_from_pb(rows, decode) -> list[StepRow]:
+    """The rows; `decode(tensor, field)` decodes a row's draft_probs (inline or in a region)
+    to float32 on the CPU."""
     out = []
     for i, r in enumerate(rows):
-        probs = None
-        if r.HasField("draft_probs"):
-            if r.draft_probs.WhichOneof("data") != "raw":
-                raise FailedPrecondition("draft_probs travel inline (Tensor.raw) only; shared "
-                                         "memory and CUDA IPC are not supported for them yet",
-                                         f"rows[{i}].draft_probs")
-            probs = decode(r.draft_probs, f"rows[{i}].draft_probs")
+        probs = decode(r.draft_probs, f"rows[{i}].draft_probs") if r.HasField("draft_probs") \
+            else None
         out.append(StepRow(r.sequence_id, r.step if r.HasField("step") else None,
                            r.branch if r.HasField("branch") else None,
                            tuple(r.draft_token_ids), probs))

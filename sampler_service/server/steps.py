@@ -60,8 +60,8 @@ class StepRunner:
     def decode(self, request: pb.StepRequest) -> "_Decoded":
         """Everything of the request but its dense logits' values, which stay as they travel
         (`wire`) until `__call__` copies every request's into one batch buffer."""
-        rows = convert.step_rows_from_pb(
-            request.rows, lambda tensor, name: decode_tensor(tensor, name, torch.device("cpu")))
+        rows = convert.step_rows_from_pb(request.rows, lambda tensor, name: decode_tensor(
+            tensor, name, torch.device("cpu"), self.regions))
         sparse_rows, sparse = ((), None)
         if request.HasField("sparse"):
             sparse_rows, sparse = decode_sparse(request.sparse, len(rows), self.core.device,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import copy
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from sampler_service.state.history import TokenHistory
 from sampler_service.text.detokenize import IncrementalText
@@ -145,6 +145,19 @@ class SequenceState:
     #: share one engine call (a group plans its rows itself).
     running_rows: ClassVar[int] = 1
     shares_engine_call: ClassVar[bool] = True
+    #: Why the unit cannot verify speculative drafts; None: it can (`draft_lanes`).
+    drafts_refusal: ClassVar[str | None] = None
+
+    def draft_lanes(self) -> list[tuple["SequenceState", int]]:
+        """Speculative verification: each row state that verifies drafts, with the index
+        (among the unit's rows in the request) of the row whose drafts and logits it takes."""
+        return [(self, 0)]
+
+    def plan_verified(self, outcomes: Sequence[Sequence[RowOutcome]], vocab: int,
+                      rows_in: int) -> Callable[[], StepRecord]:
+        """The commit of a verification whose lanes emitted `outcomes` (one list per lane)."""
+        emitted, = outcomes
+        return lambda: self.record_tokens(emitted, vocab)
 
     @property
     def root(self) -> "SequenceState":
@@ -238,6 +251,20 @@ class SequenceState:
             processed_top_logprobs=outcome.processed_top_logprobs,
             processed_stats=outcome.processed_stats, parent=parent, score=score,
             explanation=outcome.explanation, stop_string=self.stop_string)
+        return self.last_record
+
+    def record_tokens(self, outcomes: Sequence[RowOutcome], vocab: int, parent: int = 0,
+                      score: float = 0.0) -> StepRecord:
+        """Accepts a speculative verification's emitted tokens in order, each as plain decoding
+        would (`record_step`), and keeps one record for the step: at the first token's
+        position, naming them all (`accepted_token_ids`), the rest of it the last's, with
+        `score` (a fork's cumulative raw logprob after the last)."""
+        start = self.position
+        for outcome in outcomes:
+            record = self.record_step(outcome, vocab, parent, score)
+        self.last_record = replace(record, step=start, accepted_token_ids=tuple(
+            o.token_id for o in outcomes), accepted_stats=tuple(
+            (o.entropy, o.varentropy) for o in outcomes))
         return self.last_record
 
     def accept(self, token_id: int, entropy: float, varentropy: float) -> None:

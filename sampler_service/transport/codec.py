@@ -88,11 +88,14 @@ def wire_tensor(tensor: pb.Tensor, field: str,
 
 def region_refs(request: pb.StepRequest | pb.PreviewRequest) -> list[tuple[str, str]]:
     """(region name, request field) of every region-backed tensor of `request` (logits,
-    reference_logits, sparse.logits), for `RegionRegistry.hold`; the field is the one a
-    NotFound names, e.g. `logits.shared_memory.region`."""
+    reference_logits, sparse.logits, each row's draft_probs), for `RegionRegistry.hold`; the
+    field is the one a NotFound names, e.g. `logits.shared_memory.region`."""
+    tensors = [(path, _submessage(request, path)) for path in _TENSOR_FIELDS]
+    if "rows" in request.DESCRIPTOR.fields_by_name:
+        tensors += [(f"rows[{i}].draft_probs", row.draft_probs)
+                    for i, row in enumerate(request.rows) if row.HasField("draft_probs")]
     refs = []
-    for path in _TENSOR_FIELDS:
-        tensor = _submessage(request, path)
+    for path, tensor in tensors:
         which = None if tensor is None else tensor.WhichOneof("data")
         if which in _REGION_KIND:
             refs.append((getattr(tensor, which).region, f"{path}.{which}.region"))

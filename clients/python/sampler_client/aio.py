@@ -29,11 +29,9 @@ class AsyncSequence(SequenceHandle):
     async def verify(self, draft_ids: Iterable[int], logits: Any, draft_probs: Any = None, *,
                      processed_logprobs: bool = False) -> list[int]:
         """`Sequence.verify`, awaited."""
-        self.last_choice = await run_async(
-            self.client._steps.verify(self, draft_ids, logits, draft_probs,
-                                      processed_logprobs=processed_logprobs),
-            self.client._performer(self.client._unary_step))
-        return list(self.last_choice.accepted_token_ids)
+        return await run_async(self.verification(draft_ids, logits, draft_probs,
+                                                 processed_logprobs=processed_logprobs),
+                               self.client._performer(self.client._unary_step))
 
     async def info(self) -> SequenceInfo:
         return await self.client.get_sequence(self)
@@ -47,6 +45,13 @@ class AsyncSequenceGroup(SequenceHandle):
 
     async def step(self, logits: Any, *, processed_logprobs: bool = False) -> list[Choice]:
         return await self.client.step([self], logits, processed_logprobs=processed_logprobs)
+
+    async def verify(self, drafts: Iterable[Iterable[int]], logits: Any, draft_probs: Any = None,
+                     *, processed_logprobs: bool = False) -> list[Choice]:
+        """`SequenceGroup.verify`, awaited."""
+        return await run_async(self.verification(drafts, logits, draft_probs,
+                                                 processed_logprobs=processed_logprobs),
+                               self.client._performer(self.client._unary_step))
 
     async def info(self) -> SequenceInfo:
         return await self.client.get_sequence(self)
@@ -256,4 +261,12 @@ class AsyncStepStream:
                                                         processed_logprobs=processed_logprobs,
                                                         reference_logits=reference_logits,
                                                         signals=signals),
+                               self._client._performer(self._round_trip))
+
+    async def verify(self, sequence: SequenceHandle, drafts: Iterable[Any], logits: Any,
+                     draft_probs: Any = None, *,
+                     processed_logprobs: bool = False) -> list[int] | list[Choice]:
+        """`StepStream.verify`, awaited."""
+        return await run_async(sequence.verification(drafts, logits, draft_probs,
+                                                     processed_logprobs=processed_logprobs),
                                self._client._performer(self._round_trip))

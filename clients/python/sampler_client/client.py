@@ -13,7 +13,7 @@ import grpc
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_proto.sampler.v1 import sampler_pb2_grpc
 from sampler_client import requests
-from sampler_client.calls import Rpc, run_sync
+from sampler_client.calls import Exchange, Rpc, run_sync
 from sampler_client.errors import SamplerError, UnavailableError, from_rpc_error
 from sampler_client import health, specs
 from sampler_client.exchange import StepExchange
@@ -168,11 +168,33 @@ class SequenceHandle:
         return [(self.sequence_id, self.next_step, b) for b in range(self.running_rows)]
 
     def _take(self, choices: list[Choice], results: dict[str, GroupResult]) -> None:
-        """Follows this handle's choices of an answer (and its group result, if any)."""
-        self.next_step = choices[0].step + max(1, len(choices[0].accepted_token_ids))
+        """Follows this handle's choices of an answer (and its group result, if any): a plain
+        sequence advances by the tokens it emitted, a group by one step."""
         if self.group_kind:
+            self.next_step = choices[0].step + 1
             self.running_rows = sum(not c.finished for c in choices)
             self.result = results.get(self.sequence_id, self.result)
+        else:
+            self.next_step = choices[0].step + max(1, len(choices[0].accepted_token_ids))
+
+    def verification(self, drafts: Iterable[Any], logits: Any, draft_probs: Any = None, *,
+                     processed_logprobs: bool = False) -> Exchange[list[int] | list[Choice]]:
+        """The exchange of a speculative verification (docs/speculative.md), as `verify` and
+        the streams' `verify` run it. A plain sequence: `drafts` its k draft ids, `logits`
+        [k + 1, vocab] (the target's logits after each prefix, bonus row last), `draft_probs`
+        the draft model's [k, vocab] probabilities (None: point masses); the result is the
+        1 … k + 1 tokens emitted, and `last_choice` the answer's Choice. A fork group: one
+        draft list (k_i >= 0) per running row, `logits` [sum of (k_i + 1), vocab] in row
+        order, `draft_probs` None or one entry per row (None or [k_i, vocab]); the result is
+        its choices, each with the tokens its fork emitted in `accepted_token_ids`."""
+        steps = self.client._steps
+        if self.group_kind:
+            return (yield from steps.verify(self, list(drafts), logits, draft_probs,
+                                            processed_logprobs=processed_logprobs))
+        self.last_choice, = yield from steps.verify(
+            self, [list(drafts)], logits, None if draft_probs is None else [draft_probs],
+            processed_logprobs=processed_logprobs)
+        return list(self.last_choice.accepted_token_ids)
 
 
 class Sequence(SequenceHandle):
@@ -193,12 +215,10 @@ class Sequence(SequenceHandle):
         [k, vocab] probabilities (None: the drafts are point masses). Returns the 1 … k + 1
         tokens emitted (the accepted drafts, then the policy's token); the sequence and
         `next_step` advance by that many, so `step` continues after it. `last_choice` holds
-        the answer's Choice."""
-        self.last_choice = run_sync(
-            self.client._steps.verify(self, draft_ids, logits, draft_probs,
-                                      processed_logprobs=processed_logprobs),
-            self.client._performer(self.client._unary_step))
-        return list(self.last_choice.accepted_token_ids)
+        the answer's Choice. Tensors go through the client's transport."""
+        return run_sync(self.verification(draft_ids, logits, draft_probs,
+                                          processed_logprobs=processed_logprobs),
+                        self.client._performer(self.client._unary_step))
 
     def info(self) -> SequenceInfo:
         return self.client.get_sequence(self)
@@ -215,6 +235,16 @@ class SequenceGroup(SequenceHandle):
     def step(self, logits: Any, *, processed_logprobs: bool = False) -> list[Choice]:
         """The group's choices from `logits` [running_rows, vocab]."""
         return self.client.step([self], logits, processed_logprobs=processed_logprobs)
+
+    def verify(self, drafts: Iterable[Iterable[int]], logits: Any, draft_probs: Any = None, *,
+               processed_logprobs: bool = False) -> list[Choice]:
+        """Forks: speculative verification per fork (`verification`): one draft list per
+        running row (empty: a plain step for that fork) and `logits` [sum of (k_i + 1),
+        vocab]; each choice's accepted_token_ids are the tokens its fork emitted. Beam search
+        and CoT refuse drafts (FailedPreconditionError)."""
+        return run_sync(self.verification(drafts, logits, draft_probs,
+                                          processed_logprobs=processed_logprobs),
+                        self.client._performer(self.client._unary_step))
 
     def info(self) -> SequenceInfo:
         return self.client.get_sequence(self)
@@ -570,4 +600,12 @@ class StepStream:
                                                  processed_logprobs=processed_logprobs,
                                                  reference_logits=reference_logits,
                                                  signals=signals),
+                        self._client._performer(self._round_trip))
+
+    def verify(self, sequence: SequenceHandle, drafts: Iterable[Any], logits: Any,
+               draft_probs: Any = None, *,
+               processed_logprobs: bool = False) -> list[int] | list[Choice]:
+        """`sequence.verify(...)` over this stream (see `SequenceHandle.verification`)."""
+        return run_sync(sequence.verification(drafts, logits, draft_probs,
+                                              processed_logprobs=processed_logprobs),
                         self._client._performer(self._round_trip))

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
+import numpy as np
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_client import requests
@@ -111,22 +112,60 @@ class StepExchange:
             return (yield from attempt())
         return (yield from self.replay.run(attempt, handles, self.placer))
 
-    def verify(self, handle: Any, draft_ids: Sequence[int], logits: Any, draft_probs: Any = None,
-               *, processed_logprobs: bool = False) -> Exchange[Choice]:
-        """One speculative verification of a plain sequence (sent inline; replay retries it
-        like a step): its Choice, whose accepted_token_ids are the tokens emitted."""
-        draft_ids = [int(t) for t in draft_ids]
+    def verify(self, handle: Any, drafts: Sequence[Sequence[int]], logits: Any,
+               draft_probs: Sequence[Any] | None = None, *,
+               processed_logprobs: bool = False) -> Exchange[list[Choice]]:
+        """One speculative verification of a plain sequence or a fork group: per running row
+        its draft ids (k_i >= 0) and optionally its draft model's [k_i, vocab] probabilities
+        (None: point masses), with `logits` [sum of (k_i + 1), vocab]; every tensor goes
+        through the client's transport. Replay retries it like a step. Its choices, whose
+        accepted_token_ids are the tokens each row emitted."""
+        rows = len(handle.row_keys())
+        drafts = [[int(t) for t in ids] for ids in drafts]
+        probs = [None] * rows if draft_probs is None else list(draft_probs)
+        if len(drafts) != rows or len(probs) != rows:
+            raise ValueError(f"{handle.sequence_id!r} sends {rows} rows: give one draft list "
+                             f"and one draft_probs entry per row, not {len(drafts)} and "
+                             f"{len(probs)}")
+        if not any(drafts):
+            raise ValueError("verify needs at least one draft token id")
+        wires = [wire_rows(logits, sum(len(ids) + 1 for ids in drafts))] + [
+            None if p is None else wire_rows(
+                np.asarray(p, dtype=np.float32) if isinstance(p, (list, tuple)) else p, len(ids))
+            for p, ids in zip(probs, drafts)]
 
         def attempt() -> Exchange[list[Choice]]:
-            request = requests.verify_request(
-                handle.sequence_id, handle.next_step, draft_ids, logits, draft_probs,
-                processed_logprobs=processed_logprobs, resume_records=self.replay is not None)
-            response = yield Rpc("Step", request)
+            response, failure = yield from self._send(wires, lambda tensors: requests.verify_request(
+                handle.row_keys(), drafts, tensors[0], tensors[1:],
+                processed_logprobs=processed_logprobs, resume_records=self.replay is not None))
+            if failure is not None:
+                raise failure
             return advance([handle], response)
 
         if self.replay is None:
-            return (yield from attempt())[0]
-        return (yield from self.replay.run(attempt, [handle], self.placer))[0]
+            return (yield from attempt())
+        return (yield from self.replay.run(attempt, [handle], self.placer))
+
+    def _send(self, wires: Sequence[WireTensor | None],
+              build: Callable[[list[pb.Tensor | None]], pb.StepRequest]
+              ) -> Exchange[tuple[pb.StepResponse | None, SamplerError | None]]:
+        """Places `wires`, sends the Step request `build` makes of the placed tensors, and
+        frees the regions once the service has read them: (response, None) or (None, the
+        failure, in-band or not)."""
+        placement = yield from self.placer.place(wires)
+        answered = False
+        try:
+            try:
+                response = yield Rpc("Step", build(placement.tensors))
+                answered = True
+                if response.HasField("error"):
+                    return None, from_status(response.error)
+                return response, None
+            except SamplerError as error:
+                answered = error.code in ANSWER_CODES
+                return None, error
+        finally:
+            placement.finish(answered)
 
     def _step_once(self, handles: Sequence[Any], logits: Any, *, processed_logprobs: bool,
                    reference_logits: Any,
@@ -138,26 +177,17 @@ class StepExchange:
         reference = None if reference_logits is None else wire_rows(reference_logits, len(keys))
         sparse, top = self._sparse_rows(wire, row_handles)
         while True:
-            placement = yield from self.placer.place(
-                [self._dense_rows(wire, len(keys), sparse), None if top is None else top.values,
-                 reference])
-            answered = False
-            try:
-                logits_pb, values_pb, reference_pb = placement.tensors
-                request = requests.step_request(
+            def build(tensors: list[pb.Tensor | None]) -> pb.StepRequest:
+                logits_pb, values_pb, reference_pb = tensors
+                return requests.step_request(
                     keys, logits_pb, processed_logprobs=processed_logprobs,
                     reference_logits=reference_pb, signals=signals,
                     sparse=None if top is None else top.message(sparse, wire.shape[1], values_pb),
                     resume_records=self.replay is not None)
-                try:
-                    response = yield Rpc("Step", request)
-                    answered = True
-                    failure = from_status(response.error) if response.HasField("error") else None
-                except SamplerError as error:
-                    answered = error.code in ANSWER_CODES
-                    failure = error
-            finally:
-                placement.finish(answered)
+
+            response, failure = yield from self._send(
+                [self._dense_rows(wire, len(keys), sparse),
+                 None if top is None else top.values, reference], build)
             if failure is None:
                 return advance(handles, response)
             refused = sparse_refusals(failure, sparse)

@@ -191,7 +191,7 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     `max_matching_ngram_size`; never past `max_new_tokens`, never an EOS); with none it is a
     plain step, else the model runs once on the last token and the drafts (k + 1 positions on
     the KV cache), the sidecar verifies the drafts against those k + 1 logits rows under the
-    policy (`seq.verify`: the accepted drafts and one token of the policy's own), and the KV
+    policy (`stream.verify` on the generation's StepStream: the accepted drafts and one token of the policy's own), and the KV
     cache is cropped back to the accepted tokens. The tokens are the policy's, as without
     drafts: greedy gives plain greedy's. `stats.accepted_per_step` gets the tokens each step
     emitted; `trace` gets each step's choices as in a plain generation.
@@ -331,13 +331,13 @@ def _generate_prompt_lookup(model, input_ids: Any, client: SamplerClient, *, pol
                 stats.model_s += clock() - started
                 rows = out.logits[0, -(len(drafts) + 1):, :].float()  # [k + 1, vocab]
                 started = clock()
-                if drafts:  # a unary Step (the SDK verifies one sequence per call)
-                    accepted = handle.verify(drafts, rows)
+                if drafts:
+                    accepted = stream.verify(handle, drafts, rows)
                     choice = handle.last_choice
                 else:
                     choice = stream.step([handle], rows)[0]
                     accepted = [choice.token_id]
-                    stats.service_s += stream.last_service_micros / 1e6
+                stats.service_s += stream.last_service_micros / 1e6
                 finished = choice.finished
                 stats.sidecar_s += clock() - started
                 stats.steps += 1

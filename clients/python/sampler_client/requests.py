@@ -1,6 +1,7 @@
 """Builds request protos from Python values; shared by the sync and asyncio clients."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -163,26 +164,21 @@ def step_request(rows: Sequence[tuple[str, int | None, int | None]], logits: Any
     return request
 
 
-def verify_request(sequence_id: str, step: int | None, draft_ids: Sequence[int], logits: Any,
-                   draft_probs: Any = None, *, processed_logprobs: bool = False,
+def verify_request(rows: Sequence[tuple[str, int | None, int | None]],
+                   drafts: Sequence[Sequence[int]], logits: Any,
+                   draft_probs: Sequence[Any] = (), *, processed_logprobs: bool = False,
                    request_id: str = "", resume_records: bool = False) -> pb.StepRequest:
-    """A speculative verification of one plain sequence (docs/speculative.md): its k draft
-    ids, `logits` [k + 1, vocab] and optionally `draft_probs` [k, vocab] (an array, a tensor or
-    nested lists), all inline. Shared by the sync and asyncio clients."""
-    draft_ids = [int(t) for t in draft_ids]
-    if not draft_ids:
-        raise ValueError("verify needs at least one draft token id")
-    request = pb.StepRequest(request_id=request_id, processed_logprobs=processed_logprobs,
-                             resume_records=resume_records,
-                             logits=_rows_tensor(logits, len(draft_ids) + 1))
-    row = request.rows.add(sequence_id=sequence_id, draft_token_ids=draft_ids)
-    if step is not None:
-        row.step = step
-    if draft_probs is not None:
-        if isinstance(draft_probs, (list, tuple)):
-            import numpy as np
-            draft_probs = np.asarray(draft_probs, dtype=np.float32)
-        row.draft_probs.CopyFrom(_rows_tensor(draft_probs, len(draft_ids)))
+    """A speculative verification (docs/speculative.md): `rows` as for `step_request`, each
+    with its draft ids (k_i >= 0), `logits` [sum of (k_i + 1), vocab] and, per row, its
+    `draft_probs` [k_i, vocab] or None (empty: none); tensors as values (sent inline) or placed
+    `sampler.v1.Tensor`s. Shared by the sync and asyncio clients and their streams."""
+    request = step_request(rows, None, processed_logprobs=processed_logprobs,
+                           request_id=request_id, resume_records=resume_records)
+    request.logits.CopyFrom(_rows_tensor(logits, sum(len(d) + 1 for d in drafts)))
+    for row, ids, probs in itertools.zip_longest(request.rows, drafts, draft_probs):
+        row.draft_token_ids.extend(ids)
+        if probs is not None:
+            row.draft_probs.CopyFrom(_rows_tensor(probs, len(ids)))
     return request
 
 
