@@ -6,8 +6,8 @@ package, and generates `--max-new-tokens` tokens from a repetitive chat-template
 to rewrite) with `sampler_client.hf.generate`: plain greedy (one StepStream round trip and one
 single-token forward pass per token), then `prompt_lookup_num_tokens` = k for each k (drafts
 from the prompt and the tokens so far, one forward pass over the last token and the drafts,
-one `stream.verify` per step on the same StepStream). Checks that every run gives plain greedy's tokens, then prints,
-per mode, the median wall time over the repeats (taken in turns), tokens/s, the sidecar steps,
+one `stream.verify` per step on the same StepStream). Checks that every run gives plain
+greedy's tokens, then prints, per mode, the median wall time over the repeats (taken in turns), tokens/s, the sidecar steps,
 the mean tokens emitted per step, and the model's and the sidecar's time per step.
 
     python benchmarks/speculative.py [--repeats 3] [--threads 2] [--ks 4 8]

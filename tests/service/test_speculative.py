@@ -88,14 +88,14 @@ def test_forks_verify_each_fork_as_its_own_sequence(client):
     assert _accepted(choices) == [seq.verify(drafts[0], logits) for seq in alone]
     assert [c.parent_row for c in choices] == [0, 0, 0] and group.next_step == 1
     for _ in range(12):
-        running = [seq for seq, c in zip(alone, choices) if not c.finished] if group.result is None \
-            else []
-        if not running:
+        running = [seq for seq, c in zip(alone, choices) if not c.finished]
+        if group.result is not None:
             break
         drafts = [[int(t) for t in rng.integers(V, size=int(rng.integers(0, 3)))] for _ in running]
         rows = [_logits(rng, len(d) + 1) for d in drafts]
         # draft probabilities for some rows: a fork's drafts drawn from q
-        probs = [None if not d or rng.random() < 0.5 else np.full((len(d), V), 1.0 / V) for d in drafts]
+        probs = [None if not d or rng.random() < 0.5 else np.full((len(d), V), 1.0 / V)
+                 for d in drafts]
         if not any(drafts):
             drafts[0], rows[0], probs[0] = [1], _logits(rng, 2), None
         choices = group.verify(drafts, np.concatenate(rows), probs)
@@ -131,7 +131,8 @@ def test_fork_verification_retry_and_restore(start_server, tmp_path):
     again = start_server(state_dir=tmp_path)
     with SamplerClient(again.address) as client:
         info = client.get_sequence("forks")
-        assert [h.token_ids for h in info.group.running] == [h.token_ids for h in before.group.running]
+        assert ([h.token_ids for h in info.group.running]
+                == [h.token_ids for h in before.group.running])
         assert all(len(h.token_ids) == 4 for h in info.group.running)
 
 

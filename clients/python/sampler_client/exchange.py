@@ -22,7 +22,6 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import grpc
-import numpy as np
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_client import requests
@@ -30,7 +29,7 @@ from sampler_client.calls import Exchange, Rpc
 from sampler_client.errors import SamplerError, from_status
 from sampler_client.replay import Replay
 from sampler_client.sparse import TopKWithTail, top_k_with_tail
-from sampler_client.tensors import WireTensor, wire_rows
+from sampler_client.tensors import WireTensor, stacked_rows, wire_rows
 from sampler_client.transports import TensorPlacer
 from sampler_client.types import Choice, GroupResult
 
@@ -130,14 +129,15 @@ class StepExchange:
         if not any(drafts):
             raise ValueError("verify needs at least one draft token id")
         wires = [wire_rows(logits, sum(len(ids) + 1 for ids in drafts))] + [
-            None if p is None else wire_rows(
-                np.asarray(p, dtype=np.float32) if isinstance(p, (list, tuple)) else p, len(ids))
-            for p, ids in zip(probs, drafts)]
+            None if p is None else stacked_rows(p, len(ids)) for p, ids in zip(probs, drafts)]
 
         def attempt() -> Exchange[list[Choice]]:
-            response, failure = yield from self._send(wires, lambda tensors: requests.verify_request(
-                handle.row_keys(), drafts, tensors[0], tensors[1:],
-                processed_logprobs=processed_logprobs, resume_records=self.replay is not None))
+            def build(tensors: list[pb.Tensor | None]) -> pb.StepRequest:
+                return requests.verify_request(
+                    handle.row_keys(), drafts, tensors[0], tensors[1:],
+                    processed_logprobs=processed_logprobs, resume_records=self.replay is not None)
+
+            response, failure = yield from self._send(wires, build)
             if failure is not None:
                 raise failure
             return advance([handle], response)

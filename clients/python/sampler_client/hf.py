@@ -191,8 +191,8 @@ def generate(model, input_ids: Any, client: SamplerClient, *, policy: str | Mapp
     `max_matching_ngram_size`; never past `max_new_tokens`, never an EOS); with none it is a
     plain step, else the model runs once on the last token and the drafts (k + 1 positions on
     the KV cache), the sidecar verifies the drafts against those k + 1 logits rows under the
-    policy (`stream.verify` on the generation's StepStream: the accepted drafts and one token of the policy's own), and the KV
-    cache is cropped back to the accepted tokens. The tokens are the policy's, as without
+    policy (`stream.verify` on the generation's StepStream: the accepted drafts and one token
+    of the policy's own), and the KV cache is cropped back to the accepted tokens. The tokens are the policy's, as without
     drafts: greedy gives plain greedy's. `stats.accepted_per_step` gets the tokens each step
     emitted; `trace` gets each step's choices as in a plain generation.
     """

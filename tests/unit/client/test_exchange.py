@@ -274,7 +274,8 @@ def test_verify_places_logits_and_draft_probs_and_advances_by_what_was_emitted(e
     choices = run_sync(exchange.verify(forks, [[5], []], LOGITS[:3], [None, None]), service)
     request = requests_seen[-1]
     assert [list(r.draft_token_ids) for r in request.rows] == [[5], []]
-    assert [r.branch for r in request.rows] == [0, 1] and not request.rows[0].HasField("draft_probs")
+    assert [r.branch for r in request.rows] == [0, 1]
+    assert not request.rows[0].HasField("draft_probs")
     assert [list(c.accepted_token_ids) for c in choices] == [[5, 0], [0]] and forks.next_step == 1
     with pytest.raises(ValueError, match="one draft list"):
         run_sync(exchange.verify(forks, [[5]], LOGITS[:2]), service)
