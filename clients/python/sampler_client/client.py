@@ -182,8 +182,9 @@ class SequenceHandle:
         """The exchange of a speculative verification (docs/speculative.md), as `verify` and
         the streams' `verify` run it. A plain sequence: `drafts` its k draft ids, `logits`
         [k + 1, vocab] (the target's logits after each prefix, bonus row last), `draft_probs`
-        the draft model's [k, vocab] probabilities (None: point masses); the result is the
-        1 … k + 1 tokens emitted, and `last_choice` the answer's Choice. A fork group: one
+        the draft model's [k, vocab] probabilities, whole or as k rows of [vocab] or [1, vocab]
+        (`tensors.stacked_rows`; None: point masses); the result is the 1 … k + 1 tokens
+        emitted, and `last_choice` the answer's Choice. A fork group: one
         draft list (k_i >= 0) per running row, `logits` [sum of (k_i + 1), vocab] in row
         order, `draft_probs` None or one entry per row (None or [k_i, vocab]); the result is
         its choices, each with the tokens its fork emitted in `accepted_token_ids`."""

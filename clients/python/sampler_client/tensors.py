@@ -165,6 +165,21 @@ def wire_rows(values: Any, rows: int) -> WireTensor:
     return wire
 
 
+def stacked_rows(values: Any, rows: int) -> WireTensor:
+    """A [rows, n] tensor given whole (a tensor, an array, nested lists) or as a list or tuple
+    of `rows` rows ([n] or [1, n] each: torch tensors, joined on their device, or anything
+    NumPy takes), e.g. a draft model's probabilities, one [1, vocab] row per draft."""
+    if isinstance(values, (list, tuple)) and len(values) == rows:
+        if all(is_torch_tensor(v) for v in values):
+            import torch
+            return wire_tensor(torch.cat([v.reshape(1, -1) for v in values]))
+        return wire_tensor(np.concatenate([np.asarray(v, dtype=np.float32).reshape(1, -1)
+                                           for v in values]))
+    if isinstance(values, (list, tuple)):
+        values = np.asarray(values, dtype=np.float32)
+    return wire_rows(values, rows)
+
+
 def inline_tensor(wire: WireTensor) -> pb.Tensor:
     """The wire tensor with its bytes in the message."""
     return pb.Tensor(dtype=wire.dtype, shape=list(wire.shape), raw=wire.raw())

@@ -104,3 +104,17 @@ def test_cuda_writes_equal_the_inline_bytes():
     bf16.write_to_cuda(destination)
     assert bf16.cuda_device == destination.device.index
     assert destination.cpu().numpy().tobytes() == _bf16_bytes()
+
+
+def test_stacked_rows_takes_a_whole_tensor_or_one_row_per_draft():
+    torch = pytest.importorskip("torch")
+    from sampler_client.tensors import stacked_rows
+    whole = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    forms = [whole, whole.tolist(), [whole[i] for i in range(3)],
+             [whole[i:i + 1] for i in range(3)], [torch.from_numpy(whole[i]) for i in range(3)],
+             [torch.from_numpy(whole[i:i + 1]) for i in range(3)]]
+    for form in forms:
+        wire = stacked_rows(form, 3)
+        assert wire.shape == (3, 5) and wire.raw() == whole.tobytes(), type(form[0])
+    one = stacked_rows(whole[0], 1)  # one draft: a [vocab] row
+    assert one.shape == (1, 5) and one.raw() == whole[0].tobytes()
