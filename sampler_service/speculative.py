@@ -26,6 +26,7 @@ restart give the same tokens.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
@@ -61,10 +62,19 @@ class Drafted:
 def verify(engine: "Engine", rows: Sequence[Drafted],
            processed_logprobs: bool = False) -> list[list[RowOutcome]]:
     """The outcomes each row emits (1 … k + 1, in order) under the rule of the module
-    docstring. Positions j = 0, 1, … run in turn, each one engine call over the rows still
-    verifying, on temporary branches holding the drafts accepted so far (ids of their own, so
-    stage memory kept by owner is rebuilt for them, never advanced in the row's); nothing
-    changes: the caller records the outcomes (`SequenceState.record_tokens`) on commit."""
+    docstring; nothing changes: the caller records them (`SequenceState.record_tokens`) on
+    commit. One engine call over every position of every row (`_verify_at_once`) when it
+    provably computes what position-by-position verification (`_verify_in_turn`, the
+    reference) does; otherwise the latter."""
+    at_once = _verify_at_once(engine, rows, processed_logprobs)
+    return at_once if at_once is not None else _verify_in_turn(engine, rows, processed_logprobs)
+
+
+def _verify_in_turn(engine: "Engine", rows: Sequence[Drafted],
+                    processed_logprobs: bool) -> list[list[RowOutcome]]:
+    """Positions j = 0, 1, … in turn, each one engine call over the rows still verifying, on
+    temporary branches holding the drafts accepted so far (ids of their own, so stage memory
+    kept by owner is rebuilt for them, never advanced in the row's)."""
     emitted: list[list[RowOutcome]] = [[] for _ in rows]
     current = [row.state for row in rows]
     active = list(range(len(rows)))
@@ -73,36 +83,18 @@ def verify(engine: "Engine", rows: Sequence[Drafted],
         states = [current[n] for n in active]
         raw = torch.stack([rows[n].logits[j] for n in active])
         outcomes, probs = engine.step(states, raw, processed_logprobs, distributions=True)
-        drafting = [i for i, n in enumerate(active) if j < len(rows[n].drafts)]
-        kept: dict[int, int] = {}  # index in `active` -> the token emitted (accepted or drawn)
-        accepted: set[int] = set()
-        if drafting:
-            p = probs.index_select(0, torch.tensor(drafting, device=probs.device)).double().cpu()
-            q = torch.zeros_like(p)
-            xs = [rows[active[i]].drafts[j] for i in drafting]
-            for r, i in enumerate(drafting):
-                draft_probs = rows[active[i]].draft_probs
-                if draft_probs is None:
-                    q[r, xs[r]] = 1.0
-                else:
-                    q[r] = draft_probs[j].double()
-            seeds = [states[i].seed for i in drafting]
-            positions = [states[i].position for i in drafting]
-            at = torch.arange(len(xs)), torch.tensor(xs)
-            ok = accept(p[at], q[at], uniforms(seeds, positions, ACCEPT_UNIFORM_TOKEN)).tolist()
-            drawn = residual_draw(p, q, uniforms(seeds, positions, ROW_UNIFORM_TOKEN)).tolist()
-            for r, i in enumerate(drafting):
-                kept[i] = xs[r] if ok[r] else drawn[r]
-            accepted = {i for r, i in enumerate(drafting) if ok[r]}
-        log_raw = torch.log_softmax(raw, dim=1) if kept else None
+        pairs = [_Pair(i, rows[n], j, states[i].position) for i, n in enumerate(active)
+                 if j < len(rows[n].drafts)]
+        ok = _accepts(probs, pairs)
+        rejected = [pair for pair, kept in zip(pairs, ok) if not kept]
+        tokens = dict(zip((pair.i for pair in rejected), _residuals(probs, rejected)))
+        accepted = {pair.i for pair, kept in zip(pairs, ok) if kept}
+        tokens.update((pair.i, pair.draft) for pair, kept in zip(pairs, ok) if kept)
+        normalizers = _normalizers(raw) if pairs else []
         still = []
         for i, n in enumerate(active):
-            outcome = outcomes[i]
-            if i in kept and kept[i] != outcome.token_id:
-                token = kept[i]
-                outcome = replace(outcome, token_id=token, logprob=float(log_raw[i, token]),
-                                  processed_logprob=None if outcome.processed_logprob is None
-                                  else float(torch.log(probs[i, token])))
+            outcome = _emitted(outcomes[i], tokens.get(i, outcomes[i].token_id), raw[i],
+                               normalizers, probs[i], i)
             emitted[n].append(outcome)
             if i not in accepted:
                 continue  # a rejection or the bonus token ends this row's emission
@@ -116,6 +108,141 @@ def verify(engine: "Engine", rows: Sequence[Drafted],
         active = still
         j += 1
     return emitted
+
+
+def _verify_at_once(engine: "Engine", rows: Sequence[Drafted],
+                    processed_logprobs: bool) -> list[list[RowOutcome]] | None:
+    """Every position of every row in one engine call, on branches built beforehand as if
+    every draft were accepted: position j's state holds x_0 … x_{j−1}, each with its row's
+    raw entropy and varentropy (`raw_statistics`), up to the first draft that finishes the
+    row. Position j is used only when x_0 … x_{j−1} were all accepted, and then its state is
+    the one `_verify_in_turn` builds (record_step of those tokens), provided no stage left
+    memory at an earlier position and the engine reports the statistics the branches took:
+    both are checked after the call, and None (take the other path) when either fails, or
+    at once when a row's stages keep memory already."""
+    from sampler_service.policy.statistics import raw_statistics
+    if not rows or any(row.state.processor_state for row in rows):
+        return None  # stage memory (n-gram index, grammar matcher) is built in turn
+    logits = torch.cat([row.logits for row in rows])
+    stats = raw_statistics(logits)
+    entropies, varentropies = stats.entropy.tolist(), stats.varentropy.tolist()
+    normalizers = stats.log_normalizer.tolist()
+    lanes: list[list[SequenceState]] = []  # per row: the state of each reachable position
+    picks: list[int] = []  # the logits row of each engine row
+    at = 0
+    for row in rows:
+        states = [row.state]
+        for j, token in enumerate(row.drafts):
+            if states[-1].finished:
+                break
+            branch = states[-1].branch(f"{row.state.sequence_id}\x00draft{j + 1}")
+            branch.vocab_size = row.logits.shape[1]
+            branch.accept(token, entropies[at + j], varentropies[at + j])
+            states.append(branch)
+        if states[-1].finished:
+            states.pop()  # the last draft finished the row: nothing is chosen after it
+        lanes.append(states)
+        picks += range(at, at + len(states))
+        at += row.logits.shape[0]
+    raw = logits.index_select(0, torch.tensor(picks, device=logits.device))
+    outcomes, probs = engine.step([s for states in lanes for s in states], raw,
+                                  processed_logprobs, distributions=True)
+    starts = list(itertools.accumulate((len(states) for states in lanes), initial=0))
+    for states, start in zip(lanes, starts):
+        for i in range(start, start + len(states) - 1):  # positions a later one was built on
+            outcome, p = outcomes[i], picks[i]
+            if outcome.memory or (outcome.entropy, outcome.varentropy) != (entropies[p],
+                                                                           varentropies[p]):
+                return None
+    pairs = [_Pair(start + j, row, j, state.position)
+             for row, states, start in zip(rows, lanes, starts)
+             for j, state in enumerate(states[:len(row.drafts)])]
+    ok = dict(zip((pair.i for pair in pairs), _accepts(probs, pairs)))
+    first_rejected = []  # per row, its first rejected draft (the later ones are never reached)
+    for row, states, start in zip(rows, lanes, starts):
+        for j in range(min(len(states), len(row.drafts))):
+            if not ok[start + j]:
+                first_rejected.append(_Pair(start + j, row, j, states[j].position))
+                break
+    drawn = dict(zip((pair.i for pair in first_rejected), _residuals(probs, first_rejected)))
+    picked = [normalizers[p] for p in picks]
+    emitted: list[list[RowOutcome]] = []
+    for row, states, start in zip(rows, lanes, starts):
+        out = []  # ends at a rejection, the bonus token, or an accepted draft that finished
+        for j, i in enumerate(range(start, start + len(states))):
+            kept = ok.get(i, False)
+            token = row.drafts[j] if kept else drawn.get(i, outcomes[i].token_id)
+            out.append(_emitted(outcomes[i], token, raw[i], picked, probs[i], i))
+            if not kept:
+                break
+        emitted.append(out)
+    return emitted
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A draft to decide: engine row `i` holds position `position` of `row`, whose draft `j`
+    it judges."""
+
+    i: int
+    row: Drafted
+    j: int
+    position: int
+
+    @property
+    def draft(self) -> int:
+        return self.row.drafts[self.j]
+
+
+def _accepts(probs: torch.Tensor, pairs: Sequence[_Pair]) -> list[bool]:
+    """Whether each pair's draft x is accepted: U_a · q(x) < p(x), with p the processed
+    distribution of its engine row (`probs` [engine rows, vocab])."""
+    if not pairs:
+        return []
+    rows = torch.tensor([pair.i for pair in pairs], device=probs.device)
+    xs = torch.tensor([pair.draft for pair in pairs], device=probs.device)
+    p_x = probs[rows, xs].double().cpu()
+    q_x = torch.tensor([1.0 if pair.row.draft_probs is None else
+                        float(pair.row.draft_probs[pair.j, pair.draft]) for pair in pairs],
+                       dtype=torch.float64)
+    u = uniforms([pair.row.state.seed for pair in pairs], [pair.position for pair in pairs],
+                 ACCEPT_UNIFORM_TOKEN)
+    return accept(p_x, q_x, u).tolist()
+
+
+def _residuals(probs: torch.Tensor, pairs: Sequence[_Pair]) -> list[int]:
+    """The token each rejected pair emits: its draw from norm(max(0, p − q))."""
+    if not pairs:
+        return []
+    p = probs.index_select(0, torch.tensor([pair.i for pair in pairs], device=probs.device))
+    p = p.double().cpu()
+    q = torch.zeros_like(p)
+    for r, pair in enumerate(pairs):
+        if pair.row.draft_probs is None:
+            q[r, pair.draft] = 1.0
+        else:
+            q[r] = pair.row.draft_probs[pair.j].double()
+    u = uniforms([pair.row.state.seed for pair in pairs], [pair.position for pair in pairs],
+                 ROW_UNIFORM_TOKEN)
+    return residual_draw(p, q, u).tolist()
+
+
+def _normalizers(raw: torch.Tensor) -> list[float]:
+    """log Σ exp of each row, as the engine reports it (`raw_statistics`)."""
+    from sampler_service.policy.statistics import raw_statistics
+    return raw_statistics(raw).log_normalizer.tolist()
+
+
+def _emitted(outcome: RowOutcome, token: int, raw: torch.Tensor, normalizers: Sequence[float],
+             probs: torch.Tensor, i: int) -> RowOutcome:
+    """Engine row i's outcome emitting `token` (an accepted draft or the residual's draw)
+    instead of the policy's own choice: its raw logprob (the engine's formula: logit − log Σ
+    exp) and processed logprob are the token's. `raw` [vocab], `probs` [vocab]: the row's."""
+    if token == outcome.token_id:
+        return outcome
+    return replace(outcome, token_id=token, logprob=float(raw[token]) - normalizers[i],
+                   processed_logprob=None if outcome.processed_logprob is None
+                   else float(torch.log(probs[token])))
 
 
 def uniforms(seeds: list[int], positions: list[int], coordinate: int) -> torch.Tensor:

@@ -56,3 +56,66 @@ def test_first_token_follows_the_processed_distribution(params, with_probs):
     df = int(support.sum()) - 1
     crit = CHI2_999.get(df, {4: 18.467, 3: 16.266, 2: 13.816, 1: 10.828}.get(df))
     assert chi2 < crit, (counts.tolist(), expected.tolist())
+
+
+# Sequence settings whose chains keep no stage memory (every position runs in one engine
+# call), and one whose n-gram index is stage memory (verified position by position).
+AT_ONCE = [
+    {"params": {"temperature": 0.0}},
+    {"params": {"temperature": 1.0, "top_k": 5, "repetition_penalty": 1.3,
+                "frequency_penalty": 0.5}},
+    {"params": {"temperature": 0.8, "min_p": 0.1, "max_tokens": 3, "stop_token_ids": [2]}},
+]
+IN_TURN = [{"policy_spec": {"chain": [{"no_repeat_ngram": {"size": 2}}],
+                            "select": {"sample": {}}}, "params": {}}]
+
+
+@pytest.mark.parametrize("settings", AT_ONCE + IN_TURN)
+def test_all_positions_at_once_equal_position_by_position(settings):
+    """`verify` (one engine call when exact) equals `_verify_in_turn` (the reference) on
+    random drafts, draft probabilities, finishing drafts and two verifications in a row."""
+    torch = pytest.importorskip("torch")
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from sampler_service import speculative as spec
+    from sampler_service.engine import Engine
+    from sampler_service.policy.registry import PolicyRegistry
+    from sampler_service.service import SamplerCore, SequenceRequest
+    from sampler_service.state import SequenceStore
+    vocab = 8
+
+    @hypothesis.settings(max_examples=25, deadline=None)
+    @hypothesis.given(seed=st.integers(0, 2 ** 31),
+                      ks=st.lists(st.integers(0, 4), min_size=1, max_size=3))
+    def check(seed, ks):
+        g = torch.Generator().manual_seed(seed)
+        core = SamplerCore(PolicyRegistry.from_files(), SequenceStore(),
+                           Engine(torch.device("cpu")))
+        names = [f"s{i}" for i in range(len(ks))]
+        core.create_sequences([SequenceRequest(
+            name, policy_spec=settings.get("policy_spec"),
+            params={**settings["params"], "seed": seed + i}, prompt_ids=(1, 2, 1),
+            eos_token_ids=(0,)) for i, name in enumerate(names)])
+        for _ in range(2):
+            rows = []
+            for name, k in zip(names, ks):
+                state = core.store.get(name)
+                if state.finished:
+                    continue
+                drafts = torch.randint(vocab, (k,), generator=g).tolist()
+                logits = torch.randn(k + 1, vocab, generator=g) * 2
+                logits[torch.arange(k), drafts] += 3 * torch.rand(k, generator=g)
+                probs = (torch.softmax(torch.randn(k, vocab, generator=g), 1)
+                         if k and torch.rand(1, generator=g) < 0.5 else None)
+                rows.append(spec.Drafted(state, logits, tuple(drafts), probs))
+            if not rows:
+                return
+            got = spec.verify(core.engine, rows)
+            assert got == spec._verify_in_turn(core.engine, rows, False)
+            if settings in AT_ONCE:
+                assert spec._verify_at_once(core.engine, rows, False) == got
+            for row, outcomes in zip(rows, got):
+                assert 1 <= len(outcomes) <= len(row.drafts) + 1
+                row.state.record_tokens(outcomes, vocab)
+
+    check()
