@@ -233,6 +233,20 @@ def test_hf_generate_gives_the_same_tokens_on_every_transport(server, smollm2, t
         assert hf.generate(model, prompts[:1], client, num_beams=2, max_new_tokens=4) == beams
 
 
+def verifications(client: SamplerClient, device: str = "cpu") -> list[list[int]]:
+    """The tokens of three speculative verifications with draft probabilities (a sampling
+    policy, fixed seeds), their logits and probabilities made on `device`."""
+    g = torch.Generator().manual_seed(0)
+    seq = client.create_sequence(params={"temperature": 1.0}, prompt_ids=[1], seed=4)
+    out = []
+    for k in (1, 3, 2):
+        logits = torch.randn(k + 1, 64, generator=g)
+        q = torch.softmax(torch.randn(k, 64, generator=g), 1)
+        drafts = torch.multinomial(q, 1, generator=g).flatten().tolist()
+        out.append(seq.verify(drafts, logits.to(device), q.to(device)))
+    return out
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,9 +268,11 @@ def test_cuda_ipc_gives_the_inline_tokens(tmp_path, dtype):
             inline.wait_ready()
             expected = generate(inline, dtype=DTYPES[dtype])
             expected_greedy = generate(inline, policy="greedy", dtype=DTYPES[dtype])
+            expected_verified = verifications(inline)
         for transport in ("cuda_ipc", "auto"):
             with SamplerClient(f"unix://{path}", transport=transport) as client:
                 assert generate(client, dtype=DTYPES[dtype], device="cuda") == expected
+                assert verifications(client, device="cuda") == expected_verified  # draft_probs too
                 assert [r.kind for r in client.regions()] == ["cuda"]
         with SamplerClient(f"unix://{path}", sparse_top_k=20) as client:  # values by CUDA IPC
             assert generate(client, policy="greedy", dtype=DTYPES[dtype],
@@ -276,3 +292,11 @@ def test_a_refusal_listing_hundreds_of_rows_reaches_the_sdk_and_is_resent(server
         handles = sparse.create_sequences([dict(policy="default", seed=i) for i in range(256)])
         assert [c.token_id for c in sparse.step(handles, logits)] == expected
         assert all(h.dense_only for h in handles)  # refused as a policy: full rows from now on
+
+
+def test_verifications_over_shared_memory_give_the_inline_tokens(server):
+    with SamplerClient(server.address, transport="inline") as inline:
+        expected = verifications(inline)
+    with SamplerClient(server.address, transport="shm") as client:
+        assert verifications(client) == expected
+        assert [r.kind for r in client.regions()] == ["system"]
