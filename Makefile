@@ -41,10 +41,10 @@ check-proto: $(STAMP)
 	rm -rf .proto-check
 
 docs: $(STAMP)
-	$(BIN)/python -m sampler_service.policy.docgen > docs/policies.md
+	$(BIN)/python -m sampler_service.docgen > docs/policies.md
 
 check-docs: $(STAMP)
-	$(BIN)/python -m sampler_service.policy.docgen | diff - docs/policies.md \
+	$(BIN)/python -m sampler_service.docgen | diff - docs/policies.md \
 	  || (echo "docs/policies.md is stale: run 'make docs' and commit." && exit 1)
 
 # Renders every kustomize overlay (with the venv's pinned kubectl) and checks the result:

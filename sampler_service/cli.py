@@ -303,6 +303,7 @@ def _read_token(path: Path) -> str:
 def validate_policies(path: Path) -> int:
     """Parses every policy file `path` names, then checks that each split names a policy
     defined there or shipped. Prints `FILE: names` per file, or `FILE: field: message` on stderr."""
+    import sampler_service.groups  # noqa: F401  (registers the group selectors)
     from sampler_service.errors import InvalidArgument
     from sampler_service.policy.plugins import load_plugins
     from sampler_service.policy.registry import (PolicyRegistry, load_policy_file,

@@ -29,6 +29,7 @@ from sampler_service.groups.base import (AnswerVote, Group, GroupRecord, GroupRe
 from sampler_service.policy.params import Param
 from sampler_service.policy.processors.base import GroupSelector, RowInputs
 from sampler_service.policy.resolved import Link
+from sampler_service.policy.selectors.greedy import Greedy
 from sampler_service.policy.statistics import top_two_logits
 from sampler_service.state import FinishReason, SequenceState
 from sampler_service.state.resume import Reader, row_state
@@ -70,8 +71,6 @@ class CotGroup(Group):
         self.k = k
         self.answer_after = answer_after
         self.at_chaotic_point = at_chaotic_point
-        # Imported here: the selector registry imports this module (a cycle at import time).
-        from sampler_service.policy.selectors.greedy import Greedy
         trunk = self.branch_state(0)
         trunk.policy = replace(trunk.policy, selector=Link(Greedy(), {}))
         self.branches: list[SequenceState] = [trunk]

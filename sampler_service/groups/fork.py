@@ -9,7 +9,7 @@ in fork order with their cumulative raw logprob as score, or, with best_of > n, 
 with the highest cumulative raw logprob, best first (vLLM's best_of ranking; its v1 reports raw
 logprobs).
 
-Forks verify speculative drafts (`draft_lanes`, `plan_verified`, docs/speculative.md): each
+Forks verify speculative drafts (docs/speculative.md): each
 running fork verifies its own row's drafts as the plain sequence with its seed would, and at
 the first step every fork verifies the prompt row's; a fork then advances by the tokens it
 emitted and the group by one step, so after verifications a running fork holds at least one

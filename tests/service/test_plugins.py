@@ -141,7 +141,7 @@ def test_a_policy_file_may_name_a_plugin_stage(start_server, tmp_path):
 
 def test_the_generated_docs_leave_plugins_out():
     assert "logit_softcap" in entry_points(group=GROUP).names
-    docs = subprocess.run([sys.executable, "-m", "sampler_service.policy.docgen"], check=True,
+    docs = subprocess.run([sys.executable, "-m", "sampler_service.docgen"], check=True,
                           capture_output=True, text=True).stdout
     assert "### `top_k`" in docs and "logit_softcap" not in docs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.policy import parity
-from sampler_service.policy.docgen import _parity_section
+from sampler_service.docgen import _parity_section
 from sampler_service.policy.processors import PROCESSORS
 from sampler_service.policy.selectors import SELECTORS
 from sampler_service.policy.spec import FLAT_NAMES
