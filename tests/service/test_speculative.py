@@ -197,8 +197,8 @@ def test_verify_over_streams_and_shared_memory(server):
                 q = rng.dirichlet(np.ones(V), size=k).astype(np.float32)
                 q[np.arange(k), drafts] += 0.1
                 q /= q.sum(axis=1, keepdims=True)
-                assert stream.verify(b, drafts, logits, q) == a.verify(drafts, logits, q)
-                assert b.last_choice.accepted_token_ids == a.last_choice.accepted_token_ids
+                choice, = stream.verify([b], [drafts], logits, [q])
+                assert list(choice.accepted_token_ids) == a.verify(drafts, logits, q)
         assert shm.regions() and b.info().output_ids == a.info().output_ids
     finally:
         inline.close()
@@ -217,7 +217,7 @@ def test_async_twin_verifies_sequences_and_forks_as_the_sync_client(server, clie
         seq = client.create_sequence(params={"temperature": 1.0}, prompt_ids=[1], seed=2)
         forks = client.create_sequence(params=params, prompt_ids=[1], seed=2)
         with client.stream() as stream:
-            got = [stream.verify(seq, [1, 2], logits[0])]
+            got = [_accepted(stream.verify([seq], [[1, 2]], logits[0]))]
         got.append(_accepted(forks.verify([[3]], logits[1])))
         got.append(_accepted(forks.verify([[4], []], logits[2])))
         return got
@@ -227,9 +227,32 @@ def test_async_twin_verifies_sequences_and_forks_as_the_sync_client(server, clie
             seq = await aio.create_sequence(params={"temperature": 1.0}, prompt_ids=[1], seed=2)
             forks = await aio.create_sequence(params=params, prompt_ids=[1], seed=2)
             async with aio.stream() as stream:
-                got = [await stream.verify(seq, [1, 2], logits[0])]
+                got = [_accepted(await stream.verify([seq], [[1, 2]], logits[0]))]
             got.append(_accepted(await forks.verify([[3]], logits[1])))
             got.append(_accepted(await forks.verify([[4], []], logits[2])))
             return got
 
     assert asyncio.run(twin()) == sync()
+
+
+def test_one_request_verifies_sequences_and_forks_as_separate_ones(client):
+    """`client.verify` of a plain sequence (drafts), another (none) and a fork group in one
+    request answers what each verified alone answers."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    params = {"temperature": 1.0}
+
+    def made():
+        return [client.create_sequence(params=params, prompt_ids=[1], seed=1),
+                client.create_sequence(params=params, prompt_ids=[2], seed=2),
+                client.create_sequence(params={**params, "n": 2}, prompt_ids=[3], seed=3)]
+
+    together, alone = made(), made()
+    for _ in range(3):
+        drafts = [[int(t) for t in rng.integers(V, size=2)], [],
+                  *[[int(rng.integers(V))] for _ in range(together[2].running_rows)]]
+        rows = [_logits(rng, len(d) + 1) for d in drafts]
+        choices = client.verify(together, drafts, np.concatenate(rows))
+        expected = [alone[0].verify(drafts[0], rows[0]), [alone[1].step(rows[1][0]).token_id],
+                    *_accepted(alone[2].verify(drafts[2:], np.concatenate(rows[2:])))]
+        assert _accepted(choices) == expected

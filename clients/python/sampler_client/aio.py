@@ -180,6 +180,14 @@ class AsyncSamplerClient:
                                                 signals=signals),
                                self._performer(self._unary_step))
 
+    async def verify(self, sequences: SequenceT[AsyncSequence], drafts: Iterable[Iterable[int]],
+                     logits: Any, draft_probs: SequenceT[Any] | None = None, *,
+                     processed_logprobs: bool = False) -> list[Choice]:
+        """`SamplerClient.verify`, awaited."""
+        return await run_async(self._steps.verify(sequences, list(drafts), logits, draft_probs,
+                                                  processed_logprobs=processed_logprobs),
+                               self._performer(self._unary_step))
+
     def stream(self) -> "AsyncStepStream":
         return AsyncStepStream(self)
 
@@ -263,10 +271,11 @@ class AsyncStepStream:
                                                         signals=signals),
                                self._client._performer(self._round_trip))
 
-    async def verify(self, sequence: SequenceHandle, drafts: Iterable[Any], logits: Any,
-                     draft_probs: Any = None, *,
-                     processed_logprobs: bool = False) -> list[int] | list[Choice]:
+    async def verify(self, sequences: SequenceT[AsyncSequence], drafts: Iterable[Iterable[int]],
+                     logits: Any, draft_probs: SequenceT[Any] | None = None, *,
+                     processed_logprobs: bool = False) -> list[Choice]:
         """`StepStream.verify`, awaited."""
-        return await run_async(sequence.verification(drafts, logits, draft_probs,
-                                                     processed_logprobs=processed_logprobs),
-                               self._client._performer(self._round_trip))
+        return await run_async(
+            self._client._steps.verify(sequences, list(drafts), logits, draft_probs,
+                                       processed_logprobs=processed_logprobs),
+            self._client._performer(self._round_trip))

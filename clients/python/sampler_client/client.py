@@ -179,8 +179,8 @@ class SequenceHandle:
 
     def verification(self, drafts: Iterable[Any], logits: Any, draft_probs: Any = None, *,
                      processed_logprobs: bool = False) -> Exchange[list[int] | list[Choice]]:
-        """The exchange of a speculative verification (docs/speculative.md), as `verify` and
-        the streams' `verify` run it. A plain sequence: `drafts` its k draft ids, `logits`
+        """The exchange of a speculative verification of this handle alone
+        (docs/speculative.md), as its `verify` runs it. A plain sequence: `drafts` its k draft ids, `logits`
         [k + 1, vocab] (the target's logits after each prefix, bonus row last), `draft_probs`
         the draft model's [k, vocab] probabilities, whole or as k rows of [vocab] or [1, vocab]
         (`tensors.stacked_rows`; None: point masses); the result is the 1 … k + 1 tokens
@@ -190,10 +190,10 @@ class SequenceHandle:
         its choices, each with the tokens its fork emitted in `accepted_token_ids`."""
         steps = self.client._steps
         if self.group_kind:
-            return (yield from steps.verify(self, list(drafts), logits, draft_probs,
+            return (yield from steps.verify([self], list(drafts), logits, draft_probs,
                                             processed_logprobs=processed_logprobs))
         self.last_choice, = yield from steps.verify(
-            self, [list(drafts)], logits, None if draft_probs is None else [draft_probs],
+            [self], [list(drafts)], logits, None if draft_probs is None else [draft_probs],
             processed_logprobs=processed_logprobs)
         return list(self.last_choice.accepted_token_ids)
 
@@ -514,6 +514,18 @@ class SamplerClient(ChannelClient):
                                          reference_logits=reference_logits, signals=signals),
                         self._performer(self._unary_step))
 
+    def verify(self, sequences: SequenceT[SequenceHandle], drafts: Iterable[Iterable[int]],
+               logits: Any, draft_probs: SequenceT[Any] | None = None, *,
+               processed_logprobs: bool = False) -> list[Choice]:
+        """Speculative verification of several plain sequences and fork groups in one
+        request (docs/speculative.md): one draft list (k_i >= 0) per row of `sequences` (one
+        per plain sequence, `running_rows` per group, in order), `logits` [sum of (k_i + 1),
+        vocab] in row order, `draft_probs` None or one entry per row (None, or [k_i, vocab] or
+        k_i rows). Each choice's accepted_token_ids are the tokens its row emitted."""
+        return run_sync(self._steps.verify(sequences, list(drafts), logits, draft_probs,
+                                           processed_logprobs=processed_logprobs),
+                        self._performer(self._unary_step))
+
     def stream(self) -> "StepStream":
         """A StepStream: one long-lived bidirectional call for a generation loop."""
         return StepStream(self)
@@ -603,10 +615,10 @@ class StepStream:
                                                  signals=signals),
                         self._client._performer(self._round_trip))
 
-    def verify(self, sequence: SequenceHandle, drafts: Iterable[Any], logits: Any,
-               draft_probs: Any = None, *,
-               processed_logprobs: bool = False) -> list[int] | list[Choice]:
-        """`sequence.verify(...)` over this stream (see `SequenceHandle.verification`)."""
-        return run_sync(sequence.verification(drafts, logits, draft_probs,
-                                              processed_logprobs=processed_logprobs),
+    def verify(self, sequences: SequenceT[SequenceHandle], drafts: Iterable[Iterable[int]],
+               logits: Any, draft_probs: SequenceT[Any] | None = None, *,
+               processed_logprobs: bool = False) -> list[Choice]:
+        """`SamplerClient.verify` over this stream."""
+        return run_sync(self._client._steps.verify(sequences, list(drafts), logits, draft_probs,
+                                                   processed_logprobs=processed_logprobs),
                         self._client._performer(self._round_trip))

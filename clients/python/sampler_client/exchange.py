@@ -111,21 +111,21 @@ class StepExchange:
             return (yield from attempt())
         return (yield from self.replay.run(attempt, handles, self.placer))
 
-    def verify(self, handle: Any, drafts: Sequence[Sequence[int]], logits: Any,
+    def verify(self, handles: Sequence[Any], drafts: Sequence[Sequence[int]], logits: Any,
                draft_probs: Sequence[Any] | None = None, *,
                processed_logprobs: bool = False) -> Exchange[list[Choice]]:
-        """One speculative verification of a plain sequence or a fork group: per running row
-        its draft ids (k_i >= 0) and optionally its draft model's [k_i, vocab] probabilities
-        (None: point masses), with `logits` [sum of (k_i + 1), vocab]; every tensor goes
-        through the client's transport. Replay retries it like a step. Its choices, whose
+        """One speculative verification of plain sequences and fork groups: per row of
+        `handles` (one per plain sequence, `running_rows` per group, in order) its draft ids
+        (k_i >= 0) and optionally its draft model's [k_i, vocab] probabilities (None: point
+        masses), with `logits` [sum of (k_i + 1), vocab]; every tensor goes through the
+        client's transport. Replay retries it like a step. Its choices, whose
         accepted_token_ids are the tokens each row emitted."""
-        rows = len(handle.row_keys())
+        rows = len(step_rows(handles))
         drafts = [[int(t) for t in ids] for ids in drafts]
         probs = [None] * rows if draft_probs is None else list(draft_probs)
         if len(drafts) != rows or len(probs) != rows:
-            raise ValueError(f"{handle.sequence_id!r} sends {rows} rows: give one draft list "
-                             f"and one draft_probs entry per row, not {len(drafts)} and "
-                             f"{len(probs)}")
+            raise ValueError(f"the sequences send {rows} rows: give one draft list and one "
+                             f"draft_probs entry per row, not {len(drafts)} and {len(probs)}")
         if not any(drafts):
             raise ValueError("verify needs at least one draft token id")
         wires = [wire_rows(logits, sum(len(ids) + 1 for ids in drafts))] + [
@@ -134,17 +134,17 @@ class StepExchange:
         def attempt() -> Exchange[list[Choice]]:
             def build(tensors: list[pb.Tensor | None]) -> pb.StepRequest:
                 return requests.verify_request(
-                    handle.row_keys(), drafts, tensors[0], tensors[1:],
+                    step_rows(handles), drafts, tensors[0], tensors[1:],
                     processed_logprobs=processed_logprobs, resume_records=self.replay is not None)
 
             response, failure = yield from self._send(wires, build)
             if failure is not None:
                 raise failure
-            return advance([handle], response)
+            return advance(handles, response)
 
         if self.replay is None:
             return (yield from attempt())
-        return (yield from self.replay.run(attempt, [handle], self.placer))
+        return (yield from self.replay.run(attempt, handles, self.placer))
 
     def _send(self, wires: Sequence[WireTensor | None],
               build: Callable[[list[pb.Tensor | None]], pb.StepRequest]

@@ -332,8 +332,8 @@ def _generate_prompt_lookup(model, input_ids: Any, client: SamplerClient, *, pol
                 rows = out.logits[0, -(len(drafts) + 1):, :].float()  # [k + 1, vocab]
                 started = clock()
                 if drafts:
-                    accepted = stream.verify(handle, drafts, rows)
-                    choice = handle.last_choice
+                    choice = stream.verify([handle], [drafts], rows)[0]
+                    accepted = list(choice.accepted_token_ids)
                 else:
                     choice = stream.step([handle], rows)[0]
                     accepted = [choice.token_id]

@@ -265,17 +265,17 @@ def test_verify_places_logits_and_draft_probs_and_advances_by_what_was_emitted(e
     plain, forks = handle("a"), SequenceHandle(None, pb.CreatedSequence(
         sequence_id="f", group_kind="fork", running_rows=2))
     q = np.full((2, VOCAB), 1 / VOCAB, np.float32)
-    (choice,) = run_sync(exchange.verify(plain, [[3, 4]], LOGITS[:3], [q]), service)
+    (choice,) = run_sync(exchange.verify([plain], [[3, 4]], LOGITS[:3], [q]), service)
     request = requests_seen[-1]
     assert request.logits.WhichOneof("data") == "shared_memory"
     assert request.rows[0].draft_probs.WhichOneof("data") == "shared_memory"
     assert request.rows[0].draft_probs.shared_memory.region == request.logits.shared_memory.region
     assert list(request.rows[0].draft_token_ids) == [3, 4] and plain.next_step == 3
-    choices = run_sync(exchange.verify(forks, [[5], []], LOGITS[:3], [None, None]), service)
+    choices = run_sync(exchange.verify([forks], [[5], []], LOGITS[:3], [None, None]), service)
     request = requests_seen[-1]
     assert [list(r.draft_token_ids) for r in request.rows] == [[5], []]
     assert [r.branch for r in request.rows] == [0, 1]
     assert not request.rows[0].HasField("draft_probs")
     assert [list(c.accepted_token_ids) for c in choices] == [[5, 0], [0]] and forks.next_step == 1
     with pytest.raises(ValueError, match="one draft list"):
-        run_sync(exchange.verify(forks, [[5]], LOGITS[:2]), service)
+        run_sync(exchange.verify([forks], [[5]], LOGITS[:2]), service)
