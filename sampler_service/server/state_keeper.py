@@ -17,6 +17,10 @@ to generation G+1; snapshot G+1 then replaces the old one atomically and older j
 deleted. A crash in between leaves snapshot G with journals G and G+1, which restore reads.
 `close` (after the server drained its calls) writes the final snapshot.
 
+Vocabularies registered over RPC (RegisterTokenizer) are kept too, one file each in
+DIR/tokenizers (written before the registration answers), and registered again, with their
+names, before the sequences are restored: a restored sequence finds the tokenizer it named.
+
 A journal write that fails (a full disk) is logged and the state files are removed, so that a
 restart starts empty rather than with sequences behind their clients; the next snapshot starts
 a new journal.
@@ -30,15 +34,23 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+from google.protobuf.message import DecodeError
+
+from sampler_client.vocabulary import Vocabulary
+from sampler_proto.sampler.v1 import sampler_pb2 as pb
+
+from sampler_service.errors import SamplerServiceError
 from sampler_service.saved import SavedSequence, SavedState, SavedStateError, SavedStep
 from sampler_service.server.state_codec import (StateDecodeError, apply_change, created_bytes,
                                                 released_bytes, sequence_bytes,
                                                 sequence_from_bytes, stepped_bytes)
 from sampler_service.service import SamplerCore
 from sampler_service.state.journal import JournalFile, read_journal
-from sampler_service.state.snapshot import (LOCK_NAME, SNAPSHOT_NAME, StateFileError,
-                                            journal_name, journals, move_aside, read_snapshot,
+from sampler_service.state.snapshot import (LOCK_NAME, SNAPSHOT_NAME, TOKENIZERS_NAME,
+                                            StateFileError, journal_name, journals, move_aside,
+                                            read_record, read_snapshot, write_record,
                                             write_snapshot)
+from sampler_service.text.registry import checked_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +129,57 @@ class StateKeeper:
     def _snapshot_path(self) -> Path:
         return self.directory / SNAPSHOT_NAME
 
+    # -- tokenizers ---------------------------------------------------------------------------
+    @property
+    def _tokenizers_path(self) -> Path:
+        return self.directory / TOKENIZERS_NAME
+
+    def _restore_tokenizers(self) -> None:
+        """Registers every vocabulary kept in DIR/tokenizers, with its names, before the
+        sequences that name them come back; one that cannot be read or registered is skipped
+        with a log line (the sequences naming it are then skipped too)."""
+        if not self._tokenizers_path.is_dir():
+            return
+        for path in sorted(self._tokenizers_path.glob("sha256-*")):
+            if path.name.endswith(".tmp"):
+                continue
+            try:
+                saved = pb.SavedTokenizer.FromString(read_record(path))
+                request = saved.vocabulary
+                vocabulary = checked_vocabulary(list(request.tokens), list(request.special_ids),
+                                                list(request.eos_token_ids),
+                                                request.tokenizer_json)
+                if _file_name(vocabulary.digest) != path.name:
+                    raise StateFileError(path, f"holds vocabulary {vocabulary.digest}")
+                for name in list(saved.names) or [""]:
+                    self.core.tokenizers.register(vocabulary, name)
+            except (StateFileError, SamplerServiceError, DecodeError, OSError) as exc:
+                log.error("state: tokenizer %s not restored: %s", path, exc)
+                continue
+            log.info("state: tokenizer %s restored (%d tokens, names %s)", vocabulary.digest,
+                     vocabulary.size, ", ".join(saved.names) or "none")
+
+    def _keep_tokenizer(self, vocabulary: Vocabulary, names: tuple[str, ...]) -> None:
+        """`TokenizerRegistry.on_change`: the vocabulary and its names written to
+        DIR/tokenizers before RegisterTokenizer answers. A failed write is logged (the
+        registration stands; a restart would not find that tokenizer)."""
+        saved = pb.SavedTokenizer(vocabulary=pb.RegisterTokenizerRequest(
+            tokens=vocabulary.tokens, special_ids=sorted(vocabulary.special_ids),
+            eos_token_ids=vocabulary.eos_token_ids, tokenizer_json=vocabulary.encoder_json),
+            names=sorted(names))
+        try:
+            self._tokenizers_path.mkdir(mode=0o700, exist_ok=True)
+            write_record(self._tokenizers_path / _file_name(vocabulary.digest),
+                         saved.SerializeToString())
+        except OSError as exc:
+            log.error("state: cannot keep tokenizer %s in %s: %s; a restart will not find it",
+                      vocabulary.digest, self._tokenizers_path, exc)
+
     # -- start --------------------------------------------------------------------------------
     def restore(self) -> list[str]:
-        """Restores the sequences the directory holds; returns their ids."""
+        """Restores the tokenizers registered over RPC, then the sequences the directory
+        holds; returns their ids."""
+        self._restore_tokenizers()
         try:
             state = self._read()
         except StateFileError as exc:
@@ -173,6 +233,7 @@ class StateKeeper:
         self._journal = _Journal(self.directory, generation, self.fsync, self._discard_files)
         self._write(self.core.checkpoint(), generation)
         self.core.attach_journal(self._journal)
+        self.core.tokenizers.on_change = self._keep_tokenizer
         if self.interval_s > 0:
             self._thread = threading.Thread(target=self._run, name="sampler-snapshots",
                                             daemon=True)
@@ -224,6 +285,7 @@ class StateKeeper:
         if self._lock_fd < 0:
             return
         self._stop.set()
+        self.core.tokenizers.on_change = None
         if self._thread is not None:
             self._thread.join()
         try:
@@ -239,6 +301,11 @@ class StateKeeper:
         finally:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _file_name(digest: str) -> str:
+    """A tokenizer's file in DIR/tokenizers: its digest with "-" for ":"."""
+    return digest.replace(":", "-")
 
 
 def _lock(directory: Path) -> int:

@@ -4,12 +4,13 @@
 - `snapshot`: every live sequence at one moment, written whole and atomically (a temporary
   file, fsync, `os.replace`, fsync of the directory), so it is the old one or the new one;
 - `journal-<generation>`: the changes committed since (`sampler_service.state.journal`);
-- `lock`: held (flock) by the one service that owns DIR.
+- `lock`: held (flock) by the one service that owns DIR;
+- `tokenizers/<hex digest>`: a vocabulary registered over RPC (`write_record`, one frame).
 A snapshot of generation G is the state just before journal G's first change: restoring reads
 it, then the journals G, G+1, ... in order.
 
 Both kinds of file are a header, then frames (all integers little-endian):
-    header  magic (8 bytes: b"SMPLSNAP" or b"SMPLJRNL"), format version (u32), generation
+    header  magic (8 bytes: b"SMPLSNAP", b"SMPLJRNL" or b"SMPLTOKN"), format version (u32), generation
             (u64); a snapshot's header adds its number of frames (u64)
     frame   payload length (u32, > 0), CRC-32 of the payload (u32), payload
 Payloads are opaque here (the service writes protobuf messages: sampler.proto's persistence
@@ -30,6 +31,7 @@ from typing import Sequence
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"SMPLSNAP"
 JOURNAL_MAGIC = b"SMPLJRNL"
+TOKENIZER_MAGIC = b"SMPLTOKN"
 _HEADER = struct.Struct("<8sIQ")        # magic, version, generation
 _COUNT = struct.Struct("<Q")            # a snapshot's number of frames
 _FRAME = struct.Struct("<II")           # payload length, CRC-32
@@ -38,6 +40,7 @@ MAX_PAYLOAD = (1 << 32) - 1
 
 SNAPSHOT_NAME = "snapshot"
 LOCK_NAME = "lock"
+TOKENIZERS_NAME = "tokenizers"
 _JOURNAL_NAME = re.compile(r"^journal-(\d{1,19})$")
 
 
@@ -66,7 +69,7 @@ def read_header(path: Path, data: bytes, magic: bytes) -> tuple[int, int]:
     """(generation, offset of what follows the header) of a file's bytes `data`;
     StateFileError for a foreign file or another format version."""
     if len(data) < _HEADER.size or data[:8] != magic:
-        what = "snapshot" if magic == SNAPSHOT_MAGIC else "journal"
+        what = {SNAPSHOT_MAGIC: "snapshot", JOURNAL_MAGIC: "journal"}.get(magic, "tokenizer")
         raise StateFileError(path, f"not a sampler-service {what} file (magic "
                                    f"{data[:8]!r}, expected {magic!r})")
     _, version, generation = _HEADER.unpack_from(data)
@@ -138,15 +141,36 @@ def read_snapshot(path: Path) -> Snapshot:
 
 
 def write_snapshot(path: Path, generation: int, payloads: Sequence[bytes]) -> None:
-    """Replaces the snapshot at `path` atomically: the old file or the new one, whole, is
-    there after a crash at any point (written to `path.tmp`, mode 0600, fsynced, renamed over
-    `path`, then the directory fsynced)."""
+    """Replaces the snapshot at `path` atomically (`_write_atomically`)."""
+    _write_atomically(path, [header(SNAPSHOT_MAGIC, generation) + _COUNT.pack(len(payloads)),
+                             *(frame(payload) for payload in payloads)])
+
+
+def write_record(path: Path, payload: bytes) -> None:
+    """Replaces the one-record file at `path` (a tokenizer) atomically: a header of
+    generation 0, then one frame."""
+    _write_atomically(path, [header(TOKENIZER_MAGIC, 0), frame(payload)])
+
+
+def read_record(path: Path) -> bytes:
+    """The payload of `write_record`'s file; StateFileError when it is foreign, of another
+    format version, or corrupt."""
+    data = path.read_bytes()
+    _, offset = read_header(path, data, TOKENIZER_MAGIC)
+    frames = read_frames(data, offset)
+    if frames.bad or len(frames.payloads) != 1:
+        raise StateFileError(path, f"corrupt: {frames.bad or f'{len(frames.payloads)} frames'}")
+    return frames.payloads[0]
+
+
+def _write_atomically(path: Path, parts: Sequence[bytes]) -> None:
+    """The old file or the new one, whole, is at `path` after a crash at any point: written to
+    `path.tmp`, mode 0600, fsynced, renamed over `path`, then the directory fsynced."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "wb") as file:
-        file.write(header(SNAPSHOT_MAGIC, generation) + _COUNT.pack(len(payloads)))
-        for payload in payloads:
-            file.write(frame(payload))
+        for part in parts:
+            file.write(part)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)

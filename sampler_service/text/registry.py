@@ -7,6 +7,7 @@ vocabulary again is a no-op that answers the same id; a name is an alias a seque
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 from sampler_client.vocabulary import Vocabulary
 from sampler_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, echo
@@ -51,6 +52,10 @@ class TokenizerRegistry:
         self._names: dict[str, str] = {}
         self._max = max_tokenizers
         self._lock = threading.Lock()
+        #: Called with (vocabulary, names bound to it) after a registration that changed what
+        #: is kept (a new vocabulary, one now able to encode, a new name), before `register`
+        #: returns: `--state-dir` keeps them. None: nothing is called.
+        self.on_change: Callable[[Vocabulary, tuple[str, ...]], None] | None = None
 
     def register(self, vocabulary: Vocabulary, name: str = "") -> str:
         """Adds `vocabulary` (a no-op when it is known, except that one with its tokenizer JSON
@@ -66,8 +71,10 @@ class TokenizerRegistry:
                 raise AlreadyExists(f"tokenizer name {echo(name)} is bound to another vocabulary "
                                     f"({bound[:19]}…); choose another name", "name")
             known = self._by_id.get(digest)
+            changed = known is None or bool(name and bound is None)
             if known is not None and vocabulary.encoder_json and not known.encoder_json:
                 self._by_id[digest] = vocabulary  # the same vocabulary, now able to encode
+                changed = True
             elif known is None:
                 if len(self._by_id) >= self._max:
                     raise ResourceExhausted(f"{len(self._by_id)} tokenizers are registered, the "
@@ -75,6 +82,10 @@ class TokenizerRegistry:
                 self._by_id[digest] = vocabulary
             if name:
                 self._names[name] = digest
+            kept = self._by_id[digest]
+            names = tuple(n for n, d in self._names.items() if d == digest)
+        if changed and self.on_change is not None:
+            self.on_change(kept, names)
         return digest
 
     def get(self, key: str, field: str) -> tuple[str, Vocabulary]:

@@ -149,3 +149,44 @@ def test_a_restarted_service_continues_every_generation_exactly(server, tmp_path
         for service in services:
             service.process.kill()
             service.process.wait()
+
+
+def test_a_tokenizer_registered_over_rpc_survives_a_restart(start_server, tmp_path, caplog):
+    """A sequence with stop strings on an RPC-registered vocabulary comes back with it (the
+    name too), and finds a stop string spanning the restart; a corrupt tokenizer file is
+    skipped with a log line, and so is the sequence that named it."""
+    from sampler_client import SamplerClient
+    from sampler_client.vocabulary import Vocabulary
+    from sampler_service.state.snapshot import TOKENIZERS_NAME
+    pieces = [b"", b"Hel", b"lo", b" wor", b"ld", b"!"]
+    toy, other = (Vocabulary(tuple(pieces), frozenset({0}), (0,)),
+                  Vocabulary(tuple(pieces[:5]), frozenset({0}), (0,)))
+
+    def forcing(token: int, width: int) -> torch.Tensor:
+        row = torch.zeros(width)
+        row[token] = 10.0
+        return row
+
+    first = start_server(state_dir=tmp_path)
+    with SamplerClient(first.address) as client:
+        toy_id = client.register_tokenizer(toy, name="toy")
+        other_id = client.register_tokenizer(other, name="other")
+        seq = client.create_sequence("greedy", tokenizer="toy", params={"stop": ["o wo"]},
+                                     sequence_id="t")
+        doomed = client.create_sequence("greedy", tokenizer="other", sequence_id="doomed")
+        assert seq.step(forcing(1, 6)).token_id == 1 and seq.step(forcing(2, 6)).token_id == 2
+        doomed.step(forcing(1, 5))
+    first.stop(0)
+    files = sorted(p.name for p in (tmp_path / TOKENIZERS_NAME).iterdir())
+    assert files == sorted(i.replace(":", "-") for i in (toy_id, other_id))
+    (tmp_path / TOKENIZERS_NAME / other_id.replace(":", "-")).write_bytes(b"garbage")
+    again = start_server(state_dir=tmp_path)
+    with SamplerClient(again.address) as client:
+        info = client.get_sequence("t")
+        assert (info.text, info.tokenizer_id) == ("Hello", toy_id)
+        choice = client.step([seq], forcing(3, 6))[0]  # " wor": "o wo" spans the restart
+        assert choice.finished and choice.stop_string == "o wo"
+        assert client.create_sequence("greedy", tokenizer="toy").sequence_id  # the name too
+        with pytest.raises(Exception, match="doomed"):
+            client.get_sequence("doomed")
+    assert "tokenizer" in caplog.text and "not restored" in caplog.text

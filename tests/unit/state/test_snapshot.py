@@ -394,3 +394,15 @@ def test_a_snapshot_is_replaced_whole(tmp_path):
     assert (snapshot.generation, snapshot.payloads) == (3, [b"d"])
     assert path.read_bytes().startswith(SNAPSHOT_MAGIC)
     assert sorted(os.listdir(tmp_path)) == ["snapshot"]
+
+
+def test_a_record_file_round_trips_and_refuses_damage(tmp_path):
+    from sampler_service.state.snapshot import StateFileError, read_record, write_record
+    path = tmp_path / "record"
+    write_record(path, b"payload")
+    assert read_record(path) == b"payload" and oct(path.stat().st_mode & 0o777) == "0o600"
+    data = path.read_bytes()
+    for damaged in (data[:-1], data[:-1] + b"?", b"SMPLSNAP" + data[8:], data + data[-12:]):
+        path.write_bytes(damaged)
+        with pytest.raises(StateFileError):
+            read_record(path)
