@@ -867,3 +867,11 @@ class JournalEntry(_message.Message):
     stepped: SavedStep
     released: SavedRelease
     def __init__(self, created: _Optional[_Union[SavedSequence, _Mapping]] = ..., stepped: _Optional[_Union[SavedStep, _Mapping]] = ..., released: _Optional[_Union[SavedRelease, _Mapping]] = ...) -> None: ...
+
+class SavedTokenizer(_message.Message):
+    __slots__ = ("vocabulary", "names")
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    vocabulary: RegisterTokenizerRequest
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vocabulary: _Optional[_Union[RegisterTokenizerRequest, _Mapping]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
