@@ -62,15 +62,17 @@ def _reports(raw: Candidates, top_n: Sequence[int], stats: RawStatistics) -> lis
     """`report_rows` of raw rows, dense or sparse (whose top-N are sent: `_raw_top_refusals`);
     the N best come from `stats` when it holds enough of them."""
     n = max(top_n, default=0)
+    statistics = zip(stats.log_normalizer.tolist(), stats.entropy.tolist(),
+                     stats.varentropy.tolist())
+    if n == 0:
+        return [RawRowReport(norm, h, v, ()) for norm, h, v in statistics]
     if stats.top_values is not None and stats.top_values.shape[1] >= min(n, raw.vocab):
         top_ids, top_values = _finite_lists(stats.top_values[:, :n], stats.top_ids[:, :n])
     else:
         top_ids, top_values = _top(raw, n)
     return [RawRowReport(norm, h, v, tuple((t, value - norm) for t, value in
                                            zip(top_ids[row][:top_n[row]], top_values[row])))
-            for row, (norm, h, v) in enumerate(zip(stats.log_normalizer.tolist(),
-                                                   stats.entropy.tolist(),
-                                                   stats.varentropy.tolist()))]
+            for row, (norm, h, v) in enumerate(statistics)]
 
 
 def processed_reports(dist: Candidates, top_n: Sequence[int]
@@ -158,11 +160,13 @@ class Engine:
         return args
 
     def process(self, states: Sequence[SequenceState], logits: torch.Tensor,
-                inputs: RowInputs, shared: bool = False) -> tuple[Candidates, RowBatch]:
+                inputs: RowInputs, shared: bool = False,
+                maxima: torch.Tensor | None = None) -> tuple[Candidates, RowBatch]:
         """Runs the (shared-signature) chain of `states` over `logits`, which it may modify
         unless `shared` (then the first write copies them); `inputs` holds the untouched raw
-        rows and what else the worker sent for them."""
-        candidates = Candidates(logits, shared=shared)
+        rows and what else the worker sent for them; `maxima` [R]: each row's max of `logits`
+        when known (no pass to find them)."""
+        candidates = Candidates(logits, shared=shared, maxima=maxima)
         batch = self._run_chain(states, candidates, inputs, None)
         if not batch.pristine:  # raw rows were checked on arrival: each has a finite logit
             _check_choosable(states, candidates)
@@ -236,7 +240,9 @@ class Engine:
                 # The chain works on its own copy (made at its first write when the group is
                 # the whole batch): the raw logits are needed below.
                 own = logits if whole else logits.index_select(0, index)
-                candidates, batch = self.process(group, own, own_inputs, shared=whole)
+                best = own_inputs.statistics.best_id  # the rows' first argmax: their maxima
+                candidates, batch = self.process(group, own, own_inputs, shared=whole,
+                                                 maxima=own.gather(1, best.unsqueeze(1))[:, 0])
             else:
                 candidates, batch, tail = self._process_sparse(group, own_inputs)
                 selector.stage.sparse_tail(candidates, args, batch, tail)

@@ -1,7 +1,8 @@
 """Compiled CPU kernels (numba), each the fast path of a torch reference kept beside its caller
-and tested against it: `cpu_statistics` (moments of whole rows), `cpu_compact` (threshold
-compaction into sparse rows), `cpu_mass_cut` (top-p's nucleus). Importing this package needs
-numba (the `server` extra); callers fall back to their torch path without it."""
+and tested against it: `cpu_statistics` (raw statistics of whole rows), `cpu_compact` (threshold
+compaction into sparse rows), `cpu_mass_cut` (top-p's nucleus), `cpu_divide` (temperature).
+Importing this package needs numba (the `server` extra); callers fall back to their torch path
+without it."""
 from __future__ import annotations
 
 import os
@@ -100,14 +101,18 @@ def warm() -> None:
     does not pay for it: the server calls it before it reports SERVING."""
     import numpy as np
 
-    from sampler_service.kernels import cpu_compact, cpu_draw, cpu_mass_cut, cpu_statistics, cpu_top_k
+    from sampler_service.kernels import (cpu_compact, cpu_divide, cpu_draw, cpu_mass_cut,
+                                         cpu_statistics, cpu_top_k)
     logits = np.array([[0.0, -1.0, -2.0]], dtype=np.float32)
     best = logits.max(axis=1)
     zero = np.zeros(1, dtype=np.float32)
     half = np.full(1, 0.5)
     cpu_statistics.row_moments(logits, best, 1)
+    cpu_statistics.row_statistics(logits, 1)
     cpu_compact.compact_at_least(logits, best, 2, 1)
     cpu_top_k.top_k_entries(logits, 2, 1)
     cpu_mass_cut.mass_cuts(logits, best, zero, half, 1)
     cpu_mass_cut.keys_beyond(logits, best, zero, zero, 1)
     cpu_draw.draw_columns(logits, best, half, 1)
+    cpu_divide.divide_rows(logits, np.ones(1, dtype=np.float32), logits.copy(), 1)
+    cpu_divide.divide_rows(logits.copy(), np.ones(1, dtype=np.float32), None, 1)

@@ -35,10 +35,12 @@ def _weights(row, best, weights):
     on its own: its fast-math flags (so that the sum vectorises) stay its own."""
     total = 0.0
     for start in range(0, row.shape[0], 512):
+        block = row[start:start + 512]  # indexed from 0: the loop vectorises
+        out = weights[start:start + 512]
         part = np.float32(0.0)
-        for j in range(start, min(start + 512, row.shape[0])):
-            w = exp_nonpositive(row[j] - best)
-            weights[j] = w
+        for j in range(block.shape[0]):
+            w = exp_nonpositive(block[j] - best)
+            out[j] = w
             part += w
         total += part
     return total

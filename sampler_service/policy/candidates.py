@@ -99,12 +99,23 @@ class Candidates:
     """Logits of R rows over a vocabulary of `vocab` tokens (see the module docstring)."""
 
     def __init__(self, values: torch.Tensor, ids: torch.Tensor | None = None,
-                 vocab: int | None = None, shared: bool = False):
+                 vocab: int | None = None, shared: bool = False,
+                 maxima: torch.Tensor | None = None):
         self.values = values
         self.ids = ids
         self.vocab = values.shape[1] if vocab is None else vocab
         self._sorted = ids is not None
         self._shared = shared
+        #: (values, [R] each row's max) when the maxima are known (the caller's, e.g. the raw
+        #: rows' from their statistics, or kept through `divide`), so that `max_values` needs
+        #: no pass. Values are written only by the methods here (a plug-in through `writable`):
+        #: each drops or updates them; a stage that sets `values` to another tensor makes them
+        #: stale by that alone.
+        self._maxima = None if maxima is None else (values, maxima)
+
+    def _known_maxima(self) -> torch.Tensor | None:
+        known = self._maxima
+        return None if known is None or known[0] is not self.values else known[1]
 
     def writable(self) -> torch.Tensor:
         """`values`, copied first if they belong to someone else: what a stage that writes
@@ -112,6 +123,7 @@ class Candidates:
         if self._shared:
             self.values = self.values.clone()
             self._shared = False
+        self._maxima = None
         return self.values
 
     @property
@@ -242,6 +254,7 @@ class Candidates:
     def mask(self, remove: torch.Tensor) -> None:
         """Entries where `remove` [R, C] is True become −inf. Keeps the order. Values not yet
         owned are not copied first: the result is written to new ones in the same pass."""
+        self._maxima = None
         if self._shared:
             self.values, self._shared = self.values.masked_fill(remove, -math.inf), False
         else:
@@ -254,7 +267,23 @@ class Candidates:
         A quotient past float32's range saturates at its largest value instead of becoming
         +inf (a logit near the top of the range divided by T < 1): the token still takes all
         the probability, as the exact quotient would, and no later stage or kernel sees +inf
-        (one more pass: ~0.65 ms for 64 x 128256 on 2 cores)."""
+        (one more pass: ~0.65 ms for 64 x 128256 on 2 cores). On float32 CPU rows with a
+        float32 divisor, both in one pass (`sampler_service.kernels.cpu_divide`, the same
+        quotients), and known row maxima stay known: x ↦ min(x / d, f32max) is
+        non-decreasing in float32 (division rounds monotonically), so the new maxima are the
+        old ones divided the same way."""
+        if _on_numpy_rows(self.values) and divisor.dtype == torch.float32:
+            from sampler_service.kernels.cpu_divide import divide_rows
+            known = self._known_maxima()
+            values = self.values.contiguous()  # a copy when not contiguous: ours to write
+            out = torch.empty_like(values) if self._shared and values is self.values else None
+            divide_rows(values.numpy(), divisor.contiguous().numpy(),
+                        None if out is None else out.numpy(), torch.get_num_threads())
+            self.values, self._shared = values if out is None else out, False
+            self._maxima = None if known is None else (
+                self.values, (known / divisor).clamp_(max=_FLOAT32_MAX))
+            return
+        self._maxima = None
         if self._shared:
             self.values, self._shared = self.values / divisor.unsqueeze(1), False
         else:
@@ -299,7 +328,8 @@ class Candidates:
         """[R] best logit of each row."""
         if self.ids is not None and self._sorted:
             return self.values[:, 0]
-        return row_maxima(self.values)
+        known = self._known_maxima()
+        return row_maxima(self.values) if known is None else known
 
     def _sort(self) -> None:
         if not self._sorted:

@@ -1,9 +1,10 @@
 """Raw statistics of whole rows of logits: the log-normaliser, entropy and varentropy that
 every choice reports, each row's best token and its N best raw entries.
 
-`raw_statistics` runs two passes over each float32 CPU row (NumPy's vectorised argmax, then
-the fused numba kernel `sampler_service.kernels.cpu_statistics` for the moments), and `raw_statistics_reference` (torch, a few
-cache-blocked vectorised passes) elsewhere; the reference is what the kernel is tested against.
+`raw_statistics` reads each float32 CPU row once (the fused numba kernel
+`sampler_service.kernels.cpu_statistics.row_statistics`: max, first argmax, log-normaliser,
+entropy and varentropy), and runs `raw_statistics_reference` (torch, a few cache-blocked
+vectorised passes) elsewhere; the reference is what the kernel is tested against.
 Used by the engine for every choice's statistics and by the adaptive processors (EDT,
 entropix, ...) that read the raw distribution's uncertainty.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 
 from sampler_service.policy.candidates import NUMBA, first_argmax
@@ -79,25 +79,17 @@ def _top(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
-    """Two passes: `first_argmax` (NumPy's vectorised argmax, parts of the batch at once) gives
-    each row's max and first argmax, then the kernel's one pass the moments (finished in
-    NumPy: a row's few scalars cost less there than in torch calls); the N best from
+    """One read of each row by the kernel (`cpu_statistics.row_statistics`: max, first argmax
+    and moments at once, the rows in parts on up to torch's thread count); the N best from
     `torch.topk` when asked."""
-    from sampler_service.kernels.cpu_statistics import row_moments
-    rows = logits.contiguous().numpy()
-    best_id = first_argmax(logits).numpy()
-    best = rows[np.arange(rows.shape[0]), best_id]
-    total, first, second = row_moments(rows, best, torch.get_num_threads()).T
-    with np.errstate(divide="ignore", invalid="ignore"):  # a row without a finite logit: NaN
-        log_total = np.log(total)
-        mean = first / total
-        varentropy = np.maximum(second / total - mean * mean, 0.0)
+    from sampler_service.kernels.cpu_statistics import row_statistics
+    best_id, normalizer, entropy, varentropy = row_statistics(logits.contiguous().numpy(),
+                                                              torch.get_num_threads())
     top_values, top_ids = _top(logits, top_n)
     return RawStatistics(
-        log_normalizer=torch.from_numpy((log_total + best).astype(np.float32)),
-        entropy=torch.from_numpy((log_total - mean).astype(np.float32)),
-        varentropy=torch.from_numpy(varentropy.astype(np.float32)),
-        best_id=torch.from_numpy(best_id), top_values=top_values, top_ids=top_ids)
+        log_normalizer=torch.from_numpy(normalizer), entropy=torch.from_numpy(entropy),
+        varentropy=torch.from_numpy(varentropy), best_id=torch.from_numpy(best_id),
+        top_values=top_values, top_ids=top_ids)
 
 
 def fused_available(logits: torch.Tensor) -> bool:

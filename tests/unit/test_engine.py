@@ -352,6 +352,23 @@ def test_compaction_changes_no_outcome(monkeypatch, compactions, batch):
     assert len(tokens) > 1
 
 
+@pytest.mark.parametrize("batch", ["mixed", "uniform"])
+def test_the_raw_rows_known_maxima_change_no_outcome(monkeypatch, batch):
+    """The chain starts from the raw rows' maxima (their statistics' first argmax), kept
+    through temperature: every outcome equals the one found by a pass over the values."""
+    from sampler_service.policy.candidates import Candidates
+    specs = wide_specs()
+    runs = [(specs, 2)] if batch == "mixed" else [([spec], 9) for spec in specs]
+    for chosen_specs, repeat in runs:
+        known = run_wide(chosen_specs, repeat)
+        with monkeypatch.context() as patch:
+            patch.setattr(Candidates, "_known_maxima", lambda self: None)
+            found = run_wide(chosen_specs, repeat)
+        for step, (a_step, b_step) in enumerate(zip(known, found)):
+            for row, (a, b) in enumerate(zip(a_step, b_step)):
+                assert a == b, (batch, step, row)
+
+
 def test_greedy_without_stages_takes_the_raw_first_argmax_and_writes_nothing(monkeypatch):
     from sampler_service.policy.candidates import Candidates
     greedy = custom("greedy", {"select": "greedy"})

@@ -1,5 +1,6 @@
-"""sampler_service.kernels.cpu_statistics (the fused moments kernel) against float64 torch, and
-`raw_statistics` (the fused path) against `raw_statistics_reference` (torch float32)."""
+"""sampler_service.kernels.cpu_statistics (the fused statistics and moments kernels) against
+float64 torch, and `raw_statistics` (the fused path) against `raw_statistics_reference` (torch
+float32)."""
 from __future__ import annotations
 
 import math
@@ -107,6 +108,95 @@ def test_a_rows_moments_do_not_depend_on_its_batch_or_the_threads():
     for r in (0, 7, PARALLEL_MIN_ROWS + 4):  # alone, below PARALLEL_MIN_ROWS: bit for bit
         assert np.array_equal(row_moments(logits[r:r + 1], best[r:r + 1], 4)[0], one_thread[r])
     assert not np.array_equal(one_thread, row_moments(logits, best + 1, 1))  # best enters every z
+
+
+def shaped_rows(seed: int, rows: int, vocab: int, shape: str, scale: float,
+                offset: float) -> torch.Tensor:
+    """[rows, vocab] float32 rows that move `row_statistics`' running maximum in every way:
+    "ascending" (a new maximum in every block), "late" (the maximum after many blocks, far
+    above the rest), "zeros" (maximum 0 held as −0 and +0 in different blocks), "one" (a
+    single finite value), "levels" (few distinct values: ties everywhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale + offset
+    if shape == "ascending":
+        logits = torch.sort(noise, dim=1).values
+    elif shape == "late":
+        logits = noise - 40.0 * scale
+        logits[:, vocab * 3 // 4:] += 40.0 * scale
+    elif shape == "zeros":
+        logits = -noise.abs() - 1.0
+        logits[:, vocab // 5] = -0.0
+        logits[:, vocab - 1] = 0.0
+    elif shape == "one":
+        logits = torch.full((rows, vocab), -INF, dtype=torch.float64)
+        logits[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=generator)] = offset
+    else:
+        logits = torch.randint(0, 3, (rows, vocab), generator=generator).double() * scale + offset
+    return logits.float()
+
+
+def test_row_statistics_match_float64_and_the_first_argmax():
+    pytest.importorskip("numba")
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from sampler_service.kernels.cpu_statistics import row_statistics
+
+    @settings(max_examples=80, deadline=None)
+    @given(seed=st.integers(0, 2 ** 31), rows=st.sampled_from([1, 3, PARALLEL_MIN_ROWS + 1]),
+           vocab=st.one_of(st.integers(1, 40), st.integers(500, 2600)),
+           shape=st.sampled_from(["ascending", "late", "zeros", "one", "levels", "random"]),
+           scale=st.sampled_from([1e-3, 1.0, 4.0, 30.0]),
+           offset=st.sampled_from([0.0, -50.0, 1000.0, -3000.0]),
+           masked=st.sampled_from([0.0, 0.3, 0.9]), threads=st.sampled_from([1, 2, 4]))
+    def check(seed, rows, vocab, shape, scale, offset, masked, threads):
+        if shape == "random":
+            logits = make_rows(seed, rows, vocab, scale, offset, masked, 2)
+        else:
+            logits = shaped_rows(seed, rows, vocab, shape, scale, offset)
+            best = logits.amax(dim=1, keepdim=True)
+            drop = torch.rand(rows, vocab, generator=torch.Generator().manual_seed(seed)) < masked
+            logits[drop & (logits < best)] = -INF  # never a row's maximum
+        best_id, normalizer, entropy, varentropy = row_statistics(logits.numpy(), threads)
+        assert best_id.dtype == np.int64 and normalizer.dtype == np.float32
+        assert np.array_equal(best_id, torch.argmax(logits, dim=1).numpy())  # ties: the first
+        exact = [t.numpy() for t in float64_statistics(logits)]
+        # V = E z² − (E z)² rounds at the scale of E z² (z = l − max, E z = log s − H)
+        mean = exact[0] - logits.double().amax(dim=1).numpy() - exact[1]
+        second = exact[2] + mean * mean
+        assert np.all(np.abs(normalizer - exact[0]) <= 1e-6 * np.maximum(1, np.abs(exact[0])))
+        assert np.all(np.abs(entropy - exact[1]) <= 1e-6 * np.maximum(1, exact[1]))
+        assert np.all(np.abs(varentropy - exact[2]) <= 1e-6 * np.maximum(1, second))
+        reference = raw_statistics_reference(logits)
+        for name, value in (("log_normalizer", normalizer), ("entropy", entropy),
+                            ("varentropy", varentropy)):
+            b = getattr(reference, name).numpy()
+            assert np.all(np.abs(value - b) <= 4e-6 * np.maximum(1, np.abs(b))), name
+
+    check()
+
+
+def test_row_statistics_of_a_row_do_not_depend_on_its_batch_or_the_threads():
+    pytest.importorskip("numba")
+    from sampler_service.kernels.cpu_statistics import row_statistics
+    logits = make_rows(4, PARALLEL_MIN_ROWS + 5, 3000, 3.0, 1.0, 0.2, 2).numpy()
+    one_thread = row_statistics(logits, 1)
+    for a, b in zip(one_thread, row_statistics(logits, 4)):
+        assert np.array_equal(a, b)
+    for r in (0, 7, PARALLEL_MIN_ROWS + 4):
+        for a, b in zip(row_statistics(logits[r:r + 1], 4), one_thread):
+            assert np.array_equal(a[0], b[r])
+
+
+def test_row_statistics_of_a_row_without_a_finite_value_are_nan():
+    pytest.importorskip("numba")
+    from sampler_service.kernels.cpu_statistics import row_statistics
+    logits = np.full((2, 1100), -np.inf, dtype=np.float32)
+    logits[1, 1050] = 2.0
+    best_id, normalizer, entropy, varentropy = row_statistics(logits, 1)
+    assert best_id.tolist() == [0, 1050]
+    assert np.isnan(normalizer[0]) and np.isnan(entropy[0]) and np.isnan(varentropy[0])
+    assert (normalizer[1], entropy[1], varentropy[1]) == (2.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 513, 3000])

@@ -51,7 +51,9 @@ def test_warm_runs_every_kernel():
     pytest.importorskip("numba")
     from sampler_service import kernels
     kernels.warm()
-    from sampler_service.kernels import cpu_compact, cpu_draw, cpu_mass_cut, cpu_statistics, cpu_top_k
-    for kernel in (cpu_statistics._rows, cpu_compact._kept_rows, cpu_compact._fill, cpu_top_k._rows,
-                   cpu_mass_cut._rows, cpu_mass_cut._beyond_rows, cpu_draw._rows):
+    from sampler_service.kernels import (cpu_compact, cpu_divide, cpu_draw, cpu_mass_cut,
+                                         cpu_statistics, cpu_top_k)
+    for kernel in (cpu_statistics._rows, cpu_statistics._statistics_rows, cpu_divide._rows,
+                   cpu_divide._rows_in_place, cpu_compact._kept_rows, cpu_compact._fill,
+                   cpu_top_k._rows, cpu_mass_cut._rows, cpu_mass_cut._beyond_rows, cpu_draw._rows):
         assert kernel.signatures, kernel  # compiled (or loaded) for float32 rows

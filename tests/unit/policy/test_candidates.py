@@ -99,6 +99,33 @@ def test_shared_candidates_copy_at_first_write(monkeypatch, vocab, name, operati
     assert own is candidates.values and candidates.writable() is own
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("vocab", [300, 1500])
+@pytest.mark.parametrize("first", _write_ops(), ids=[o[0] for o in _write_ops()])
+@pytest.mark.parametrize("then", _write_ops(), ids=[o[0] for o in _write_ops()])
+def test_known_maxima_follow_every_write(monkeypatch, shared, vocab, first, then):
+    """Maxima given to Candidates (the raw rows' from their statistics) are what max_values
+    answers until a write: after any two writes it answers the values' own maxima."""
+    monkeypatch.setattr(candidates_module, "COMPACT_WIDTH", 1024)
+    values = random_logits(2, rows=4, vocab=vocab)
+    candidates = Candidates(values if shared else values.clone(), shared=shared,
+                            maxima=values.amax(dim=1))
+    assert torch.equal(candidates.max_values(), values.amax(dim=1))
+    for _, operation, _ in (first, then):
+        operation(candidates)
+        assert torch.equal(candidates.max_values(), candidates.values.amax(dim=1))
+
+
+def test_known_maxima_are_dropped_by_a_write_through_writable_and_by_new_values():
+    values = random_logits(3, rows=4, vocab=500)
+    candidates = Candidates(values.clone(), maxima=values.amax(dim=1))
+    candidates.writable().numpy()[:, :] = 0.0  # a plug-in writing through NumPy
+    assert torch.equal(candidates.max_values(), torch.zeros(4))
+    candidates = Candidates(values.clone(), maxima=values.amax(dim=1))
+    candidates.values = values - 5.0  # a stage setting new values
+    assert torch.equal(candidates.max_values(), values.amax(dim=1) - 5.0)
+
+
 def test_writable_copies_once_and_unshared_never():
     original = random_logits(2, rows=2, vocab=50)
     shared = Candidates(original, shared=True)
