@@ -205,18 +205,23 @@ class Engine:
     def step(self, states: Sequence[SequenceState], logits: torch.Tensor | SparseLogits,
              processed_logprobs: bool = False, *, reference: torch.Tensor | None = None,
              signals: dict[str, torch.Tensor] | None = None,
-             distributions: bool = False):
+             distributions: bool = False, statistics: RawStatistics | None = None):
         """Chooses one token per row. `logits` is float32 [len(states), vocab] on the device,
         or every row sent sparse (`SparseLogits`, see the module docstring: raises `NotExact`
         naming each refused row by its index in `states`); `reference` ([rows, vocab]) and
-        `signals` (name -> [rows]) are the worker's optional extras. With `distributions`
+        `signals` (name -> [rows]) are the worker's optional extras; `statistics`: the dense
+        rows' `raw_statistics` when already computed (by validation). With `distributions`
         (dense rows only) returns (outcomes, probs [rows, vocab] float32): each row's processed
         distribution, the one its selector draws from (speculative verification)."""
         rows = len(states)
         sparse = logits if isinstance(logits, SparseLogits) else None
         top_n = [s.policy.settings["logprobs"] for s in states]
-        stats = (raw_statistics(logits, max(top_n, default=0)) if sparse is None
-                 else sparse.statistics())
+        if sparse is not None:
+            stats = sparse.statistics()
+        elif statistics is not None:
+            stats = statistics.with_top(logits, max(top_n, default=0))
+        else:
+            stats = raw_statistics(logits, max(top_n, default=0))
         inputs = RowInputs(None if sparse is not None else logits, stats, reference, signals,
                            sparse)
         explanations: list[dict[str, Any]] = [{} for _ in range(rows)]

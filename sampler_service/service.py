@@ -6,6 +6,7 @@ so a bad request leaves every sequence as it was.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import secrets
@@ -27,6 +28,8 @@ from sampler_service.policy.resolved import PolicyVersion, ResolvedPolicy
 from sampler_service.policy.sparse import NotExact, Refusal
 from sampler_service.policy.spec import parse_policy, resolve, resolve_flat
 from sampler_service.policy.candidates import row_maxima
+from sampler_service.policy.statistics import (NO_FINITE, RawStatistics, fused_available,
+                                               raw_statistics)
 from sampler_service.saved import CommitLog, SavedSequence, SavedStep
 from sampler_service.state import RowOutcome, SequenceState, SequenceStore, StepRecord
 from sampler_service.state.resume import ResumePoint, ResumeRecord
@@ -96,7 +99,7 @@ class StepCall:
     #: Answer each sequence's resume record too (`Answer.resume`).
     resume_records: bool = False
 
-    @property
+    @functools.cached_property
     def has_drafts(self) -> bool:
         return any(row.drafts for row in self.rows)
 
@@ -384,10 +387,12 @@ class SamplerCore:
             prepared: dict[int, _Prepared] = {}
             for index, call in enumerate(calls):
                 try:
-                    units = self._validate_step(call)
+                    units, statistics = self._validate_step(call)
                 except SamplerServiceError as exc:
                     results[index] = detached(exc)
                     continue
+                if statistics is not call.logits.statistics:  # the engine reuses them
+                    call = replace(call, logits=replace(call.logits, statistics=statistics))
                 prepared[index] = _Prepared(call, units, self._follow_latest(units))
             plain = {i: p for i, p in prepared.items() if not p.call.has_drafts}
             planned_all = self._plan_isolating_failures(plain) if plain else {}
@@ -484,13 +489,15 @@ class SamplerCore:
             else:
                 parts.append((call, [row]))
         extras = [call.extras(call_rows) for call, call_rows in parts]
+        known = [call.logits.statistics_of(call_rows) for call, call_rows in parts]
+        statistics = None if any(s is None for s in known) else RawStatistics.joined(known)
         inputs = extras[0] if len(extras) == 1 else RowInputs(
             raw=_joined_rows([e.raw for e in extras]),
             reference=None if extras[0].reference is None else torch.cat(
                 [e.reference for e in extras]),
             signals=_joined_signals(extras))
         return self.engine.step(states, inputs.raw, processed, reference=inputs.reference,
-                                signals=inputs.signals)
+                                signals=inputs.signals, statistics=statistics)
 
     def _plan_verify(self, call: StepCall, units: Sequence[_Unit]) -> list[_Commit]:
         """Plans a request with drafts: the lanes of every fresh unit (a plain sequence's row,
@@ -595,7 +602,9 @@ class SamplerCore:
             start = end
         return units
 
-    def _validate_step(self, call: StepCall) -> list[_Unit]:
+    def _validate_step(self, call: StepCall) -> tuple[list[_Unit], RawStatistics | None]:
+        """The call's units, checked, and its dense rows' raw statistics when known (given by
+        the caller, or computed by the values' check: `validate_values`)."""
         rows, logits = call.rows, call.logits
         if not rows:
             raise InvalidArgument("a step needs at least one row", "rows")
@@ -657,12 +666,14 @@ class SamplerCore:
             if largest >= vocab:
                 raise InvalidArgument(f"sequence {sid!r} refers to token id {largest} "
                                       f"but the vocabulary has {vocab} ids", "logits.shape")
+        statistics = logits.statistics
         if logits.dense is not None and not logits.checked:
-            self.validate_values([rows[r] for r in logits.dense_rows] if not call.has_drafts
-                                 else [], logits.dense)
+            statistics = self.validate_values(
+                [rows[r] for r in logits.dense_rows] if not call.has_drafts else [],
+                logits.dense, statistics=not call.has_drafts)
         if call.reference is not None:
             self.validate_values(rows, call.reference, "reference_logits")
-        return units
+        return units, statistics
 
     @staticmethod
     def _validate_drafts(call: StepCall, expected: int) -> None:
@@ -719,17 +730,26 @@ class SamplerCore:
 
     @staticmethod
     def validate_values(rows: Sequence[StepRow], logits: torch.Tensor,
-                         field_name: str = "logits") -> None:
-        """No NaN or +inf anywhere, and no row without a finite logit: one max per row tells
-        (a row's max is NaN if it holds a NaN, +inf with a +inf, −inf if all are −inf)."""
-        best = row_maxima(logits)
-        bad = ~torch.isfinite(best)
+                        field_name: str = "logits",
+                        statistics: bool = False) -> RawStatistics | None:
+        """No NaN or +inf anywhere, and no row without a finite logit. With `statistics`,
+        where the fused kernel runs (`fused_available`), the rows' raw statistics tell (their
+        `problem` codes, from the same read of each row) and are returned for the engine to
+        reuse; elsewhere one max per row tells (NaN if the row holds one, +inf with a +inf,
+        −inf if all are −inf) and None is returned."""
+        stats = raw_statistics(logits) if statistics and fused_available(logits) else None
+        if stats is not None:
+            bad, no_finite = stats.problem != 0, stats.problem == NO_FINITE
+        else:
+            best = row_maxima(logits)
+            bad, no_finite = ~torch.isfinite(best), best == float("-inf")
         if bool(bad.any()):
             row = int(bad.nonzero()[0])
-            problem = ("is all -inf: no token can be chosen" if float(best[row]) == float("-inf")
+            problem = ("is all -inf: no token can be chosen" if bool(no_finite[row])
                        else "contains NaN or +inf")
             whose = (f" (sequence {echo(rows[row].sequence_id)})" if row < len(rows) else "")
             raise InvalidArgument(f"{field_name} row {row}{whose} {problem}", field_name)
+        return stats
 
     # -- persistence (`sampler_service.saved`, `--state-dir`) ---------------------------------
     def attach_journal(self, journal: CommitLog | None) -> None:

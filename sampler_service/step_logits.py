@@ -15,6 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from sampler_service.policy.sparse import SparseLogits
+    from sampler_service.policy.statistics import RawStatistics
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,18 @@ class StepLogits:
     sparse_rows: tuple[int, ...] = ()
     #: The caller checked the dense values already (no NaN or +inf, a finite logit per row).
     checked: bool = False
+    #: The dense rows' raw statistics when the check computed them (`raw_statistics` without
+    #: top entries), for the engine to reuse; None: not computed.
+    statistics: "RawStatistics | None" = None
+
+    def statistics_of(self, rows: Sequence[int]) -> "RawStatistics | None":
+        """The raw statistics of dense request rows `rows`, when known."""
+        if self.statistics is None:
+            return None
+        if list(rows) == list(self.dense_rows):
+            return self.statistics
+        index = self._dense_index
+        return self.statistics.select(torch.tensor([index[r] for r in rows]))
 
     @classmethod
     def of_dense(cls, logits: torch.Tensor) -> "StepLogits":

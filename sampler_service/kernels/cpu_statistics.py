@@ -126,21 +126,32 @@ def _order_key(bits):
     return ((bits & _MAGNITUDE) ^ sign) - sign
 
 
+#: Magnitude bits above +inf's are a NaN's (of either sign); +inf's order key.
+_INF_BITS = np.int32(0x7F800000)
+#: `row_statistics`' problem codes: every value fine; a NaN or +inf; no finite value.
+FINE, NAN_OR_INF, NO_FINITE = 0, 1, 2
+
+
 @numba.njit(inline="always")
 def _block_max_key(keys):
-    """The largest float32 of a block, as its `_order_key`, from the block's bits `keys`."""
+    """(the largest float32 of a block as its `_order_key`, the largest magnitude bits of its
+    values: above `_INF_BITS` when it holds a NaN), from the block's bits `keys`."""
     best = _LOWEST_KEY
+    magnitude = np.int32(0)
     for j in range(keys.shape[0]):
         best = max(best, _order_key(keys[j]))
-    return best
+        magnitude = max(magnitude, keys[j] & _MAGNITUDE)
+    return best, magnitude
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _row_statistics(row, bits):
-    """(first argmax, log-normaliser, entropy, varentropy) of one row, in one walk over its
-    blocks (the module docstring); NaN statistics for a row without a finite value."""
+    """(first argmax, log-normaliser, entropy, varentropy, problem) of one row, in one walk
+    over its blocks (the module docstring); NaN statistics for a row without a finite value.
+    `problem`: FINE, NAN_OR_INF (a NaN of either sign, or +inf) or NO_FINITE (all −inf)."""
     vocab = row.shape[0]
     best_key = _LOWEST_KEY
+    worst = np.int32(0)
     best = np.float32(-np.inf)
     best_id = 0
     total = 0.0
@@ -149,7 +160,8 @@ def _row_statistics(row, bits):
     for start in range(0, vocab, BLOCK):
         block = row[start:start + BLOCK]
         keys = bits[start:start + BLOCK]
-        key = _block_max_key(keys)
+        key, magnitude = _block_max_key(keys)
+        worst = max(worst, magnitude)
         if key > best_key:  # a new maximum: its first column is the argmax, sums move to it
             best_key = key
             for j in range(keys.shape[0]):
@@ -169,31 +181,38 @@ def _row_statistics(row, bits):
             total += s
             first += s1
             second += s2
+    if worst > _INF_BITS or best_key >= _INF_BITS:
+        return best_id, np.nan, np.nan, np.nan, NAN_OR_INF
     if not best > np.float32(-np.inf):
-        return best_id, np.nan, np.nan, np.nan
+        return best_id, np.nan, np.nan, np.nan, NO_FINITE
     log_total = np.log(total)
     mean = first / total
-    return best_id, best + log_total, log_total - mean, max(second / total - mean * mean, 0.0)
+    return (best_id, best + log_total, log_total - mean, max(second / total - mean * mean, 0.0),
+            FINE)
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
-def _statistics_rows(start, stop, logits, best_id, normalizer, entropy, varentropy):
+def _statistics_rows(start, stop, logits, best_id, normalizer, entropy, varentropy, problem):
     bits = logits.view(np.int32)
     for r in range(start, stop):
-        best_id[r], normalizer[r], entropy[r], varentropy[r] = _row_statistics(logits[r], bits[r])
+        (best_id[r], normalizer[r], entropy[r], varentropy[r],
+         problem[r]) = _row_statistics(logits[r], bits[r])
 
 
 def row_statistics(logits: np.ndarray, threads: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(first argmax [R] int64, log-normaliser, entropy, varentropy [R] float32 each) of
-    C-contiguous float32 `logits` [R, V] (no NaN or +inf; a row without a finite value gets
-    NaN statistics), one read of each row (the module docstring), up to `threads` threads.
-    Reference: `sampler_service.policy.statistics.raw_statistics_reference` (torch)."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first argmax [R] int64, log-normaliser, entropy, varentropy [R] float32 each, problem
+    [R] int8) of C-contiguous float32 `logits` [R, V], one read of each row (the module
+    docstring), up to `threads` threads. `problem` is FINE, NAN_OR_INF (a NaN or +inf in the
+    row) or NO_FINITE (every value −inf); the statistics of such a row are NaN. Reference:
+    `sampler_service.policy.statistics.raw_statistics_reference` (torch)."""
     rows = logits.shape[0]
     best_id = np.empty(rows, dtype=np.int64)
     normalizer, entropy, varentropy = (np.empty(rows, dtype=np.float32) for _ in range(3))
-    run_rows(_statistics_rows, rows, threads, logits, best_id, normalizer, entropy, varentropy)
-    return best_id, normalizer, entropy, varentropy
+    problem = np.empty(rows, dtype=np.int8)
+    run_rows(_statistics_rows, rows, threads, logits, best_id, normalizer, entropy, varentropy,
+             problem)
+    return best_id, normalizer, entropy, varentropy, problem
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)

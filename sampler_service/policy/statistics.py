@@ -11,11 +11,15 @@ entropix, ...) that read the raw distribution's uncertainty.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from sampler_service.policy.candidates import NUMBA, first_argmax
+
+
+#: `RawStatistics.problem` codes (the fused kernel's: `cpu_statistics.FINE`, ...).
+FINE, NAN_OR_INF, NO_FINITE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,35 @@ class RawStatistics:
     best_id: torch.Tensor | None = None
     top_values: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
+    #: [R] int8 from the fused kernel (None elsewhere): FINE, NAN_OR_INF (a NaN or +inf in
+    #: the row) or NO_FINITE (every value −inf); the statistics of such a row are NaN. What
+    #: validation reads when it has them.
+    problem: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> "RawStatistics":
         """The statistics of a subset of rows (`rows`: int64 indices)."""
         return RawStatistics(**{f.name: None if getattr(self, f.name) is None
                                 else getattr(self, f.name).index_select(0, rows)
                                 for f in fields(self)})
+
+    @staticmethod
+    def joined(parts: "list[RawStatistics]") -> "RawStatistics":
+        """The statistics of the parts' rows one after another (a field kept only when every
+        part has it)."""
+        if len(parts) == 1:
+            return parts[0]
+        values = {f.name: [getattr(p, f.name) for p in parts] for f in fields(RawStatistics)}
+        return RawStatistics(**{name: None if any(v is None for v in column)
+                                else torch.cat(column) for name, column in values.items()})
+
+    def with_top(self, logits: torch.Tensor, top_n: int) -> "RawStatistics":
+        """These statistics of `logits` [R, V] with each row's `top_n` best entries, as
+        `raw_statistics(logits, top_n)` gives them."""
+        wanted = min(top_n, logits.shape[1])
+        if self.top_values is not None and self.top_values.shape[1] >= wanted:
+            return self
+        top_values, top_ids = _top(logits, top_n)
+        return replace(self, top_values=top_values, top_ids=top_ids)
 
 
 #: Rows per block of `raw_statistics_reference`: about 2 MB of float32 per temporary, so the
@@ -83,13 +110,13 @@ def _fused(logits: torch.Tensor, top_n: int) -> RawStatistics:
     and moments at once, the rows in parts on up to torch's thread count); the N best from
     `torch.topk` when asked."""
     from sampler_service.kernels.cpu_statistics import row_statistics
-    best_id, normalizer, entropy, varentropy = row_statistics(logits.contiguous().numpy(),
-                                                              torch.get_num_threads())
+    best_id, normalizer, entropy, varentropy, problem = row_statistics(
+        logits.contiguous().numpy(), torch.get_num_threads())
     top_values, top_ids = _top(logits, top_n)
     return RawStatistics(
         log_normalizer=torch.from_numpy(normalizer), entropy=torch.from_numpy(entropy),
         varentropy=torch.from_numpy(varentropy), best_id=torch.from_numpy(best_id),
-        top_values=top_values, top_ids=top_ids)
+        top_values=top_values, top_ids=top_ids, problem=torch.from_numpy(problem))
 
 
 def fused_available(logits: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ import torch
 from sampler_proto.sampler.v1 import sampler_pb2 as pb
 from sampler_service.errors import SamplerServiceError, detached
 from sampler_service.policy.candidates import row_maxima
+from sampler_service.policy.statistics import RawStatistics, fused_available, raw_statistics
 from sampler_service.server import convert
 from sampler_service.server.metrics import MIXED_POLICY, policy_label
 from sampler_service.service import SamplerCore, StepCall
@@ -74,11 +75,14 @@ class StepRunner:
                         reference, convert.signals_from_pb(request, self.core.device),
                         request.resume_records)
 
-    def dense_logits(self, decoded: dict[int, "_Decoded"]) -> dict[int, torch.Tensor | Exception]:
+    def dense_logits(self, decoded: dict[int, "_Decoded"]
+                     ) -> dict[int, tuple[torch.Tensor, RawStatistics | None] | Exception]:
         """Each request's dense logits as float32 rows of one buffer per vocabulary size (one
         copy from the wire, and adjacent rows the engine can take without another), checked
-        in one pass: a request with NaN, +inf or an all -inf row gets its error instead."""
-        out: dict[int, torch.Tensor | Exception] = {}
+        in one pass, with their raw statistics where the fused kernel computes them in that
+        pass (the engine reuses them; else None): a request with NaN, +inf or an all -inf row
+        gets its error instead."""
+        out: dict[int, tuple[torch.Tensor, RawStatistics | None] | Exception] = {}
         by_vocab: dict[int, list[int]] = {}
         for index, item in decoded.items():
             if item.wire is None:
@@ -86,25 +90,28 @@ class StepRunner:
             if item.wire.dim() == 2:
                 by_vocab.setdefault(item.wire.shape[1], []).append(index)
             else:  # the core names the wrong shape
-                out[index] = item.wire.to(device=self.core.device, dtype=torch.float32)
+                out[index] = (item.wire.to(device=self.core.device, dtype=torch.float32), None)
         for vocab, members in by_vocab.items():
             buffer = torch.empty(sum(decoded[i].wire.shape[0] for i in members), vocab,
                                  device=self.core.device)
-            start = 0
+            spans, start = {}, 0
             for index in members:
-                end = start + decoded[index].wire.shape[0]
-                out[index] = buffer[start:end]
-                out[index].copy_(decoded[index].wire)
-                start = end
-            bad = ~torch.isfinite(row_maxima(buffer))
+                spans[index] = (start, start + decoded[index].wire.shape[0])
+                buffer[start:spans[index][1]].copy_(decoded[index].wire)
+                start = spans[index][1]
+            stats = raw_statistics(buffer) if fused_available(buffer) else None
+            bad = ~torch.isfinite(row_maxima(buffer)) if stats is None else stats.problem != 0
+            for index, (start, end) in spans.items():
+                out[index] = (buffer[start:end], None if stats is None else
+                              stats.select(torch.arange(start, end)))
             if bool(bad.any()):
                 for index in members:
-                    dense_rows = decoded[index].dense_rows
-                    if out[index].shape[0] != len(dense_rows):
+                    dense_rows, values = decoded[index].dense_rows, out[index][0]
+                    if values.shape[0] != len(dense_rows):
                         continue  # the core refuses its shape, naming it, first
                     try:
                         self.core.validate_values([decoded[index].rows[r] for r in dense_rows],
-                                                  out[index])
+                                                  values)
                     except SamplerServiceError as exc:
                         out[index] = detached(exc)
         return out
@@ -146,12 +153,13 @@ class StepRunner:
         dense = self.dense_logits(decoded)
         calls: dict[int, StepCall] = {}
         for index, item in decoded.items():
-            values = dense.get(index)
-            if isinstance(values, Exception):
-                results[index] = values
-            else:
-                calls[index] = item.call(values, checked=item.wire is not None
-                                         and item.wire.dim() == 2, deadline=deadlines[index])
+            dense_of = dense.get(index, (None, None))
+            if isinstance(dense_of, Exception):
+                results[index] = dense_of
+                continue
+            values, statistics = dense_of
+            calls[index] = item.call(values, checked=item.wire is not None and item.wire.dim() == 2,
+                                     statistics=statistics, deadline=deadlines[index])
         stepped = self.core.step_calls(list(calls.values()))
         for (index, call), answers in zip(calls.items(), stepped):
             results[index] = answers if isinstance(answers, Exception) else self.encode(
@@ -209,9 +217,10 @@ class _Decoded:
         return tuple(r for r in range(total) if r not in listed)
 
     def call(self, dense: torch.Tensor | None, checked: bool,
-             deadline: float | None = None) -> StepCall:
-        """The StepCall with `dense` as its dense logits (`checked`: their values are)."""
+             statistics: RawStatistics | None = None, deadline: float | None = None) -> StepCall:
+        """The StepCall with `dense` as its dense logits (`checked`: their values are;
+        `statistics`: their raw statistics, when known)."""
         logits = StepLogits(dense, self.dense_rows, self.sparse, self.sparse_rows,
-                            checked=checked)
+                            checked=checked, statistics=statistics)
         return StepCall(self.rows, logits, self.processed_logprobs, self.reference, self.signals,
                         deadline, self.resume_records)

@@ -282,15 +282,18 @@ def wide_logits(step: int, rows: int) -> torch.Tensor:
     return logits
 
 
-def run_wide(specs, repeat: int = 1, steps: int = 4):
+def run_wide(specs, repeat: int = 1, steps: int = 4, given_statistics: bool = False):
     """Steps `specs` (each repeated `repeat` times, so ≥ 8 rows take the parallel kernels) and
-    returns every outcome; checks on the way that the raw logits are never written."""
+    returns every outcome; checks on the way that the raw logits are never written.
+    `given_statistics`: the engine gets the rows' raw statistics (as validation hands them)."""
+    from sampler_service.policy.statistics import raw_statistics
     states = make_states([spec for spec in specs for _ in range(repeat)])
     engine, history = Engine(CPU), []
     for step in range(steps):
         logits = wide_logits(step, len(states))
         before = logits.clone()
-        outcomes = engine.step(states, logits, processed_logprobs=True)
+        outcomes = engine.step(states, logits, processed_logprobs=True,
+                               statistics=raw_statistics(logits) if given_statistics else None)
         assert torch.equal(logits, before)
         for state, outcome in zip(states, outcomes):
             state.accept(outcome.token_id, outcome.entropy, outcome.varentropy)
@@ -367,6 +370,13 @@ def test_the_raw_rows_known_maxima_change_no_outcome(monkeypatch, batch):
         for step, (a_step, b_step) in enumerate(zip(known, found)):
             for row, (a, b) in enumerate(zip(a_step, b_step)):
                 assert a == b, (batch, step, row)
+
+
+def test_statistics_handed_over_by_validation_change_no_outcome():
+    """`Engine.step(statistics=...)` (validation's raw statistics, without top entries) gives
+    every outcome, top logprobs included, as computing them itself does."""
+    specs = wide_specs()
+    assert run_wide(specs, 2, given_statistics=True) == run_wide(specs, 2)
 
 
 def test_greedy_without_stages_takes_the_raw_first_argmax_and_writes_nothing(monkeypatch):

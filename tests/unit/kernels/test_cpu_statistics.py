@@ -157,8 +157,10 @@ def test_row_statistics_match_float64_and_the_first_argmax():
             best = logits.amax(dim=1, keepdim=True)
             drop = torch.rand(rows, vocab, generator=torch.Generator().manual_seed(seed)) < masked
             logits[drop & (logits < best)] = -INF  # never a row's maximum
-        best_id, normalizer, entropy, varentropy = row_statistics(logits.numpy(), threads)
+        best_id, normalizer, entropy, varentropy, problem = row_statistics(logits.numpy(),
+                                                                           threads)
         assert best_id.dtype == np.int64 and normalizer.dtype == np.float32
+        assert not problem.any()
         assert np.array_equal(best_id, torch.argmax(logits, dim=1).numpy())  # ties: the first
         exact = [t.numpy() for t in float64_statistics(logits)]
         # V = E z² − (E z)² rounds at the scale of E z² (z = l − max, E z = log s − H)
@@ -184,19 +186,50 @@ def test_row_statistics_of_a_row_do_not_depend_on_its_batch_or_the_threads():
     for a, b in zip(one_thread, row_statistics(logits, 4)):
         assert np.array_equal(a, b)
     for r in (0, 7, PARALLEL_MIN_ROWS + 4):
-        for a, b in zip(row_statistics(logits[r:r + 1], 4), one_thread):
+        for a, b in zip(row_statistics(logits[r:r + 1], 4), one_thread):  # problem included
             assert np.array_equal(a[0], b[r])
 
 
 def test_row_statistics_of_a_row_without_a_finite_value_are_nan():
     pytest.importorskip("numba")
-    from sampler_service.kernels.cpu_statistics import row_statistics
+    from sampler_service.kernels.cpu_statistics import NO_FINITE, row_statistics
     logits = np.full((2, 1100), -np.inf, dtype=np.float32)
     logits[1, 1050] = 2.0
-    best_id, normalizer, entropy, varentropy = row_statistics(logits, 1)
-    assert best_id.tolist() == [0, 1050]
+    best_id, normalizer, entropy, varentropy, problem = row_statistics(logits, 1)
+    assert best_id.tolist() == [0, 1050] and problem.tolist() == [NO_FINITE, 0]
     assert np.isnan(normalizer[0]) and np.isnan(entropy[0]) and np.isnan(varentropy[0])
     assert (normalizer[1], entropy[1], varentropy[1]) == (2.0, 0.0, 0.0)
+
+
+def test_row_statistics_flag_every_nan_and_plus_inf_wherever_it_lies():
+    """A NaN of either sign (any payload) or a +inf in any block is NAN_OR_INF, whatever the
+    row's maximum; -inf entries are fine; exactly the same rows as validation's reference
+    (the row's max is NaN or +inf)."""
+    pytest.importorskip("numba")
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from sampler_service.kernels.cpu_statistics import NAN_OR_INF, NO_FINITE, row_statistics
+    bads = [np.float32(np.nan), -np.float32(np.nan), np.float32(np.inf),
+            np.array([0x7F800001], np.uint32).view(np.float32)[0],   # a signalling NaN
+            np.array([0xFFFFFFFF], np.uint32).view(np.float32)[0]]   # a negative NaN
+
+    @settings(max_examples=60, deadline=None)
+    @given(vocab=st.integers(1, 1600), at=st.integers(0, 10 ** 6), bad=st.integers(0, 4),
+           base=st.sampled_from(["normal", "minus_inf", "huge"]), seed=st.integers(0, 1000))
+    def check(vocab, at, bad, base, seed):
+        rng = np.random.default_rng(seed)
+        row = {"normal": rng.standard_normal(vocab).astype(np.float32),
+               "minus_inf": np.full(vocab, -np.inf, np.float32),
+               "huge": np.full(vocab, np.finfo(np.float32).max, np.float32)}[base]
+        clean = row.copy()
+        row[at % vocab] = bads[bad]
+        problem = row_statistics(np.stack([clean, row]), 1)[4]
+        assert problem.tolist() == [NO_FINITE if base == "minus_inf" else 0, NAN_OR_INF]
+        torch_max = torch.from_numpy(row).amax()
+        assert not torch.isfinite(torch_max)  # the reference refuses it too
+
+    check()
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 513, 3000])
@@ -280,3 +313,11 @@ def test_row_std_matches_the_torch_reference_and_float64():
         assert bool(torch.all(fast[~finite.any(dim=1)] == 0))
 
     check()
+
+
+def test_problem_codes_are_the_policy_layers():
+    pytest.importorskip("numba")
+    from sampler_service.kernels import cpu_statistics
+    from sampler_service.policy import statistics
+    assert ((cpu_statistics.FINE, cpu_statistics.NAN_OR_INF, cpu_statistics.NO_FINITE)
+            == (statistics.FINE, statistics.NAN_OR_INF, statistics.NO_FINITE))
