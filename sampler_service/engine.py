@@ -130,6 +130,49 @@ def _finite_lists(values: torch.Tensor, ids: torch.Tensor) -> tuple[list[list[in
             [[v for v, f in zip(r, ok) if f] for r, ok in zip(values.tolist(), finite)])
 
 
+class ProcessedDistributions:
+    """The processed distribution of each row of an engine step (the one its selector draws
+    from), kept as its group's log-probabilities (`Candidates`, −inf = masked): nothing dense
+    is made until asked for."""
+
+    def __init__(self, rows: int):
+        self._of: list[tuple[Candidates, int]] = [None] * rows  # type: ignore[list-item]
+
+    def add(self, rows: Sequence[int], log_p: Candidates) -> None:
+        """Rows `rows` of the step are rows 0, 1, … of `log_p`."""
+        for j, i in enumerate(rows):
+            self._of[i] = (log_p, j)
+
+    def log_at(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """float64 [n]: log p of `tokens[n]` in row `rows[n]`."""
+        out = torch.empty(len(rows), dtype=torch.float64)
+        for log_p, wanted in self._by_group(rows).items():
+            at = torch.zeros(log_p.rows, dtype=torch.int64, device=log_p.values.device)
+            at[torch.tensor([j for j, _ in wanted])] = torch.tensor(
+                [tokens[n] for _, n in wanted])
+            values = log_p.at(at.to(log_p.values.device)).double().cpu()
+            for j, n in wanted:
+                out[n] = values[j]
+        return out
+
+    def dense(self, rows: Sequence[int]) -> torch.Tensor:
+        """float64 [n, vocab]: p of every token in each row of `rows`."""
+        parts: dict[int, torch.Tensor] = {}
+        for log_p, wanted in self._by_group(rows).items():
+            values = log_p.to_dense().index_select(0, torch.tensor(
+                [j for j, _ in wanted], device=log_p.values.device)).double().exp().cpu()
+            parts.update((n, values[r]) for r, (_, n) in enumerate(wanted))
+        return torch.stack([parts[n] for n in range(len(rows))])
+
+    def _by_group(self, rows: Sequence[int]) -> dict[Candidates, list[tuple[int, int]]]:
+        """(row in the group, position in `rows`) of each asked row, by group."""
+        groups: dict[Candidates, list[tuple[int, int]]] = {}
+        for n, i in enumerate(rows):
+            log_p, j = self._of[i]
+            groups.setdefault(log_p, []).append((j, n))
+        return groups
+
+
 class Engine:
     """Applies sequences' resolved policies to their logits on one device."""
 
@@ -211,7 +254,7 @@ class Engine:
         naming each refused row by its index in `states`); `reference` ([rows, vocab]) and
         `signals` (name -> [rows]) are the worker's optional extras; `statistics`: the dense
         rows' `raw_statistics` when already computed (by validation). With `distributions`
-        (dense rows only) returns (outcomes, probs [rows, vocab] float32): each row's processed
+        (dense rows only) returns (outcomes, `ProcessedDistributions`): each row's processed
         distribution, the one its selector draws from (speculative verification)."""
         rows = len(states)
         sparse = logits if isinstance(logits, SparseLogits) else None
@@ -231,8 +274,7 @@ class Engine:
         processed_stats: list[tuple[float, float] | None] = [None] * rows
         memory: list[dict[str, Any]] = [{} for _ in range(rows)]
         refusals = [] if sparse is None else _raw_top_refusals(sparse, top_n)
-        probs = (torch.empty(rows, logits.shape[1], device=self.device)
-                 if distributions and sparse is None else None)
+        probs = ProcessedDistributions(rows) if distributions and sparse is None else None
         groups = self._groups(states)
         for row_list in groups:
             index = torch.tensor(row_list, device=self.device)
@@ -260,11 +302,11 @@ class Engine:
             for j, i in enumerate(row_list):
                 memory[i] = batch.pending_for(j)
                 explanations[i] = batch.explanation_for(j)
+            dist = (selector.stage.distribution(candidates, args, batch)
+                    if probs is not None or processed_logprobs else None)
             if probs is not None:
-                probs.index_copy_(0, index, selector.stage.distribution(
-                    candidates, args, batch).to_dense().exp())
+                probs.add(row_list, dist)
             if processed_logprobs:
-                dist = selector.stage.distribution(candidates, args, batch)
                 processed_chosen.index_copy_(0, index, dist.at(chosen))
                 for i, (top, dist_stats) in zip(row_list, processed_reports(
                         dist, [top_n[i] for i in row_list])):

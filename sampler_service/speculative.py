@@ -37,7 +37,7 @@ from sampler_service.policy.selectors.sample import ROW_UNIFORM_TOKEN
 from sampler_service.state import RowOutcome, SequenceState
 
 if TYPE_CHECKING:
-    from sampler_service.engine import Engine
+    from sampler_service.engine import Engine, ProcessedDistributions
 
 #: The token-id coordinate of the uniform that decides the acceptance of the draft at a
 #: position (plain sampling draws with ROW_UNIFORM_TOKEN = −1).
@@ -94,7 +94,7 @@ def _verify_in_turn(engine: "Engine", rows: Sequence[Drafted],
         still = []
         for i, n in enumerate(active):
             outcome = _emitted(outcomes[i], tokens.get(i, outcomes[i].token_id), raw[i],
-                               normalizers, probs[i], i)
+                               normalizers, probs, i)
             emitted[n].append(outcome)
             if i not in accepted:
                 continue  # a rejection or the bonus token ends this row's emission
@@ -172,7 +172,7 @@ def _verify_at_once(engine: "Engine", rows: Sequence[Drafted],
         for j, i in enumerate(range(start, start + len(states))):
             kept = ok.get(i, False)
             token = row.drafts[j] if kept else drawn.get(i, outcomes[i].token_id)
-            out.append(_emitted(outcomes[i], token, raw[i], picked, probs[i], i))
+            out.append(_emitted(outcomes[i], token, raw[i], picked, probs, i))
             if not kept:
                 break
         emitted.append(out)
@@ -194,14 +194,12 @@ class _Pair:
         return self.row.drafts[self.j]
 
 
-def _accepts(probs: torch.Tensor, pairs: Sequence[_Pair]) -> list[bool]:
+def _accepts(probs: "ProcessedDistributions", pairs: Sequence[_Pair]) -> list[bool]:
     """Whether each pair's draft x is accepted: U_a · q(x) < p(x), with p the processed
-    distribution of its engine row (`probs` [engine rows, vocab])."""
+    distribution of its engine row."""
     if not pairs:
         return []
-    rows = torch.tensor([pair.i for pair in pairs], device=probs.device)
-    xs = torch.tensor([pair.draft for pair in pairs], device=probs.device)
-    p_x = probs[rows, xs].double().cpu()
+    p_x = probs.log_at([pair.i for pair in pairs], [pair.draft for pair in pairs]).exp()
     q_x = torch.tensor([1.0 if pair.row.draft_probs is None else
                         float(pair.row.draft_probs[pair.j, pair.draft]) for pair in pairs],
                        dtype=torch.float64)
@@ -210,12 +208,11 @@ def _accepts(probs: torch.Tensor, pairs: Sequence[_Pair]) -> list[bool]:
     return accept(p_x, q_x, u).tolist()
 
 
-def _residuals(probs: torch.Tensor, pairs: Sequence[_Pair]) -> list[int]:
+def _residuals(probs: "ProcessedDistributions", pairs: Sequence[_Pair]) -> list[int]:
     """The token each rejected pair emits: its draw from norm(max(0, p − q))."""
     if not pairs:
         return []
-    p = probs.index_select(0, torch.tensor([pair.i for pair in pairs], device=probs.device))
-    p = p.double().cpu()
+    p = probs.dense([pair.i for pair in pairs])
     q = torch.zeros_like(p)
     for r, pair in enumerate(pairs):
         if pair.row.draft_probs is None:
@@ -234,15 +231,15 @@ def _normalizers(raw: torch.Tensor) -> list[float]:
 
 
 def _emitted(outcome: RowOutcome, token: int, raw: torch.Tensor, normalizers: Sequence[float],
-             probs: torch.Tensor, i: int) -> RowOutcome:
+             probs: "ProcessedDistributions", i: int) -> RowOutcome:
     """Engine row i's outcome emitting `token` (an accepted draft or the residual's draw)
     instead of the policy's own choice: its raw logprob (the engine's formula: logit − log Σ
-    exp) and processed logprob are the token's. `raw` [vocab], `probs` [vocab]: the row's."""
+    exp) and processed logprob are the token's. `raw` [vocab]: the row's logits."""
     if token == outcome.token_id:
         return outcome
     return replace(outcome, token_id=token, logprob=float(raw[token]) - normalizers[i],
                    processed_logprob=None if outcome.processed_logprob is None
-                   else float(torch.log(probs[token])))
+                   else float(probs.log_at([i], [token])[0]))
 
 
 def uniforms(seeds: list[int], positions: list[int], coordinate: int) -> torch.Tensor:

@@ -346,10 +346,13 @@ class Candidates:
         return self.ids.masked_fill(~best, self.vocab).amin(dim=1)
 
     def one_hot(self, tokens: torch.Tensor) -> "Candidates":
-        """Log-probabilities of a point mass on one token per row (0 there, −inf elsewhere)."""
-        hit = self.token_ids() == tokens.unsqueeze(1)
-        values = torch.zeros_like(self.values).masked_fill_(~hit, -math.inf)
-        return Candidates(values, self.ids, self.vocab)
+        """Log-probabilities of a point mass on one token per row (0 there, −inf elsewhere),
+        as one listed entry per row (no dense pass)."""
+        point = Candidates(torch.zeros((self.rows, 1), dtype=self.values.dtype,
+                                       device=self.values.device),
+                           tokens.unsqueeze(1).to(self.values.device), self.vocab)
+        point._sorted = True
+        return point
 
     def log_softmax(self) -> "Candidates":
         """The same candidates with values replaced by log-probabilities."""

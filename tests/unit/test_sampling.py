@@ -189,7 +189,11 @@ def test_greedy_ties_go_to_lowest_id_dense_and_sparse():
 def test_greedy_distribution_is_a_point_mass():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
     dist = Greedy().distribution(Candidates(logits), {}, fake_rows([0], [0]))
-    assert torch.equal(dist.values[0], torch.tensor([-INF, 0.0, -INF, -INF]))
+    assert torch.equal(dist.to_dense()[0], torch.tensor([-INF, 0.0, -INF, -INF]))
+    assert dist.ids.tolist() == [[1]]  # one listed entry: no dense pass
+    batch = fake_rows([0], [0])
+    batch.greedy = torch.tensor([True])  # temperature 0 under `sample`: the same point mass
+    assert Sample().distribution(Candidates(logits), {}, batch).ids.tolist() == [[1]]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-6])

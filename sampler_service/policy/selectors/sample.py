@@ -1,6 +1,8 @@
 """Seeded sampling from the processed distribution."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sampler_service.policy.candidates import Candidates, row_maxima, sort_ascending
@@ -102,10 +104,13 @@ class Sample(Selector):
 
     def distribution(self, candidates: Candidates, args: dict[str, torch.Tensor],
                      batch: RowBatch) -> Candidates:
+        if bool(batch.greedy.all()):
+            return candidates.one_hot(candidates.argmax())
         dist = candidates.log_softmax()
         if bool(batch.greedy.any()):
-            point = candidates.one_hot(candidates.argmax())
-            dist.values = torch.where(batch.greedy.unsqueeze(1), point.values, dist.values)
+            hit = dist.token_ids() == candidates.argmax().unsqueeze(1)
+            point = torch.zeros_like(dist.values).masked_fill_(~hit, -math.inf)
+            dist.values = torch.where(batch.greedy.unsqueeze(1), point, dist.values)
         return dist
 
     def sparse_tail(self, candidates: Candidates, args: dict[str, torch.Tensor], batch: RowBatch,
