@@ -45,6 +45,11 @@ class RawStatistics:
                                 else getattr(self, f.name).index_select(0, rows)
                                 for f in fields(self)})
 
+    def span(self, start: int, stop: int) -> "RawStatistics":
+        """The statistics of rows start … stop − 1 (views, no copy)."""
+        return RawStatistics(**{f.name: None if getattr(self, f.name) is None
+                                else getattr(self, f.name)[start:stop] for f in fields(self)})
+
     @staticmethod
     def joined(parts: "list[RawStatistics]") -> "RawStatistics":
         """The statistics of the parts' rows one after another (a field kept only when every

@@ -102,8 +102,8 @@ class StepRunner:
             stats = raw_statistics(buffer) if fused_available(buffer) else None
             bad = ~torch.isfinite(row_maxima(buffer)) if stats is None else stats.problem != 0
             for index, (start, end) in spans.items():
-                out[index] = (buffer[start:end], None if stats is None else
-                              stats.select(torch.arange(start, end)))
+                out[index] = (buffer[start:end],
+                              None if stats is None else stats.span(start, end))
             if bool(bad.any()):
                 for index in members:
                     dense_rows, values = decoded[index].dense_rows, out[index][0]
