@@ -17,31 +17,16 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from sampler_client import SamplerClient, hf  # noqa: E402
-from sampler_service.server.app import SamplerServer, ServerConfig  # noqa: E402
+from common import interleaved, smollm2_sidecar  # noqa: E402
+from sampler_client import hf  # noqa: E402
 
 PROMPT = "Write a haiku about the sea."
 NUM_BEAMS, MAX_NEW_TOKENS = 4, 32
 
 
-
-
-def interleaved(fns, repeats: int) -> list[tuple[float, object]]:
-    """Per function, (median seconds, last result) over `repeats` rounds that call each function
-    once in turn, after one warm-up round (taking turns spreads the CPU's drift over both)."""
-    samples: list[list[float]] = [[] for _ in fns]
-    results: list[object] = [fn() for fn in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            started = time.perf_counter()
-            results[i] = fn()
-            samples[i].append(time.perf_counter() - started)
-    return [(statistics.median(s), r) for s, r in zip(samples, results)]
 
 
 def main() -> None:
@@ -50,27 +35,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
-    input_ids = hf.chat_ids(tokenizer, PROMPT)
-    server = SamplerServer(ServerConfig(port=0, device="cpu"))
-    try:
-        with SamplerClient(server.address) as client:
-            client.wait_ready()
-            stats: list[hf.GenerationStats] = []
+    with smollm2_sidecar(PROMPT) as (model, tokenizer, input_ids, client):
+        stats: list[hf.GenerationStats] = []
 
-            def sidecar() -> list[int]:
-                stats.append(hf.GenerationStats())
-                return hf.generate(model, input_ids, client, num_beams=NUM_BEAMS,
-                                   max_new_tokens=MAX_NEW_TOKENS, stats=stats[-1])[0]
+        def sidecar() -> list[int]:
+            stats.append(hf.GenerationStats())
+            return hf.generate(model, input_ids, client, num_beams=NUM_BEAMS,
+                               max_new_tokens=MAX_NEW_TOKENS, stats=stats[-1])[0]
 
-            def in_process() -> list[int]:
-                out = model.generate(input_ids, num_beams=NUM_BEAMS, do_sample=False,
-                                     max_new_tokens=MAX_NEW_TOKENS)
-                return out[0, input_ids.shape[1]:].tolist()
+        def in_process() -> list[int]:
+            out = model.generate(input_ids, num_beams=NUM_BEAMS, do_sample=False,
+                                 max_new_tokens=MAX_NEW_TOKENS)
+            return out[0, input_ids.shape[1]:].tolist()
 
-            (sidecar_s, ours), (hf_s, theirs) = interleaved((sidecar, in_process), args.repeats)
-    finally:
-        server.stop(0)
+        (sidecar_s, ours), (hf_s, theirs) = interleaved((sidecar, in_process), args.repeats)
     last = stats[-1]
     print(f"SmolLM2-135M-Instruct, beam search W = {NUM_BEAMS}, max_new_tokens = "
           f"{MAX_NEW_TOKENS}, prompt {input_ids.shape[1]} tokens, {args.threads} threads, cpu; "

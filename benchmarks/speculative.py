@@ -19,21 +19,17 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from sampler_client import SamplerClient, hf  # noqa: E402
-from sampler_service.server.app import SamplerServer, ServerConfig  # noqa: E402
+from common import interleaved, smollm2_sidecar  # noqa: E402
+from sampler_client import hf  # noqa: E402
 
 PROMPT = ("Rewrite this Python code with type hints and docstrings:\n"
           "def add(a, b):\n    return a + b\n\n"
           "def sub(a, b):\n    return a - b\n\n"
           "def mul(a, b):\n    return a * b\n\n"
           "def div(a, b):\n    return a / b\n")
-
-
 
 
 def main() -> None:
@@ -46,35 +42,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = hf.load_gguf_causal_lm(hf.smollm2_gguf_path())
-    input_ids = hf.chat_ids(tokenizer, PROMPT)
-    server = SamplerServer(ServerConfig(port=0, device="cpu"))
-    try:
-        with SamplerClient(server.address) as client:
-            modes = [("greedy", 0)] + [(f"prompt lookup k={k}", k) for k in args.ks]
+    modes = [("greedy", 0)] + [(f"prompt lookup k={k}", k) for k in args.ks]
+    with smollm2_sidecar(PROMPT) as (model, _, input_ids, client):
+        def run(k: int) -> tuple[list[int], hf.GenerationStats]:
+            stats = hf.GenerationStats()
+            tokens, = hf.generate(model, input_ids, client, policy="greedy",
+                                  max_new_tokens=args.max_new_tokens,
+                                  prompt_lookup_num_tokens=k, stats=stats)
+            return tokens, stats
 
-            def run(k: int) -> tuple[list[int], hf.GenerationStats]:
-                stats = hf.GenerationStats()
-                tokens, = hf.generate(model, input_ids, client, policy="greedy",
-                                      max_new_tokens=args.max_new_tokens,
-                                      prompt_lookup_num_tokens=k, stats=stats)
-                return tokens, stats
-
-            last = {k: run(k) for _, k in modes}  # warm-up round
-            samples: dict[int, list[float]] = {k: [] for _, k in modes}
-            for _ in range(args.repeats):
-                for _, k in modes:
-                    started = time.perf_counter()
-                    last[k] = run(k)
-                    samples[k].append(time.perf_counter() - started)
-    finally:
-        server.stop(0)
+        timed = interleaved([lambda k=k: run(k) for _, k in modes], args.repeats)
+    wall = {k: seconds for (_, k), (seconds, _) in zip(modes, timed)}
+    last = {k: result for (_, k), (_, result) in zip(modes, timed)}
 
     reference = last[0][0]
     for name, k in modes:
         if last[k][0] != reference:
             raise SystemExit(f"{name} differs from plain greedy: {last[k][0]} != {reference}")
-    base = statistics.median(samples[0])
+    base = wall[0]
     print(f"\nSmolLM2-135M-Instruct, CPU, {input_ids.shape[1]}-token prompt, "
           f"{len(reference)} new tokens, median of {args.repeats} (torch threads: "
           f"{torch.get_num_threads()}); every mode gave greedy's tokens")
@@ -83,9 +68,9 @@ def main() -> None:
     print(header)
     for name, k in modes:
         tokens, stats = last[k]
-        wall = statistics.median(samples[k])
         per_step = len(tokens) / max(stats.steps, 1)
-        print(f"  {name:<18} {1e3 * wall:9.1f} {len(tokens) / wall:7.1f} {base / wall:6.2f}x "
+        print(f"  {name:<18} {1e3 * wall[k]:9.1f} {len(tokens) / wall[k]:7.1f} "
+              f"{base / wall[k]:6.2f}x "
               f"{stats.steps:5d} {per_step:8.2f} {1e3 * stats.model_s / max(stats.steps, 1):13.2f} "
               f"{stats.sidecar_ms_per_step:15.2f}")
 
