@@ -311,15 +311,17 @@ class Candidates:
 
     def restrict(self, threshold: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Keeps values ≥ threshold[r] in every row, given `best` = `best_first(W)` for a W that
-        holds them all unless ties at the W-th value spill over (then W grows to fit).
-        Masked (−inf) values never spill: a row with fewer finite values than W keeps them."""
+        holds them all unless ties at the W-th value spill over (logits rounded from bf16 or
+        fp16 tie often): then the dense rows are masked instead (`mask_below`, one compacting
+        pass that keeps every tie). Masked (−inf) values never spill: a row with fewer finite
+        values than W keeps them."""
         values, ids = best
         width = values.shape[1]
         last = values[:, -1]
         if (self.ids is None and width < self.vocab
                 and bool(((last >= threshold) & (last > -math.inf)).any())):
-            kept = (self.values >= threshold.unsqueeze(1)) & (self.values > -math.inf)
-            values, ids = torch.topk(self.values, int(kept.sum(dim=1).max()), dim=1)
+            self.mask_below(threshold)
+            return
         if self.ids is None:
             self.values, self.ids, self._sorted, self._shared = values, ids, True, False
         self.mask_below(threshold)
