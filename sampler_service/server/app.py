@@ -3,8 +3,10 @@ reflection, an optional PolicyAdmin, and a graceful stop.
 
 One asyncio event loop (in a thread of its own, so `SamplerServer` can be started and stopped
 from ordinary code) serves every RPC; no call holds a thread while it waits. The engine runs
-in one executor thread, its only owner: steps reach it through the micro-batcher, every other
-call that touches sequences or the engine is queued to the same thread. Health and reflection
+in one executor thread: steps reach it through the micro-batcher, every other call that
+touches sequences or the engine is queued to the same thread. On a CPU engine (whose journal,
+if any, does not fsync) a small step batch runs on the event loop itself while that thread is
+idle, never beside it (`engine_thread`). Health and reflection
 run on the loop and answer whatever the load; `health_port` serves grpc.health.v1 on a port
 of its own (the kubelet probes the pod IP while the data path stays on loopback or a socket).
 With `tls_cert` and `tls_key` the TCP port (and so the PolicyAdmin service on it) speaks TLS,
@@ -22,7 +24,6 @@ import signal
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from sampler_service.policy.watcher import PolicyWatcher
 from sampler_service.policy_admin import PolicyAdministration
 from sampler_service.server.admin import ADMIN_SERVICE, PolicyAdminServicer
 from sampler_service.server.batcher import StepBatcher
+from sampler_service.server.engine_thread import EngineExecutor
 from sampler_service.server.metrics import ServiceMetrics
 from sampler_service.server.servicer import SamplerServicer
 from sampler_service.server.shared_memory import SharedMemoryServicer
@@ -223,7 +225,7 @@ class SamplerServer:
                 raise
         self.shared_memory = config.shared_memory_allowed()
         self.regions = RegionRegistry(self.core.device)
-        self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
+        self.engine_executor = EngineExecutor()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sampler-grpc",
                                         daemon=True)
@@ -283,9 +285,11 @@ class SamplerServer:
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        runner = StepRunner(self.core, self.regions if self.shared_memory else None)
+        inline = self.core.device.type == "cpu" and not (self.state and self.state.fsync)
+        runner = StepRunner(self.core, self.regions if self.shared_memory else None,
+                            engine_idle=(lambda: self.engine_executor.idle) if inline else None)
         self.batcher = StepBatcher(runner, self.engine_executor, config.batch_window_us * 1e-6,
-                                   config.max_batch_rows)
+                                   config.max_batch_rows, inline=runner.runs_inline)
         self.servicer = SamplerServicer(self.core, self.metrics, runner, self.batcher,
                                         self.engine_executor, config.max_streams)
         self._server = grpc.aio.server(options=options)

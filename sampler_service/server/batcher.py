@@ -13,6 +13,12 @@ next), so each sees the other's effect exactly as if they had come one after the
 Each caller gets exactly its own result; `run` returns one result (or exception) per request,
 so a bad request fails alone. `on_batch`, when set, is called with the rows of each batch as
 it goes to the engine (the `sampler_batch_rows` histogram).
+
+`inline`, when set, picks batches that run on the event loop itself instead of the executor
+(the server's: a small CPU batch while the engine thread is idle, `StepRunner.runs_inline`):
+the hop to the executor and back costs more than such a batch's own work. A lone caller's
+request that would be taken at once (nothing queued, no batch running, no other caller that
+could join it) runs inline straight from `submit`, without a turn of the feed task.
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ class StepBatcher(Generic[Item]):
 
     def __init__(self, run: Callable[[Sequence[Item]], Sequence[Any]], executor: Executor,
                  window_s: float = 200e-6, max_rows: int = 256,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None,
+                 inline: Callable[[Sequence[Item]], bool] | None = None):
         if max_rows < 1:
             raise ValueError("--max-batch-rows must be at least 1")
         if window_s < 0:
@@ -73,6 +80,10 @@ class StepBatcher(Generic[Item]):
         self.requests = 0
         #: Called with the rows of each batch before it runs (metrics); None: nothing.
         self.on_batch = on_batch
+        #: Whether a batch (its items) runs on the event loop; None: never.
+        self.inline = inline
+        #: A batch is in the executor (the feed task awaits it).
+        self._running = False
 
     @contextlib.contextmanager
     def caller(self) -> Iterator[None]:
@@ -88,10 +99,15 @@ class StepBatcher(Generic[Item]):
         """Queues `item` (`rows` rows of sequences `keys`) and returns its result. `release`
         is called once the item has run, whether or not its caller still waits: what the
         item reads (a shared-memory region) must outlive a caller that went away."""
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(item, rows, keys, future, release)
+        if (self.inline is not None and not self._queue and not self._running
+                and self.callers <= 1 and self.inline([item])):
+            self._finish([pending], self._run_inline([pending]))
+            return future.result()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._feed())
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, rows, keys, future, release))
+        self._queue.append(pending)
         self._arrival.set()
         return await future
 
@@ -115,21 +131,46 @@ class StepBatcher(Generic[Item]):
                 continue
             await self._wait_for_others()
             batch = self._take()
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(sum(p.rows for p in batch))
-                except Exception:  # an observer must never stop the feed
-                    log.exception("the batch observer failed")
+            items = [p.item for p in batch]
+            if self.inline is not None and self.inline(items):
+                self._finish(batch, self._run_inline(batch))
+                continue
+            self._observe(batch)
+            self._running = True
             try:
-                results = await loop.run_in_executor(self._executor, self._run,
-                                                     [p.item for p in batch])
+                results = await loop.run_in_executor(self._executor, self._run, items)
             except Exception as exc:  # `run` answers per item; this is a bug: fail the batch
-                log.exception("a step batch failed as a whole")
-                results = [detached(exc)] * len(batch)
-            self.batches += 1
-            self.requests += len(batch)
-            for pending, result in zip(batch, results):
-                pending.done(result)
+                results = self._failed(batch, exc)
+            finally:
+                self._running = False
+            self._finish(batch, results)
+
+    def _run_inline(self, batch: list[_Pending[Item]]) -> Sequence[Any]:
+        """Runs `batch` on the event loop, now."""
+        self._observe(batch)
+        try:
+            return self._run([p.item for p in batch])
+        except Exception as exc:
+            return self._failed(batch, exc)
+
+    @staticmethod
+    def _failed(batch: list[_Pending[Item]], exc: Exception) -> list[Exception]:
+        """Every item's result when `run` raised: it answers per item, so this is a bug."""
+        log.exception("a step batch failed as a whole")
+        return [detached(exc)] * len(batch)
+
+    def _observe(self, batch: list[_Pending[Item]]) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(sum(p.rows for p in batch))
+            except Exception:  # an observer must never stop the feed
+                log.exception("the batch observer failed")
+
+    def _finish(self, batch: list[_Pending[Item]], results: Sequence[Any]) -> None:
+        self.batches += 1
+        self.requests += len(batch)
+        for pending, result in zip(batch, results):
+            pending.done(result)
 
     async def _wait_for_others(self) -> None:
         """Waits up to the window while a caller with nothing queued may still send."""

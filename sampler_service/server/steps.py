@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -40,14 +40,35 @@ class StepWork:
 
 
 class StepRunner:
-    """`runner(works)` -> one StepResponse or exception per request, in order."""
+    """`runner(works)` -> one StepResponse or exception per request, in order. `engine_idle`
+    says whether the engine thread is idle; None: batches never run on the event loop
+    (`runs_inline`)."""
 
-    def __init__(self, core: SamplerCore, regions: RegionRegistry | None):
+    def __init__(self, core: SamplerCore, regions: RegionRegistry | None,
+                 engine_idle: Callable[[], bool] | None = None):
         self.core = core
         #: torch's intra-op threads for a batch of SINGLE_THREAD_ELEMENTS logits or more.
         self.threads = torch.get_num_threads()
         #: None when shared memory is off: a region reference is then FAILED_PRECONDITION.
         self.regions = regions
+        self.engine_idle = engine_idle
+
+    def runs_inline(self, works: Sequence[StepWork]) -> bool:
+        """Whether the batcher may run `works` on the event loop rather than hop to the engine
+        thread and back (~0.2 ms): a small batch (`is_small`: well under a millisecond of
+        work) while the engine thread is idle. The server allows it for a CPU engine whose
+        journal (if any) does not fsync: the loop must never wait on a device or a disk."""
+        return self.engine_idle is not None and self.is_small(works) and self.engine_idle()
+
+    @staticmethod
+    def is_small(works: Sequence[StepWork]) -> bool:
+        """Fewer than SINGLE_THREAD_ROWS rows and SINGLE_THREAD_ELEMENTS logits: one intra-op
+        thread runs it."""
+        requests = [w.request for w in works]
+        if sum(len(r.rows) for r in requests) >= SINGLE_THREAD_ROWS:
+            return False
+        return sum(math.prod(r.logits.shape) + math.prod(r.sparse.logits.shape)
+                   for r in requests) < SINGLE_THREAD_ELEMENTS
 
     def decode_tensor(self, tensor: pb.Tensor, field: str):
         return decode_tensor(tensor, field, self.core.device, self.regions)
@@ -118,11 +139,7 @@ class StepRunner:
 
     def __call__(self, works: Sequence[StepWork]) -> list[pb.StepResponse | Exception]:
         requests = [w.request for w in works]
-        rows = sum(len(r.rows) for r in requests)
-        elements = sum(math.prod(r.logits.shape) + math.prod(r.sparse.logits.shape)
-                       for r in requests)
-        small = rows < SINGLE_THREAD_ROWS and elements < SINGLE_THREAD_ELEMENTS
-        with intra_op_threads(1 if small else self.threads):
+        with intra_op_threads(1 if self.is_small(works) else self.threads):
             results = self._run(requests, [w.deadline for w in works])
         for work, result in zip(works, results):
             if not isinstance(result, Exception):

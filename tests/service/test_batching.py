@@ -136,3 +136,21 @@ def _created(sequence):
     from sampler_proto.sampler.v1 import sampler_pb2 as pb
     return pb.CreatedSequence(sequence_id=sequence.sequence_id, policy=sequence.policy,
                               seed=sequence.seed)
+
+
+def lone_stream_tokens(server, steps: int = 6) -> tuple[list[int], int]:
+    """(tokens of one seeded sequence stepped alone over a stream, the batches run)."""
+    with SamplerClient(server.address) as client:
+        sequence = client.create_sequence(policy="creative", seed=5)
+        with client.stream() as stream:
+            tokens = [stream.step([sequence], logits_for(0, step))[0].token_id
+                      for step in range(steps)]
+    return tokens, server.batcher.batches
+
+
+def test_small_steps_on_the_event_loop_equal_those_in_the_engine_thread(start_server, tmp_path):
+    on_loop = start_server()
+    assert on_loop.servicer.runner.engine_idle is not None  # a CPU engine: allowed
+    in_thread = start_server(state_dir=tmp_path, journal_fsync=True)
+    assert in_thread.servicer.runner.engine_idle is None  # the loop never waits on an fsync
+    assert lone_stream_tokens(on_loop) == lone_stream_tokens(in_thread)

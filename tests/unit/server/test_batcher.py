@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,9 +15,11 @@ class Recorder:
 
     def __init__(self):
         self.batches: list[list] = []
+        self.threads: list[str] = []  # the thread each batch ran on
 
     def __call__(self, items):
         self.batches.append(list(items))
+        self.threads.append(threading.current_thread().name)
         if "boom" in items:
             raise RuntimeError("boom")
         return [ValueError(item) if item == "bad" else item * 10 for item in items]
@@ -105,3 +108,63 @@ def test_a_failing_run_fails_its_batch_and_the_batcher_goes_on(executor):
 def test_bad_settings_are_refused(executor, window, rows):
     with pytest.raises(ValueError):
         StepBatcher(Recorder(), executor, window_s=window, max_rows=rows)
+
+
+def test_inline_batches_run_on_the_event_loop_and_others_in_the_executor(executor):
+    recorder = Recorder()
+
+    async def main():
+        batcher = StepBatcher(recorder, executor, window_s=60.0,
+                              inline=lambda items: all(item < 5 for item in items))
+        with batcher.caller():
+            small = await batcher.submit(3, 1, frozenset({"a"}))   # lone caller: from submit
+            large = await batcher.submit(7, 1, frozenset({"a"}))
+        with batcher.caller(), batcher.caller():  # two callers: through the feed task
+            both = await asyncio.gather(batcher.submit(1, 1, frozenset({"a"})),
+                                        batcher.submit(2, 1, frozenset({"b"})))
+        await batcher.close()
+        return small, large, both, threading.current_thread().name
+
+    small, large, both, loop_thread = run(main())
+    assert (small, large, both) == (30, 70, [10, 20])
+    assert recorder.batches == [[3], [7], [1, 2]]
+    executor_thread = recorder.threads[1]
+    assert recorder.threads == [loop_thread, executor_thread, loop_thread]
+    assert executor_thread != loop_thread
+
+
+def test_a_lone_request_waits_for_the_batch_in_the_executor(executor):
+    """While a batch runs in the executor, a request that could run inline queues behind it
+    (the engine runs one batch at a time)."""
+    recorder, release = Recorder(), threading.Event()
+
+    def slow(items):
+        if items == [7]:
+            release.wait(10)
+        return recorder(items)
+
+    async def main():
+        batcher = StepBatcher(slow, executor, window_s=0, inline=lambda items: items != [7])
+        with batcher.caller():
+            first = asyncio.ensure_future(batcher.submit(7, 1, frozenset({"a"})))
+            await asyncio.sleep(0.05)  # 7 is in the executor now
+            second = asyncio.ensure_future(batcher.submit(3, 1, frozenset({"b"})))
+            await asyncio.sleep(0.05)
+            assert not second.done()
+            release.set()
+            answers = await asyncio.gather(first, second)
+        await batcher.close()
+        return answers
+
+    assert run(main()) == [70, 30]
+    assert recorder.batches == [[7], [3]]
+
+
+def test_a_failing_inline_run_fails_its_batch_and_the_batcher_goes_on(executor):
+    async def main():
+        batcher = StepBatcher(Recorder(), executor, window_s=0, inline=lambda items: True)
+        failed = await batcher.submit("boom", 1, frozenset({"x"}))
+        return failed, await batcher.submit(2, 1, frozenset({"x"}))
+
+    failed, answer = run(main())
+    assert isinstance(failed, RuntimeError) and answer == 20

@@ -66,6 +66,19 @@ def test_small_batches_run_on_one_intra_op_thread_and_the_count_comes_back():
     assert torch.get_num_threads() == before
 
 
+def test_only_small_batches_run_inline_and_only_while_the_engine_thread_is_idle():
+    ids = [f"s{i}" for i in range(8)]
+    runner, idle = runner_with(ids, "greedy"), [True]
+    runner.engine_idle = lambda: idle[0]
+    one_row = requests_for(ids[:1], [torch.randn(1, VOCAB)])
+    assert runner.runs_inline(one_row)
+    assert not runner.runs_inline(requests_for(ids, [torch.randn(1, VOCAB)] * 8))  # 8 rows
+    assert not runner.runs_inline(requests_for(ids[:1], [torch.randn(1, 1 << 18)]))
+    idle[0] = False
+    assert not runner.runs_inline(one_row)
+    assert not runner_with(ids[:1]).runs_inline(one_row)  # no engine_idle: never
+
+
 def test_a_step_whose_deadline_passed_changes_nothing():
     """Planned after its caller's deadline: DEADLINE_EXCEEDED and no state changed; the same
     step sent again in time is answered as if the first had never come."""
