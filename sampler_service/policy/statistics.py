@@ -46,7 +46,9 @@ class RawStatistics:
                                 for f in fields(self)})
 
     def span(self, start: int, stop: int) -> "RawStatistics":
-        """The statistics of rows start … stop − 1 (views, no copy)."""
+        """The statistics of rows start … stop − 1 (views, no copy; these when all rows)."""
+        if start == 0 and stop == self.entropy.shape[0]:
+            return self
         return RawStatistics(**{f.name: None if getattr(self, f.name) is None
                                 else getattr(self, f.name)[start:stop] for f in fields(self)})
 

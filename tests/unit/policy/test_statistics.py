@@ -17,6 +17,7 @@ def test_span_select_joined_and_with_top_agree_with_computing_again():
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
     same(whole.span(2, 5), raw_statistics(logits[2:5]))
+    assert whole.span(0, 6) is whole
     same(whole.select(torch.tensor([4, 0])), raw_statistics(logits[[4, 0]]))
     same(RawStatistics.joined([whole.span(0, 2), whole.span(4, 6)]),
          raw_statistics(logits[[0, 1, 4, 5]]))
