@@ -21,8 +21,8 @@ A step with refused rows chooses nothing and raises `NotExact` listing every one
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -40,9 +40,9 @@ _TENSOR_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool
 ARGS_CACHE_ENTRIES = 256
 
 
-@dataclass(frozen=True)
-class RawRowReport:
-    """The raw-distribution facts of one input row that every choice continuing it reports."""
+class RawRowReport(NamedTuple):
+    """The raw-distribution facts of one input row that every choice continuing it reports (a
+    tuple: one is made per row of every step)."""
 
     log_normalizer: float
     entropy: float

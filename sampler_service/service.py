@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -106,7 +107,7 @@ class StepCall:
     def extras(self, rows: Sequence[int]) -> RowInputs:
         """The reference logits and signals of request rows `rows`, with their dense logits
         when every one of them is dense (else `raw` is None)."""
-        dense = all(not self.logits.is_sparse(r) for r in rows)
+        dense = not any(map(self.logits.is_sparse, rows))
         index = (None if self.reference is None and self.signals is None
                  else torch.tensor(list(rows), device=self.logits.device))
         return RowInputs(
@@ -116,9 +117,9 @@ class StepCall:
                 name: values.index_select(0, index) for name, values in self.signals.items()})
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """The consecutive rows of one sequence or group in a step request."""
+class _Unit(NamedTuple):
+    """The consecutive rows of one sequence or group in a step request (a tuple: one is made
+    per row of every step)."""
 
     entry: "SequenceState | Group"
     start: int
@@ -437,11 +438,12 @@ class SamplerCore:
         shared: dict[tuple, list[tuple[int, _Unit]]] = {}
         refusals: list[Refusal] = []  # sparse rows that need full logits, all reported at once
         for index, p in prepared.items():
+            keys = self._engine_call_keys(index, p.call)
             for unit in p.units:
                 if unit.retry:
                     plans[index].append((unit, lambda record=unit.entry.last_record: record))
                 elif unit.entry.shares_engine_call:
-                    shared.setdefault(self._engine_call_key(index, p.call, unit), []).append(
+                    shared.setdefault(keys[p.call.logits.is_sparse(unit.start)], []).append(
                         (index, unit))
                 elif any(p.call.logits.is_sparse(row) for row in unit.rows):
                     refusals += [Refusal(row, "groups need full rows: beam search, forks and CoT "
@@ -458,20 +460,21 @@ class SamplerCore:
             except NotExact as exc:  # numbered by the engine's rows: renumber by the request's
                 refusals += exc.for_request([unit.start for unit in units]).refusals
                 continue
+            vocab = calls[0].logits.vocab  # one for every row of the key
             for (index, unit), outcome in zip(members, outcomes):
-                vocab = prepared[index].call.logits.vocab
-                plans[index].append((unit, lambda s=unit.entry, o=outcome: s.record_step(o, vocab)))
+                plans[index].append((unit, functools.partial(unit.entry.record_step, outcome, vocab)))
         if refusals:
             raise NotExact.of(refusals)
         return plans
 
     @staticmethod
-    def _engine_call_key(index: int, call: StepCall, unit: _Unit) -> tuple:
-        """Plain sequences whose rows can share one engine call: dense rows of every call with
-        the same vocabulary and options; sparse rows of one call."""
-        if call.logits.is_sparse(unit.start):
-            return ("sparse", index, call.processed_logprobs)
-        return ("dense", call.logits.vocab, call.processed_logprobs, call.reference is not None)
+    def _engine_call_keys(index: int, call: StepCall) -> dict[bool, tuple]:
+        """The keys of the engine calls that plain sequences' rows of `call` join, by whether
+        the row is sparse: dense rows of every call with the same vocabulary and options share
+        one; sparse rows, one of this call's own."""
+        return {False: ("dense", call.logits.vocab, call.processed_logprobs,
+                        call.reference is not None),
+                True: ("sparse", index, call.processed_logprobs)}
 
     def _run_engine(self, key: tuple, calls: Sequence[StepCall], units: Sequence[_Unit]):
         """One engine call over the one row of each plain-sequence unit (unit i of `calls[i]`)."""
@@ -547,7 +550,7 @@ class SamplerCore:
                     steps.append(SavedStep.of(unit.entry, record, resume, any(
                         state is unit.state for state, _ in moved)))
             answers.append(Answer(unit.start, record, resume))
-        return sorted(answers, key=lambda answer: answer.start)
+        return sorted(answers, key=operator.attrgetter("start"))
 
     def _follow_latest(self, units: Sequence[_Unit]) -> list[tuple[SequenceState, ResolvedPolicy]]:
         """Moves the sequences whose policy says `follow_latest` to the version now in force
@@ -582,23 +585,25 @@ class SamplerCore:
         """Rows split into runs of one sequence or group each (a group's rows are consecutive)."""
         units: list[_Unit] = []
         seen: dict[str, int] = {}
+        count = len(rows)
         start = 0
-        while start < len(rows):
-            sid = rows[start].sequence_id
-            end = start
-            while end < len(rows) and rows[end].sequence_id == sid:
+        while start < count:
+            first = rows[start]
+            sid = first.sequence_id
+            end = start + 1
+            while end < count and rows[end].sequence_id == sid:
                 end += 1
-            where = f"rows[{start}]"
+            field_name = f"rows[{start}].sequence_id"
             if sid in seen:
                 raise InvalidArgument(f"sequence {sid!r} has rows at {seen[sid]} and {start}: a "
                                       "plain sequence sends one row, a group its rows one after "
-                                      "another", f"{where}.sequence_id")
+                                      "another", field_name)
             seen[sid] = start
-            entry = self.store.get(sid, f"{where}.sequence_id")
+            entry = self.store.get(sid, field_name)
             if entry.shares_engine_call and end - start > 1:
                 raise InvalidArgument(f"sequence {sid!r} has {end - start} rows ({start} to "
                                       f"{end - 1}); send one row per sequence", f"rows[{start + 1}].sequence_id")
-            units.append(_Unit(entry, start, end - start, self._is_retry(rows[start].step, entry)))
+            units.append(_Unit(entry, start, end - start, self._is_retry(first.step, entry)))
             start = end
         return units
 
@@ -627,26 +632,30 @@ class SamplerCore:
             raise InvalidArgument(f"reference_logits shape {list(call.reference.shape)} must be "
                                   f"[rows, vocab] = {[len(rows), vocab]}", "reference_logits.shape")
         units = self._units(rows)
+        has_drafts = call.has_drafts
         for unit in units:
-            where, sid, state, entry = f"rows[{unit.start}]", rows[unit.start].sequence_id, unit.state, unit.entry
-            if call.has_drafts:
+            entry, start = unit.entry, unit.start
+            sid = rows[start].sequence_id
+            if has_drafts:
                 self._check_verifiable(unit, rows)
             if unit.retry:
                 if unit.count != entry.last_record.rows_in:
                     raise InvalidArgument(f"sequence {sid!r} retried step {entry.last_record.step} "
                                           f"with {unit.count} rows; that step had "
-                                          f"{entry.last_record.rows_in}", where)
+                                          f"{entry.last_record.rows_in}", f"rows[{start}]")
                 continue
             if entry.finished:
                 raise FailedPrecondition(
                     f"sequence {sid!r} finished ({entry.finish_label}) after {entry.step_number} "
-                    "steps; read its result with GetSequence, then release it", f"{where}.sequence_id")
+                    "steps; read its result with GetSequence, then release it",
+                    f"rows[{start}].sequence_id")
             for offset, row in enumerate(unit.rows):
-                if rows[row].step is not None and rows[row].step != entry.step_number:
+                asked = rows[row]
+                if asked.step is not None and asked.step != entry.step_number:
                     raise FailedPrecondition(f"sequence {sid!r} expects step {entry.step_number}, "
-                                             f"got {rows[row].step}", f"rows[{row}].step")
-                if rows[row].branch is not None and rows[row].branch != offset:
-                    raise InvalidArgument(f"row {row} is branch {rows[row].branch} of "
+                                             f"got {asked.step}", f"rows[{row}].step")
+                if asked.branch is not None and asked.branch != offset:
+                    raise InvalidArgument(f"row {row} is branch {asked.branch} of "
                                           f"group {sid!r}, but its rows must come in the order of "
                                           f"the last answer: branch {offset} is due here",
                                           f"rows[{row}].branch")
@@ -654,7 +663,8 @@ class SamplerCore:
                 raise InvalidArgument(
                     f"group {sid!r} has {entry.running_rows} running rows and this request "
                     f"sends {unit.count}: send one row per choice of its last answer with "
-                    "finished = false, in that order", where)
+                    "finished = false, in that order", f"rows[{start}]")
+            state = unit.state
             if state.text is not None and state.text.vocabulary.size > vocab:
                 raise InvalidArgument(f"sequence {sid!r} has a tokenizer of "
                                       f"{state.text.vocabulary.size} tokens; this request's "
@@ -669,8 +679,8 @@ class SamplerCore:
         statistics = logits.statistics
         if logits.dense is not None and not logits.checked:
             statistics = self.validate_values(
-                [rows[r] for r in logits.dense_rows] if not call.has_drafts else [],
-                logits.dense, statistics=not call.has_drafts)
+                [rows[r] for r in logits.dense_rows] if not has_drafts else [],
+                logits.dense, statistics=not has_drafts)
         if call.reference is not None:
             self.validate_values(rows, call.reference, "reference_logits")
         return units, statistics

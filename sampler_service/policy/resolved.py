@@ -120,6 +120,8 @@ class ResolvedPolicy:
     #: The request's overrides, applied again when a follow_latest sequence moves.
     overrides: Mapping[str, Any] = field(default_factory=dict)
     active_links: tuple[Link, ...] = field(init=False, repr=False, compare=False)
+    #: The keys of the stages the engine runs, then the selector's (per row of every step).
+    signature: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert all(isinstance(l.stage, Processor) for l in self.links)
@@ -131,10 +133,8 @@ class ResolvedPolicy:
             while active and active[-1].stage.keeps_argmax:
                 active.pop()
         object.__setattr__(self, "active_links", tuple(active))
-
-    @property
-    def signature(self) -> tuple[Any, ...]:
-        return tuple(l.stage.key for l in self.active_links) + (self.selector.stage.key,)
+        object.__setattr__(self, "signature",
+                           tuple(l.stage.key for l in active) + (self.selector.stage.key,))
 
     def explain_plan(self) -> list[str]:
         """The stages the engine runs, in order, then the selector: `key(param=value, ...)`."""

@@ -16,6 +16,7 @@ class TokenHistory:
 
     def __init__(self, prompt_ids: Iterable[int], output_ids: Iterable[int] = ()):
         self._seen: dict[int, None] = dict.fromkeys(prompt_ids)  # insertion-ordered set
+        self._max_id = max(self._seen, default=-1)
         self._output_counts: Counter[int] = Counter()
         self._seen_tensor: torch.Tensor | None = None
         self._counts_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -25,7 +26,7 @@ class TokenHistory:
     def copy(self) -> "TokenHistory":
         """An independent copy, O(distinct tokens) (a beam or fork branch continues from it)."""
         other = TokenHistory(())
-        other._seen = dict(self._seen)
+        other._seen, other._max_id = dict(self._seen), self._max_id
         other._output_counts = Counter(self._output_counts)
         other._seen_tensor, other._counts_tensors = self._seen_tensor, self._counts_tensors
         return other
@@ -34,14 +35,16 @@ class TokenHistory:
         """Records one generated token."""
         if token_id not in self._seen:
             self._seen[token_id] = None
+            self._max_id = max(self._max_id, token_id)
             self._seen_tensor = None
         self._output_counts[token_id] += 1
         self._counts_tensors = None
 
     @property
     def max_token_id(self) -> int:
-        """Largest id seen so far (-1 when empty); checked against the vocabulary size."""
-        return max(self._seen, default=-1)
+        """Largest id seen so far (-1 when empty), kept as ids arrive: every step checks it
+        against the vocabulary size."""
+        return self._max_id
 
     def seen_ids(self) -> torch.Tensor:
         """Distinct ids of prompt ∪ output, int64, in first-seen order."""

@@ -56,6 +56,18 @@ def test_requests_of_different_vocabularies_share_a_batch():
     assert [a.choices[0].token_id for a in answers] == [int(l.argmax()) for l in logits]
 
 
+def test_each_sequence_of_a_mixed_vocabulary_batch_keeps_its_own_vocabulary():
+    """Each sequence records the vocabulary of its own request (not the batch's last one), so
+    its next step with the same vocabulary is accepted."""
+    ids = ["a", "b"]
+    runner = runner_with(ids, "greedy")
+    for step in range(2):
+        logits = [torch.randn(1, VOCAB), torch.randn(1, VOCAB + 5)]
+        answers = runner(requests_for(ids, logits))
+        assert [a.choices[0].token_id for a in answers] == [int(l.argmax()) for l in logits]
+        assert [a.choices[0].step for a in answers] == [step, step]
+
+
 def test_small_batches_run_on_one_intra_op_thread_and_the_count_comes_back():
     from sampler_service.server.steps import intra_op_threads
     before = torch.get_num_threads()
