@@ -134,6 +134,7 @@ class StepBatcher(Generic[Item]):
             items = [p.item for p in batch]
             if self.inline is not None and self.inline(items):
                 self._finish(batch, self._run_inline(batch))
+                await asyncio.sleep(0)  # the loop's other work (health, arrivals) goes first
                 continue
             self._observe(batch)
             self._running = True

@@ -168,3 +168,37 @@ def test_a_failing_inline_run_fails_its_batch_and_the_batcher_goes_on(executor):
 
     failed, answer = run(main())
     assert isinstance(failed, RuntimeError) and answer == 20
+
+
+def test_the_loop_runs_other_work_between_inline_batches(executor):
+    """Queued requests run inline one batch at a time, each followed by a turn of the loop,
+    so health checks and arrivals never wait behind a whole queue."""
+    log = []
+
+    def run_batch(items):
+        log.append(tuple(items))
+        return [item * 10 for item in items]
+
+    async def main():
+        batcher = StepBatcher(run_batch, executor, window_s=0, max_rows=1,
+                              inline=lambda items: True)
+        ticking = True
+
+        async def ticker():
+            while ticking:
+                log.append("tick")
+                await asyncio.sleep(0)
+
+        with batcher.caller(), batcher.caller(), batcher.caller():
+            tick = asyncio.ensure_future(ticker())
+            answers = await asyncio.gather(*(batcher.submit(i, 1, frozenset({str(i)}))
+                                             for i in (1, 2, 3)))
+            ticking = False
+            await tick
+        await batcher.close()
+        return answers
+
+    assert run(main()) == [10, 20, 30]
+    batches = [i for i, entry in enumerate(log) if entry != "tick"]
+    assert len(batches) == 3
+    assert all(log[i + 1] == "tick" for i in batches[:-1])  # a turn of the loop after each
