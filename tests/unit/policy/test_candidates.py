@@ -261,3 +261,43 @@ def test_divide_saturates_and_keeps_masked_tokens():
     candidates.divide(torch.tensor([0.5]))
     big = torch.finfo(torch.float32).max
     assert candidates.values.tolist() == [[big, -INF, 2.0, -INF]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 300), seed=st.integers(0, 2 ** 31),
+       writes=st.integers(1, 3), then=st.sampled_from(["divide", "mask", "read"]),
+       kernel=st.booleans())
+def test_writes_waiting_on_shared_values_equal_writing_first(rows, vocab, seed, writes, then,
+                                                             kernel):
+    """`update`s of shared dense values wait for the next pass; the result equals the eager
+    copy-then-write, bit for bit, and the shared values stay untouched. Divisors include ones
+    that saturate (a logit near float32's max under T < 1). With and without the kernels."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not kernel:
+            patch.setattr(candidates_module, "NUMBA", False)
+        _check_waiting_writes(rows, vocab, seed, writes, then)
+
+
+def _check_waiting_writes(rows: int, vocab: int, seed: int, writes: int, then: str) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    original = torch.randn(rows, vocab, generator=generator) * 5
+    original[torch.rand(rows, vocab, generator=generator) < 0.1] = -math.inf
+    original[0, 0] = 3.0e38
+    before = original.clone()
+    waiting, eager = Candidates(original, shared=True), Candidates(original.clone())
+    for _ in range(writes):
+        count = int(torch.randint(1, 2 * vocab + 1, (1,), generator=generator))
+        at_rows = torch.randint(0, rows, (count,), generator=generator)
+        at_columns = torch.randint(0, vocab, (count,), generator=generator)
+        new = torch.randn(count, generator=generator) * 10
+        for candidates in (waiting, eager):
+            candidates.update(at_rows, at_columns, new)
+    divisor = torch.rand(rows, generator=generator) * 2 + 1e-3
+    for candidates in (waiting, eager):
+        if then == "divide":
+            candidates.divide(divisor)
+        elif then == "mask":
+            candidates.mask(candidates.values > 1.0)
+    assert torch.equal(original, before)
+    assert torch.equal(waiting.values, eager.values)
+    assert torch.equal(waiting.max_values(), eager.values.amax(dim=1))
