@@ -4,9 +4,9 @@ reflection, an optional PolicyAdmin, and a graceful stop.
 One asyncio event loop (in a thread of its own, so `SamplerServer` can be started and stopped
 from ordinary code) serves every RPC; no call holds a thread while it waits. The engine runs
 in one executor thread: steps reach it through the micro-batcher, every other call that
-touches sequences or the engine is queued to the same thread. On a CPU engine (whose journal,
-if any, does not fsync) a small step batch runs on the event loop itself while that thread is
-idle, never beside it (`engine_thread`). Health and reflection
+touches sequences or the engine is queued to the same thread. On a CPU engine without a
+`state_dir` a small step batch runs on the event loop itself while that thread is idle, never
+beside it (`engine_thread`). Health and reflection
 run on the loop and answer whatever the load; `health_port` serves grpc.health.v1 on a port
 of its own (the kubelet probes the pod IP while the data path stays on loopback or a socket).
 With `tls_cert` and `tls_key` the TCP port (and so the PolicyAdmin service on it) speaks TLS,
@@ -285,7 +285,9 @@ class SamplerServer:
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        inline = self.core.device.type == "cpu" and not (self.state and self.state.fsync)
+        # never with a state dir: the loop would wait on its journal's disk, or on the core's
+        # lock while the snapshot thread copies every sequence
+        inline = self.core.device.type == "cpu" and self.state is None
         runner = StepRunner(self.core, self.regions if self.shared_memory else None,
                             engine_idle=(lambda: self.engine_executor.idle) if inline else None)
         self.batcher = StepBatcher(runner, self.engine_executor, config.batch_window_us * 1e-6,

@@ -56,8 +56,8 @@ class StepRunner:
     def runs_inline(self, works: Sequence[StepWork]) -> bool:
         """Whether the batcher may run `works` on the event loop rather than hop to the engine
         thread and back (~0.2 ms): a small batch (`is_small`: well under a millisecond of
-        work) while the engine thread is idle. The server allows it for a CPU engine whose
-        journal (if any) does not fsync: the loop must never wait on a device or a disk."""
+        work) while the engine thread is idle. The server allows it for a CPU engine without a
+        state dir: the loop must never wait on a device, a disk or a snapshot."""
         return self.engine_idle is not None and self.is_small(works) and self.engine_idle()
 
     @staticmethod
