@@ -73,11 +73,12 @@ class StepRow:
     draft_probs: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Answer:
     """What a step answers for one sequence or group: the index of its first row in the
     request, its record (one row for a plain sequence, a `GroupRecord` for a group) and, when
-    the call asked for them, its resume record after the step."""
+    the call asked for them, its resume record after the step. Short-lived (one per unit of
+    every step, read once by the edge), so not frozen."""
 
     start: int
     record: "StepRecord | GroupRecord"

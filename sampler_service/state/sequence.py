@@ -31,10 +31,11 @@ ENTROPY_EMA_ALPHA = 0.2
 TopList = tuple[tuple[int, float], ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RowOutcome:
     """What the engine chose for one row and what it measured: a step's outcome, which
-    `SequenceState.record_step` turns into the sequence's `StepRecord`."""
+    `SequenceState.record_step` turns into the sequence's `StepRecord` (which is frozen: this
+    short-lived carrier is not, as one is made per row of every step)."""
 
     token_id: int
     logprob: float
