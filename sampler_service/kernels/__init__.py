@@ -13,9 +13,12 @@ from typing import Any, Callable
 
 import numba
 
-#: Rows from which a kernel spreads rows over threads; fewer run on the calling thread (waking
-#: a team costs more than it saves on a few rows).
+#: Rows, and elements of the rows' array, from which a kernel spreads rows over threads;
+#: fewer run on the calling thread: handing a part to another thread costs ~20-30 µs, more
+#: than it saves on a few rows or a small array (2 cores, 64 x 1024: the statistics 42 µs on
+#: one thread, 46 on two; a divide 11 against 28; even at 64 x 2048 against 1 << 17).
 PARALLEL_MIN_ROWS = 8
+PARALLEL_MIN_ELEMENTS = 1 << 17
 
 def _prefer_wide_vectors() -> None:
     """On a CPU with AVX-512, lets LLVM vectorise with 512-bit registers (its default tuning
@@ -79,12 +82,14 @@ def _executor() -> ThreadPoolExecutor:
 
 def run_rows(kernel: Callable[..., None], rows: int, threads: int, *arguments: Any) -> None:
     """Runs a row kernel, `kernel(start, stop, *arguments)` over rows [start, stop) (compiled
-    with nogil): on the calling thread for fewer than `PARALLEL_MIN_ROWS` rows or one thread,
-    else as up to `threads` contiguous parts run at once, the first on the calling thread. The
-    same compiled loop runs every row whatever the batch, so a row's results never depend on
-    its batch mates, and a lone row pays no thread hand-off (numba's own parallel launch cost
-    ~20 µs even on one thread)."""
-    parts = 1 if rows < PARALLEL_MIN_ROWS else max(1, min(threads, rows))
+    with nogil), whose first argument is the [rows, C] array it walks: on the calling thread
+    for fewer than `PARALLEL_MIN_ROWS` rows or `PARALLEL_MIN_ELEMENTS` elements of that array,
+    or one thread, else as up to `threads` contiguous parts run at once, the first on the
+    calling thread. The same compiled loop runs every row whatever the batch, so a row's
+    results never depend on its batch mates, and a lone row pays no thread hand-off (numba's
+    own parallel launch cost ~20 µs even on one thread)."""
+    small = rows < PARALLEL_MIN_ROWS or arguments[0].size < PARALLEL_MIN_ELEMENTS
+    parts = 1 if small else max(1, min(threads, rows))
     if parts == 1:
         kernel(0, rows, *arguments)
         return

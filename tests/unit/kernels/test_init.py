@@ -57,3 +57,23 @@ def test_warm_runs_every_kernel():
                    cpu_divide._rows_in_place, cpu_compact._kept_rows, cpu_compact._fill,
                    cpu_top_k._rows, cpu_mass_cut._rows, cpu_mass_cut._beyond_rows, cpu_draw._rows):
         assert kernel.signatures, kernel  # compiled (or loaded) for float32 rows
+
+
+@pytest.mark.whole_threshold
+@pytest.mark.parametrize("rows, columns, parts", [(4, 1 << 16, 1), (64, 1024, 1),
+                                                  (64, 4096, 2), (8, 1 << 15, 2)])
+def test_small_batches_run_on_the_calling_thread(rows, columns, parts):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("numba")
+    import threading
+
+    from sampler_service.kernels import run_rows
+    seen = []
+
+    def kernel(start, stop, array):
+        seen.append((start, stop, threading.current_thread() is threading.main_thread()))
+
+    run_rows(kernel, rows, 2, np.zeros((rows, columns), dtype=np.float32))
+    assert len(seen) == parts and sorted(s[:2] for s in seen)[0][0] == 0
+    assert sum(stop - start for start, stop, _ in seen) == rows
+    assert sum(on_caller for _, _, on_caller in seen) == 1
