@@ -70,12 +70,21 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
 
 def sort_ascending(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted, order) of int64 `keys`, distinct along their last dimension (token ids), as
-    `torch.sort`: NumPy's sort on the CPU (0.76 against 1.04 ms on [64, 1024] ids), torch's
-    elsewhere."""
+    `torch.sort`. On the CPU, non-negative keys small enough carry their position in their low
+    bits and are sorted as plain values (NumPy's vectorised sort; distinct keys make the order
+    the one any sort gives): 0.3 ms on [64, 1024] ids, against 0.52-0.74 for NumPy's argsort
+    and 1.05 for torch's; else NumPy's argsort; torch's elsewhere."""
     if keys.device.type != "cpu":
         return torch.sort(keys, dim=-1)
-    order = np.argsort(keys.numpy(), axis=-1)
-    return torch.from_numpy(np.take_along_axis(keys.numpy(), order, axis=-1)), torch.from_numpy(order)
+    values = keys.numpy()
+    count = values.shape[-1]
+    bits = max(1, (count - 1).bit_length())
+    if values.size and values.min() >= 0 and int(values.max()) < 1 << (62 - bits):
+        packed = (values << bits) | np.arange(count)
+        packed.sort(axis=-1)
+        return torch.from_numpy(packed >> bits), torch.from_numpy(packed & ((1 << bits) - 1))
+    order = np.argsort(values, axis=-1)
+    return torch.from_numpy(np.take_along_axis(values, order, axis=-1)), torch.from_numpy(order)
 
 
 def row_maxima(values: torch.Tensor) -> torch.Tensor:

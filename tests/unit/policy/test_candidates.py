@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sampler_service.policy import candidates as candidates_module
-from sampler_service.policy.candidates import Candidates, first_argmax
+from sampler_service.policy.candidates import Candidates, first_argmax, sort_ascending
 from tests.unit.helpers import random_logits
 
 
@@ -301,3 +301,22 @@ def _check_waiting_writes(rows: int, vocab: int, seed: int, writes: int, then: s
     assert torch.equal(original, before)
     assert torch.equal(waiting.values, eager.values)
     assert torch.equal(waiting.max_values(), eager.values.amax(dim=1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=st.sampled_from([(7,), (3, 1), (4, 50), (2, 3, 9), (64, 1024)]),
+       seed=st.integers(0, 2 ** 31), high=st.sampled_from([10 ** 3, 2 ** 40, 2 ** 62]),
+       negative=st.booleans())
+def test_sort_ascending_is_torch_sort_of_distinct_keys(shape, seed, high, negative):
+    """Packed keys, and the argsort taken for keys too large or negative, equal torch.sort."""
+    generator = torch.Generator().manual_seed(seed)
+    count = shape[-1]
+    span = max(count * 3, 1000)
+    rows = [torch.randperm(span, generator=generator)[:count] * max(1, high // span)
+            for _ in range(math.prod(shape[:-1]))]
+    keys = torch.stack(rows).reshape(shape).to(torch.int64)
+    if negative:
+        keys = keys - high // 2
+    values, order = sort_ascending(keys)
+    expected = torch.sort(keys, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(order, expected.indices)
