@@ -103,7 +103,7 @@ class StepBatcher(Generic[Item]):
         pending = _Pending(item, rows, keys, future, release)
         if (self.inline is not None and not self._queue and not self._running
                 and self.callers <= 1 and self.inline([item])):
-            self._finish([pending], self._run_inline([pending]))
+            self._finish([pending], self._run_inline([pending], [item]))
             return future.result()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._feed())
@@ -133,7 +133,7 @@ class StepBatcher(Generic[Item]):
             batch = self._take()
             items = [p.item for p in batch]
             if self.inline is not None and self.inline(items):
-                self._finish(batch, self._run_inline(batch))
+                self._finish(batch, self._run_inline(batch, items))
                 await asyncio.sleep(0)  # the loop's other work (health, arrivals) goes first
                 continue
             self._observe(batch)
@@ -146,11 +146,11 @@ class StepBatcher(Generic[Item]):
                 self._running = False
             self._finish(batch, results)
 
-    def _run_inline(self, batch: list[_Pending[Item]]) -> Sequence[Any]:
-        """Runs `batch` on the event loop, now."""
+    def _run_inline(self, batch: list[_Pending[Item]], items: list[Item]) -> Sequence[Any]:
+        """Runs `batch` (its `items`) on the event loop, now."""
         self._observe(batch)
         try:
-            return self._run([p.item for p in batch])
+            return self._run(items)
         except Exception as exc:
             return self._failed(batch, exc)
 

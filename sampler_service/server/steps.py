@@ -1,6 +1,7 @@
-"""Runs a batch of StepRequests in the engine's thread: decode every request, step them all as
-one batch (`SamplerCore.step_calls`), encode each answer. A request that cannot be decoded or
-stepped gets its exception; the others are answered. The caller holds the shared-memory and
+"""Runs a batch of StepRequests in the engine's thread (or, a small CPU batch, on the event loop
+while that thread is idle: never beside it): decode every request, step them all as one batch
+(`SamplerCore.step_calls`), encode each answer. A request that cannot be decoded or stepped
+gets its exception; the others are answered. The caller holds the shared-memory and
 CUDA IPC regions a request reads (`hold`) from its arrival until it is answered."""
 from __future__ import annotations
 
@@ -148,13 +149,13 @@ class StepRunner:
 
     def policy_label(self, request: pb.StepRequest) -> str:
         """The metrics label of the policy of the sequences `request` stepped
-        (`metrics.policy_label`; "(mixed)" for several). Read in the engine thread, after the
+        (`metrics.policy_label`; "(mixed)" for several). Read where the batch ran, after the
         step: no other call can have released them in between."""
         names = set()
         for sequence_id in {row.sequence_id for row in request.rows}:
             try:
                 names.add(self.core.store.get(sequence_id).root.policy.name)
-            except SamplerServiceError:  # cannot happen in the engine thread; never fails a step
+            except SamplerServiceError:  # cannot happen right after the step; never fails one
                 continue
         return policy_label(names.pop()) if len(names) == 1 else MIXED_POLICY
 
@@ -202,7 +203,7 @@ SINGLE_THREAD_ELEMENTS = 1 << 18
 @contextlib.contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count set to `count` for the block. The setting is the
-    process's, and the engine thread is the only one running torch work."""
+    process's, and the thread running the batch is the only one running torch work."""
     before = torch.get_num_threads()
     if count != before:
         torch.set_num_threads(count)
